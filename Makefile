@@ -1,0 +1,40 @@
+# retro: the two commands of the README are `make demo` and `make test`; both install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RECIPE ?= recipes/tiny.toml
+DATA_DIR ?= ../shared/data
+
+.PHONY: install test test-fast demo lint bench bench-db clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: an unpinned torch (or a package that depends on it, installed before it) pulls a
+# multi-GB CUDA build onto a CPU machine.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/retro db build -c $(RECIPE)
+	$(BIN)/retro db query -c $(RECIPE) -k 3 "How does Python choose which branch of a conditional to run?"
+	$(BIN)/retro db info -c $(RECIPE)
+
+lint: install
+	$(BIN)/ruff check retrocli tests benchmarks
+
+bench: bench-db
+
+bench-db: install
+	$(BIN)/python benchmarks/bench_db.py --data-dir $(DATA_DIR)
+
+clean:
+	rm -rf runs

@@ -1,0 +1,177 @@
+"""The `retro` command: a registry of verbs. Each verb loads the workspace TOML and calls its stage module."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .config import load_config
+from .errors import UserError
+from .runtime import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="retro: retrieval-enhanced language models (RETRO / InstructRetro) from a corpus to a "
+                       "scored, instruction-tuned model.")
+db_app = typer.Typer(no_args_is_help=True, help="The retrieval database: build it, query it, inspect it.")
+app.add_typer(db_app, name="db")
+
+ConfigOpt = typer.Option(None, "-c", "--config", help="workspace TOML (default: ./retro.toml)")
+SetOpt = typer.Option(None, "--set", help="override a TOML value: --set db.nprobe=32 (repeatable)")
+
+
+def _config(config: Optional[Path], sets: Optional[List[str]]):
+    return load_config(config, sets or [])
+
+
+# ----------------------------------------------------------------------------------------------- init
+
+
+@app.command()
+def init(directory: Path = typer.Argument(..., help="folder for the new workspace"),
+         recipe: str = typer.Option("tiny", "--recipe", help="recipe to start from (see recipes/)")):
+    """Write a commented workspace TOML (every key documented) for you to edit."""
+    from .recipes import write_workspace
+
+    path = write_workspace(directory, recipe)
+    console.print(f"wrote {path}; next: retro db build -c {path}")
+
+
+# ------------------------------------------------------------------------------------------------- db
+
+
+@db_app.command("build")
+def db_build(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             rebuild: Optional[str] = typer.Option(None, "--rebuild", metavar="STAGE",
+                                                   help="discard STAGE (tokenizer, chunks, embed, index, "
+                                                        "neighbours) and everything after it, then build")):
+    """Corpus -> tokenizer -> 64-token chunks -> embeddings -> Faiss index -> neighbours of every chunk.
+
+    Each stage is skipped when it is complete with the same settings and resumes block by block after a
+    crash. Run it under `torchrun --nproc_per_node N -m retrocli db build ...` to share the embed and
+    neighbour stages across processes."""
+    from . import db
+
+    metas = db.build(_config(config, set_), rebuild)
+    from .runtime import dist
+
+    if dist().main:
+        _print_build_summary(metas)
+
+
+def _print_build_summary(metas: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="retro db build")
+    for col in ("stage", "result", "seconds"):
+        table.add_column(col)
+    for stage, meta in metas.items():
+        counts = meta.get("counts", {})
+        detail = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items()
+                           if k not in ("seconds", "skipped") and not isinstance(v, dict))
+        table.add_row(stage, detail, str(counts.get("seconds", "")))
+    console.print(table)
+
+
+@db_app.command("query")
+def db_query(text: Optional[List[str]] = typer.Argument(None, help="query text(s)"),
+             config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+             k: int = typer.Option(5, "-k", help="neighbours to show"),
+             file: Optional[Path] = typer.Option(None, "--file", help="a file of queries, one a line"),
+             as_json: bool = typer.Option(False, "--json", help="print JSON for scripts")):
+    """Embed text, search the database, show the nearest chunks with their continuation and source."""
+    from . import db
+
+    texts = list(text or [])
+    if file is not None:
+        if not file.is_file():
+            raise UserError(f"--file {file}: no such file")
+        texts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UserError("give a query text, or --file with one query a line")
+    if k < 1:
+        raise UserError(f"-k must be positive, got {k}")
+    results = db.query(_config(config, set_), texts, k)
+    if as_json:
+        out = results[0] if len(texts) == 1 and file is None else \
+            [{"query": t, "results": r} for t, r in zip(texts, results)]
+        sys.stdout.write(json.dumps(out, ensure_ascii=False, indent=1) + "\n")
+        return
+    from rich.table import Table
+
+    for t, hits in zip(texts, results):
+        table = Table(title=f"query: {t[:80]}", show_lines=True)
+        for col in ("#", "distance", "chunk", "source", "text", "continuation"):
+            table.add_column(col, overflow="fold")
+        for h in hits:
+            table.add_row(str(h["rank"]), f"{h['distance']:.3f}", str(h["chunk_id"]),
+                          f"{h['title'] or ''}\n{h['doc_id']}", h["text"], h["continuation"])
+        console.print(table)
+
+
+@db_app.command("info")
+def db_info(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+            as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Documents, chunks, tokens, the index, which stages are complete and the settings they used."""
+    from . import db
+
+    info = db.info(_config(config, set_))
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"database in {info['workspace']}")
+    for col in ("stage", "state", "counts", "settings", "size"):
+        table.add_column(col, overflow="fold")
+    for stage, s in info["stages"].items():
+        counts = ", ".join(f"{k}={v}" for k, v in s["counts"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in s["settings"].items() if k not in ("corpus", "trained_on"))
+        table.add_row(stage, s["state"], counts, settings, f"{s['bytes'] / 2**20:.1f} MiB")
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------- verbs still to come
+
+
+def _not_built(verb: str, issue: str):
+    def command(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+        raise UserError(f"`retro {verb}` is not built yet ({issue})")
+
+    command.__doc__ = f"(not built yet: {issue})"
+    app.command(verb)(command)
+
+
+for _verb, _issue in [("pretrain", "the Retro model and pretraining"), ("ppl", "perplexity evaluation"),
+                      ("sft", "instruction tuning"), ("generate", "generation"), ("score", "scoring")]:
+    _not_built(_verb, _issue)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI: user errors print one message and exit 2; bugs keep their traceback (exit 1)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: finished blocks are kept; rerun the same command to continue")
+        return 130
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Abort):
+            return 130
+        raise
+    return 0

@@ -1,0 +1,332 @@
+"""The workspace TOML as strict dataclasses.
+
+One dataclass per TOML section; each field's `help` is its documentation (shown by `retro init` in the
+commented TOML). Precedence, stated once: `--set section.key=value` > the TOML file > the defaults here.
+Unknown sections and keys are errors naming `section.key` and the file. Each stage receives only its own
+section (plus resolved values such as paths), never the whole `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError, check
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class WorkspaceConfig:
+    dir: str = opt("runs/default", "folder for every artefact of this workspace, relative to the TOML file")
+    seed: int = opt(1234, "seed for the train/valid split, index-training sample and training")
+
+
+@dataclass
+class CorpusConfig:
+    train: list[str] = opt(
+        [], "globs of corpus files relative to the TOML file: .txt (one document), .jsonl, .json (+ .gz); "
+        "the name 'builtin:tiny' is the small corpus shipped with the package"
+    )
+    text_key: str = opt("text", "JSON key holding a document's text")
+    valid_fraction: float = opt(0.02, "fraction of documents held out (seeded hash of the id) for `retro ppl`")
+    on_bad_line: str = opt("error", "'error' stops at the first bad line/file; 'skip' skips it and counts it")
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = opt("sentencepiece", "'sentencepiece' (trained on the corpus, or loaded) or 'hf' (a local folder)")
+    path: str = opt("", "a tokenizer to load (.model file or HF folder); empty: train SentencePiece on the corpus")
+    vocab_size: int = opt(8000, "vocabulary size when training a tokenizer")
+    train_bytes: int = opt(100_000_000, "at most this many bytes of corpus text are used to train the tokenizer")
+
+
+@dataclass
+class DBConfig:
+    chunk_length: int = opt(64, "tokens per chunk (RETRO's m)")
+    embedder: str = opt(
+        "all-MiniLM-L6-v2", "'all-MiniLM-L6-v2' (packaged), a local Hugging Face encoder folder, or 'lexical' "
+        "(model-free hashing of word n-grams: thousands of chunks/s, lower recall on paraphrases)"
+    )
+    embed_batch_size: int = opt(128, "chunks per forward pass of the embedder")
+    embed_precision: str = opt("auto", "'auto' (bf16 where it matches fp32 to cosine >= 0.99), 'bf16', 'fp32'")
+    index: str = opt("Flat", "Faiss index factory string: 'Flat', 'IVF1024,SQ8', 'OPQ32_64,IVF65536_HNSW8,PQ32', ...")
+    nprobe: int = opt(64, "IVF lists visited per query")
+    ef_search: int = opt(64, "HNSW search depth (efSearch)")
+    index_train_samples: int = opt(200_000, "embeddings drawn at random (not a prefix) to train the index")
+    num_neighbors: int = opt(2, "neighbours per chunk used by the model (k)")
+    num_neighbors_query: int = opt(20, "neighbours stored per chunk, before sample-level exclusion")
+    block_size: int = opt(10_000, "chunks per embedding / neighbour block (the unit of resume)")
+
+
+@dataclass
+class ModelConfig:
+    layers: int = opt(6, "decoder layers")
+    hidden: int = opt(384, "model width")
+    heads: int = opt(6, "attention heads")
+    ffn_hidden: int = opt(0, "MLP width; 0: 4 x hidden (gelu) or 8/3 x hidden rounded to 64 (swiglu)")
+    seq_length: int = opt(512, "tokens per training sequence (a multiple of db.chunk_length is best)")
+    vocab_size: int = opt(0, "0: taken from the workspace tokenizer")
+    position: str = opt("rope", "'rope' or 'learned'")
+    rotary_percent: float = opt(1.0, "fraction of each head's dimensions rotated by RoPE (843M recipe: 0.5)")
+    norm: str = opt("layernorm", "'layernorm' or 'rmsnorm'")
+    mlp: str = opt("gelu", "'gelu' or 'swiglu'")
+    dropout: float = opt(0.0, "dropout probability")
+    retro_layers: typing.Optional[list[int]] = opt(
+        None, "1-based decoder layers with chunked cross-attention; unset: Megatron's "
+        "range(6 if layers <= 15 else 9, layers + 1, 3), at least one; [] gives a plain GPT"
+    )
+    encoder_layers: int = opt(2, "layers of the bidirectional retrieval encoder")
+    num_neighbors: int = opt(2, "neighbours read per chunk (k)")
+    retrieved_length: int = opt(0, "tokens per neighbour (r); 0: 2 x db.chunk_length (chunk + continuation)")
+
+
+@dataclass
+class PretrainConfig:
+    pass
+
+
+@dataclass
+class SFTConfig:
+    pass
+
+
+@dataclass
+class GenerateConfig:
+    pass
+
+
+@dataclass
+class ScoreConfig:
+    pass
+
+
+@dataclass
+class LaunchConfig:
+    pass
+
+
+SECTIONS: dict[str, type] = {
+    "workspace": WorkspaceConfig,
+    "corpus": CorpusConfig,
+    "tokenizer": TokenizerConfig,
+    "db": DBConfig,
+    "model": ModelConfig,
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "generate": GenerateConfig,
+    "score": ScoreConfig,
+    "launch": LaunchConfig,
+}
+
+
+@dataclass
+class Config:
+    workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    db: DBConfig = field(default_factory=DBConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    source: Path = Path("retro.toml")
+    """The TOML file this came from; relative paths in it are relative to its folder."""
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.resolve().parent
+
+    def resolve(self, path: str) -> Path:
+        """A path written in the TOML, relative to the TOML file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], where: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            hint = f" (known keys: {', '.join(sorted(known))})" if known else " (this section has no keys yet)"
+            problems.append(f"unknown key '{name}.{key}' in {where}{hint}")
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
+            value = float(value)
+        if not _type_ok(value, hints[key]):
+            problems.append(f"'{name}.{key}' must be {_type_name(hints[key])}, got {value!r} (in {where})")
+            continue
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value). The value is read as TOML, else taken as a string."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set db.nprobe=32")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a workspace TOML, apply `--set` overrides, and validate everything, reporting all problems at once."""
+    source = Path(path) if path is not None else Path("retro.toml")
+    if not source.is_file():
+        how = "pass -c/--config PATH" if path is None else "check the path"
+        raise UserError(f"workspace file {source} not found: {how}, or create one with `retro init DIR`")
+    try:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{source} is not valid TOML: {e}") from None
+    return config_from_dict(data, overrides, source)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: Path = Path("retro.toml")) -> Config:
+    problems: list[str] = []
+    for item in overrides:
+        section, key, value = parse_override(item)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise UserError(f"--set {item!r}: [{section}] is not a section")
+        data[section][key] = value
+    sections = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            problems.append(f"unknown section [{name}] in {source} (known: {', '.join(SECTIONS)})")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"'{name}' must be a [section] table in {source}")
+            continue
+        sections[name] = _build_section(name, SECTIONS[name], values, str(source), problems)
+    check(problems, "invalid workspace configuration")
+    cfg = Config(**sections, source=source)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks, all collected before raising."""
+    p: list[str] = []
+    c, t, d, m = cfg.corpus, cfg.tokenizer, cfg.db, cfg.model
+    if not 0.0 <= c.valid_fraction < 1.0:
+        p.append(f"corpus.valid_fraction must be in [0, 1), got {c.valid_fraction}")
+    if c.on_bad_line not in ("error", "skip"):
+        p.append(f"corpus.on_bad_line must be 'error' or 'skip', got {c.on_bad_line!r}")
+    if t.type not in ("sentencepiece", "hf"):
+        p.append(f"tokenizer.type must be 'sentencepiece' or 'hf', got {t.type!r}")
+    if t.type == "hf" and not t.path:
+        p.append("tokenizer.type = 'hf' needs tokenizer.path (a local Hugging Face tokenizer folder)")
+    if t.vocab_size < 100:
+        p.append(f"tokenizer.vocab_size must be at least 100, got {t.vocab_size}")
+    if t.train_bytes <= 0:
+        p.append(f"tokenizer.train_bytes must be positive, got {t.train_bytes}")
+    if d.chunk_length < 1:
+        p.append(f"db.chunk_length must be positive, got {d.chunk_length}")
+    for key in ("embed_batch_size", "nprobe", "ef_search", "index_train_samples", "num_neighbors", "block_size"):
+        if getattr(d, key) < 1:
+            p.append(f"db.{key} must be positive, got {getattr(d, key)}")
+    if d.num_neighbors_query < d.num_neighbors:
+        p.append(f"db.num_neighbors_query ({d.num_neighbors_query}) must be >= db.num_neighbors ({d.num_neighbors})")
+    if d.embed_precision not in ("auto", "bf16", "fp32"):
+        p.append(f"db.embed_precision must be 'auto', 'bf16' or 'fp32', got {d.embed_precision!r}")
+    for key in ("layers", "hidden", "heads", "seq_length", "encoder_layers", "num_neighbors"):
+        if getattr(m, key) < 1:
+            p.append(f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.heads >= 1 and m.hidden % m.heads:
+        p.append(f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})")
+    if m.position not in ("rope", "learned"):
+        p.append(f"model.position must be 'rope' or 'learned', got {m.position!r}")
+    if m.norm not in ("layernorm", "rmsnorm"):
+        p.append(f"model.norm must be 'layernorm' or 'rmsnorm', got {m.norm!r}")
+    if m.mlp not in ("gelu", "swiglu"):
+        p.append(f"model.mlp must be 'gelu' or 'swiglu', got {m.mlp!r}")
+    if not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 < m.rotary_percent <= 1.0:
+        p.append(f"model.rotary_percent must be in (0, 1], got {m.rotary_percent}")
+    if m.retro_layers is not None and any(not 1 <= i <= m.layers for i in m.retro_layers):
+        p.append(f"model.retro_layers {m.retro_layers} must lie in 1..{m.layers} (model.layers)")
+    if m.num_neighbors > d.num_neighbors_query:
+        p.append(f"model.num_neighbors ({m.num_neighbors}) exceeds db.num_neighbors_query ({d.num_neighbors_query})")
+    check(p, f"invalid values in {cfg.source}")
+
+
+# ------------------------------------------------------------------------------------ commented TOML out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_commented_toml(cfg: Config, header: str = "") -> str:
+    """The resolved configuration as TOML with every key documented (for `retro init`, checkpoints, reports)."""
+    lines = [header.rstrip()] if header else []
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        fields = dataclasses.fields(cls)
+        lines.append(f"\n[{name}]")
+        if not fields:
+            lines.append("# (filled by later versions)")
+        for f in fields:
+            value = getattr(section, f.name)
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"# {f.name} =  (unset)" if value is None else f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines).lstrip("\n") + "\n"

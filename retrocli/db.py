@@ -1,0 +1,328 @@
+"""`retro db build | query | info`: the retrieval database, stage by stage.
+
+    corpus --tokenizer--> tokenizer.model --chunks--> chunk store --embed--> embedding blocks
+           --index--> index.faiss --neighbours--> neighbour blocks
+
+Each stage records its settings (and the fingerprint of the stage it reads) in its `meta.json`, is
+skipped when complete with the same settings, resumes block by block when it was killed, and refuses to
+mix with artefacts built under other settings. Under torchrun the embed and neighbour stages share their
+blocks across ranks; rank 0 alone does everything else and writes every shared file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import index as faiss_index
+from .chunks import ChunkStore, build_chunks
+from .config import Config, DBConfig
+from .corpus import CorpusStats, corpus_files, fingerprint, iter_documents
+from .embed import LEXICAL, Embedder, embed_blocks, lexical_idf, make_embedder
+from .errors import UserError
+from .neighbours import search_excluding
+from .runtime import dist, fault_point, log, progress, warn
+from .tokenizer import load_tokenizer, train_sentencepiece
+from .workspace import DB_STAGES, Workspace, blocks, for_each_missing_block, load_npy, save_npy_atomic
+
+
+def workspace_of(cfg: Config) -> Workspace:
+    return Workspace(cfg.resolve(cfg.workspace.dir))
+
+
+def begin_shared(ws: Workspace, stage: str, settings: dict, rebuild: bool) -> dict | None:
+    """`Workspace.begin` on rank 0, then every rank sees the same state: the finished metadata or None."""
+    if dist().main:
+        ws.begin(stage, settings, rebuild)
+    dist().barrier()
+    meta = ws.read_meta(stage)
+    return meta if meta and meta.get("complete") else None
+
+
+# ------------------------------------------------------------------------------------------ the stages
+
+
+def stage_tokenizer(cfg: Config, ws: Workspace, files: list[str], rebuild: bool) -> dict:
+    t = cfg.tokenizer
+    if t.path:
+        src = cfg.resolve(t.path)
+        if not src.exists():
+            raise UserError(f"tokenizer.path {src} does not exist")
+        settings = {"type": t.type, "path": str(src), "source": fingerprint([str(src)]) if src.is_file() else
+                    str(src)}
+    else:
+        settings = {"type": "sentencepiece", "trained_on": fingerprint(files), "vocab_size": t.vocab_size,
+                    "train_bytes": t.train_bytes, "seed": cfg.workspace.seed, "text_key": cfg.corpus.text_key}
+    done = ws.begin("tokenizer", settings, rebuild)
+    if done:
+        return done
+    started = time.time()
+    if t.path and t.type == "sentencepiece":
+        shutil.copyfile(src, ws.tokenizer_model)  # the workspace keeps its own copy
+    elif not t.path:
+        log(f"training a SentencePiece BPE tokenizer (vocab {t.vocab_size}) on the corpus")
+        stats = CorpusStats()
+        train_sentencepiece((d.text for d in iter_documents(cfg.corpus, cfg.base_dir, files, stats)),
+                            ws.tokenizer_model, t.vocab_size, t.train_bytes)
+    tok = open_tokenizer(ws, settings)
+    return ws.finish("tokenizer", {"vocab_size": tok.vocab_size, "seconds": round(time.time() - started, 2)})
+
+
+def open_tokenizer(ws: Workspace, settings: dict | None = None):
+    settings = settings or ws.require("tokenizer")["settings"]
+    if settings["type"] == "hf":
+        return load_tokenizer("hf", Path(settings["path"]))
+    return load_tokenizer("sentencepiece", ws.tokenizer_model)
+
+
+def stage_chunks(cfg: Config, ws: Workspace, files: list[str], tok_meta: dict, rebuild: bool) -> dict:
+    c = cfg.corpus
+    settings = {"corpus": fingerprint(files), "text_key": c.text_key, "on_bad_line": c.on_bad_line,
+                "valid_fraction": c.valid_fraction, "seed": cfg.workspace.seed,
+                "chunk_length": cfg.db.chunk_length, "tokenizer": tok_meta["fingerprint"]}
+    done = ws.begin("chunks", settings, rebuild)
+    if done:
+        return done
+    started = time.time()
+    tok = open_tokenizer(ws)
+    stats = CorpusStats()
+    with progress("chunks", None, "docs") as bar:
+        counts = build_chunks(ws, iter_documents(c, cfg.base_dir, files, stats), tok, cfg.db.chunk_length,
+                              cfg.workspace.seed, c.valid_fraction, bar)
+    for why, n in stats.skipped.items():
+        warn(f"skipped {n} input(s): {why}")
+    counts.update(skipped=stats.skipped, seconds=round(time.time() - started, 2))
+    log(f"chunks: {counts['documents']:,} documents ({counts['valid_documents']:,} held out), "
+        f"{counts['tokens']:,} tokens, {counts['chunks']:,} chunks ({counts['train_chunks']:,} in the database)")
+    return ws.finish("chunks", counts)
+
+
+class EmbeddingStore:
+    """Read access to the embedding blocks as if they were one (num_chunks, dim) array."""
+
+    def __init__(self, ws: Workspace, num_chunks: int, block_size: int):
+        self.ws, self.n, self.block_size = ws, num_chunks, block_size
+
+    def block(self, i: int) -> np.ndarray:
+        return load_npy(self.ws.embed_block(i))
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        """(end - start, dim) float32."""
+        b0, b1 = start // self.block_size, (end - 1) // self.block_size
+        parts = []
+        for b in range(b0, b1 + 1):
+            lo, hi = max(start, b * self.block_size), min(end, (b + 1) * self.block_size)
+            parts.append(self.block(b)[lo - b * self.block_size : hi - b * self.block_size])
+        return np.concatenate(parts).astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in the order given (read block by block)."""
+        rows = np.asarray(rows)
+        order = np.argsort(rows, kind="stable")
+        out = None
+        sorted_rows = rows[order]
+        blocks_of = sorted_rows // self.block_size
+        for b in np.unique(blocks_of):
+            sel = blocks_of == b
+            data = self.block(int(b))[sorted_rows[sel] - b * self.block_size].astype(np.float32)
+            if out is None:
+                out = np.empty((len(rows), data.shape[1]), dtype=np.float32)
+            out[order[sel]] = data
+        return out
+
+
+def chunk_texts(store: ChunkStore, tok, start: int, end: int) -> list[str]:
+    return [tok.decode(store.chunk_ids(r).tolist()) for r in range(start, end)]
+
+
+def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> dict:
+    d = cfg.db
+    settings = {"embedder": d.embedder, "block_size": d.block_size, "chunks": chunk_meta["fingerprint"]}
+    done = begin_shared(ws, "embed", settings, rebuild)
+    if done:
+        return done
+    D = dist()
+    started = time.time()
+    store = ChunkStore.open(ws, d.chunk_length)
+    tok = open_tokenizer(ws)
+    if d.embedder == LEXICAL and D.main and not ws.lexical_idf().exists():
+        train_rows = np.flatnonzero(store.train_mask())
+        with progress("lexical IDF", len(train_rows), "chunks") as bar:
+            def texts():
+                for r in train_rows:
+                    bar.advance()
+                    yield tok.decode(store.chunk_ids(int(r)).tolist())
+            save_npy_atomic(ws.lexical_idf(), lexical_idf(texts()))
+    D.barrier()
+    embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf())
+    spans = blocks(store.num_chunks, d.block_size)
+    dim = embedder.dim
+    todo = D.shard(for_each_missing_block(ws.embed_block, spans, lambda a, n: a.shape == (n, dim)))
+    if D.main and getattr(embedder, "dtype", None) is not None:
+        log(f"embedding with {d.embedder} in {str(embedder.dtype).replace('torch.', '')}"
+            + (f" (probe cosine to fp32 {embedder.probe_cosine:.4f})" if hasattr(embedder, "probe_cosine") else ""))
+    with progress("embed", sum(e - s for _, s, e in todo), "chunks") as bar:
+        def save(i: int, vectors: np.ndarray) -> None:
+            save_npy_atomic(ws.embed_block(i), vectors)
+            fault_point("embed:block")
+
+        embed_blocks(embedder, todo, lambda s, e: chunk_texts(store, tok, s, e), save, bar)
+    D.barrier()
+    if not D.main:
+        return {}
+    seconds = time.time() - started
+    done_chunks = sum(e - s for _, s, e in todo)
+    return ws.finish("embed", {"chunks": store.num_chunks, "dim": dim, "blocks": len(spans),
+                               "seconds": round(seconds, 2), "embedded_now": done_chunks,
+                               "precision": str(getattr(embedder, "dtype", "float32")).replace("torch.", "")})
+
+
+def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> dict:
+    d = cfg.db
+    settings = {"index": d.index, "index_train_samples": d.index_train_samples, "seed": cfg.workspace.seed,
+                "embeddings": embed_meta["fingerprint"]}
+    done = ws.begin("index", settings, rebuild)
+    if done:
+        return done
+    started = time.time()
+    store = ChunkStore.open(ws, d.chunk_length)
+    emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
+    train_rows = np.flatnonzero(store.train_mask())
+    rng = np.random.default_rng(cfg.workspace.seed)
+    n_sample = min(d.index_train_samples, len(train_rows))
+    sample_rows = np.sort(rng.choice(train_rows, size=n_sample, replace=False))
+    log(f"training index {d.index!r} on {n_sample:,} random training chunks")
+    index = faiss_index.train(d.index, emb.take(sample_rows), cfg.workspace.seed)
+    train_seconds = time.time() - started
+    with progress("index add", len(train_rows), "chunks") as bar:
+        for _, s, e in blocks(store.num_chunks, d.block_size):
+            rows = train_rows[(train_rows >= s) & (train_rows < e)]
+            if len(rows):
+                index.add_with_ids(emb.rows(s, e)[rows - s], rows.astype(np.int64))
+                bar.advance(len(rows))
+    faiss_index.save(index, ws.index_file)
+    return ws.finish("index", {"ntotal": int(index.ntotal), "train_samples": int(n_sample),
+                               "train_seconds": round(train_seconds, 2),
+                               "seconds": round(time.time() - started, 2),
+                               "bytes": ws.index_file.stat().st_size})
+
+
+def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool) -> dict:
+    d = cfg.db
+    settings = {"num_neighbors_query": d.num_neighbors_query, "nprobe": d.nprobe, "ef_search": d.ef_search,
+                "block_size": d.block_size, "index": index_meta["fingerprint"]}
+    done = begin_shared(ws, "neighbours", settings, rebuild)
+    if done:
+        return done
+    D = dist()
+    started = time.time()
+    store = ChunkStore.open(ws, d.chunk_length)
+    emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
+    index = open_index(ws, d)
+    chunk_docs = np.ascontiguousarray(store.chunks["doc"])
+    k = d.num_neighbors_query
+    spans = blocks(store.num_chunks, d.block_size)
+    todo = D.shard(for_each_missing_block(ws.neighbour_block, spans, lambda a, n: a.shape == (n, k)))
+    with progress("neighbours", sum(e - s for _, s, e in todo), "chunks") as bar:
+        for i, s, e in todo:
+            ids, _ = search_excluding(index, emb.rows(s, e), chunk_docs[s:e], chunk_docs, k)
+            save_npy_atomic(ws.neighbour_block(i), ids)
+            fault_point("neighbours:block")
+            bar.advance(e - s)
+    D.barrier()
+    if not D.main:
+        return {}
+    return ws.finish("neighbours", {"chunks": store.num_chunks, "k": k, "blocks": len(spans),
+                                    "seconds": round(time.time() - started, 2)})
+
+
+def open_index(ws: Workspace, d: DBConfig):
+    index = faiss_index.load(ws.index_file)
+    faiss_index.set_search_params(index, d.nprobe, d.ef_search)
+    return index
+
+
+def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
+    """Run every stage in order; returns each stage's metadata."""
+    if rebuild is not None and rebuild not in DB_STAGES:
+        raise UserError(f"--rebuild {rebuild!r}: expected one of {', '.join(DB_STAGES)}")
+    first = DB_STAGES.index(rebuild) if rebuild else len(DB_STAGES)
+    again = {s: i >= first for i, s in enumerate(DB_STAGES)}
+    ws = workspace_of(cfg)
+    D = dist()
+    files = corpus_files(cfg.corpus, cfg.base_dir)
+    metas: dict[str, dict] = {}
+    if D.main:
+        ws.root.mkdir(parents=True, exist_ok=True)
+        metas["tokenizer"] = stage_tokenizer(cfg, ws, files, again["tokenizer"])
+        metas["chunks"] = stage_chunks(cfg, ws, files, metas["tokenizer"], again["chunks"])
+    D.barrier()
+    metas["chunks"] = ws.require("chunks")
+    metas["embed"] = stage_embed(cfg, ws, metas["chunks"], again["embed"])
+    if D.main:
+        metas["index"] = stage_index(cfg, ws, metas["embed"], again["index"])
+    D.barrier()
+    metas["index"] = ws.require("index")
+    metas["neighbours"] = stage_neighbours(cfg, ws, metas["index"], again["neighbours"])
+    return metas
+
+
+# ----------------------------------------------------------------------------------------------- query
+
+
+def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
+    """The k nearest database chunks of each text, with continuation and source."""
+    ws = workspace_of(cfg)
+    d = cfg.db
+    embed_meta = ws.require("embed")
+    ws.require("index")
+    if embed_meta["settings"]["embedder"] != d.embedder:
+        raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} but "
+                        f"db.embedder is now {d.embedder!r}: queries must use the same embedder")
+    store = ChunkStore.open(ws, d.chunk_length)
+    tok = open_tokenizer(ws)
+    embedder: Embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision,
+                                       ws.lexical_idf())
+    index = open_index(ws, d)
+    vectors = embedder.forward(embedder.prepare(texts))
+    none = np.full(len(texts), -1, dtype=np.int64)
+    ids, distances = search_excluding(index, vectors, none, np.ascontiguousarray(store.chunks["doc"]), k)
+    docs = store.doc_info(store.chunks["doc"][ids[ids >= 0]])
+    results = []
+    for qi in range(len(texts)):
+        hits = []
+        for rank, (cid, dist_) in enumerate(zip(ids[qi], distances[qi]), 1):
+            if cid < 0:
+                continue
+            doc_row = int(store.chunks["doc"][cid])
+            nxt = store.continuation(int(cid))
+            info = docs.get(doc_row, {})
+            hits.append({"rank": rank, "distance": float(dist_), "chunk_id": int(cid), "doc_id": info.get("id"),
+                         "title": info.get("title", ""), "source": info.get("source", ""),
+                         "text": tok.decode(store.chunk_ids(int(cid)).tolist()),
+                         "continuation": tok.decode(store.chunk_ids(nxt).tolist()) if nxt is not None else ""})
+        results.append(hits)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def info(cfg: Config) -> dict[str, Any]:
+    ws = workspace_of(cfg)
+    out: dict[str, Any] = {"workspace": str(ws.root), "stages": {}}
+    for stage in DB_STAGES:
+        meta = ws.read_meta(stage)
+        size = sum(f.stat().st_size for f in ws.stage_dir(stage).rglob("*") if f.is_file()) \
+            if ws.stage_dir(stage).exists() else 0
+        out["stages"][stage] = {
+            "state": "missing" if meta is None else ("complete" if meta.get("complete") else "incomplete"),
+            "settings": meta["settings"] if meta else {}, "counts": (meta or {}).get("counts", {}),
+            "bytes": size,
+        }
+    return out
+

@@ -1,0 +1,94 @@
+"""Embeddings -> a trained Faiss index holding every training chunk (Faiss id = chunk row).
+
+The index is built from `db.index`, any Faiss factory string ("Flat", "IVF1024,SQ8",
+"OPQ32_64,IVF65536_HNSW8,PQ32"), trained on a seeded random sample of the training chunks' embeddings (not a
+prefix: the first chunks of a corpus are rarely representative), then filled block by block. Vectors are
+normalised and compared by inner product (cosine similarity), so a chunk with an all-zero embedding (no
+words, for the lexical embedder) is never closer than a related one. Training runs on the GPU when faiss
+has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import UserError
+from .workspace import atomic_path
+
+
+def new_index(spec: str, dim: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else str(e)
+        raise UserError(f"db.index = {spec!r} is not a Faiss index factory string Faiss accepts: {first}. "
+                        "Examples: \"Flat\", \"IVF1024,SQ8\", \"IVF4096,PQ32\", \"HNSW32\"") from None
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def min_train_samples(spec: str, dim: int) -> int:
+    """Training vectors an index needs at the least (IVF: one per list; PQ: 256 per sub-quantizer)."""
+    index = new_index(spec, dim)
+    ivf = ivf_of(index)
+    return max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in spec else 1)
+
+
+def train(spec: str, sample: np.ndarray, seed: int) -> faiss.Index:
+    """A trained, empty index. `sample` is (n, dim) float32."""
+    n, dim = sample.shape
+    index = new_index(spec, dim)
+    if index.is_trained:
+        return _with_ids(index)
+    need = min_train_samples(spec, dim)
+    if n < need:
+        raise UserError(f"db.index = {spec!r} needs at least {need} training vectors but the database has only "
+                        f"{n} training chunks: use a smaller index (e.g. \"Flat\" or fewer IVF lists)")
+    ivf = ivf_of(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    if faiss.get_num_gpus() > 0 and ivf is not None:
+        # Train the coarse quantizer's k-means on the GPU; the rest of the index stays on the CPU.
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return _with_ids(index)
+
+
+def _with_ids(index: faiss.Index) -> faiss.Index:
+    """IVF indexes store ids themselves; others are wrapped so that Faiss ids are chunk rows."""
+    return index if ivf_of(index) is not None else faiss.IndexIDMap2(index)
+
+
+def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
+    ivf = ivf_of(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = ef_search
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = ef_search
+
+
+def save(index: faiss.Index, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load(path: Path) -> faiss.Index:
+    if not path.exists():
+        raise UserError(f"the index {path} is missing: run `retro db build`")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise UserError(f"the index {path} is damaged ({str(e).strip().splitlines()[-1]}); "
+                        "rebuild it with `retro db build --rebuild index`") from None

@@ -1,0 +1,423 @@
+"""The RETRO model: a GPT decoder with chunked cross-attention (CCA) to an encoder of retrieved neighbours.
+
+Architecture only: no I/O, no tokenizer, no distributed code. The file reads top to bottom: norms, rotary
+embeddings, attention, MLP, decoder layer, chunked cross-attention, retrieval encoder, model, loss.
+
+Axis legend used in every shape comment and einops pattern:
+    b batch            l chunks per sequence (ceil(n / m))    k neighbours per chunk
+    r retrieved length m chunk length                          n sequence length
+    d width            h heads                                 e head dimension (d / h)
+    f MLP width        v vocabulary                            s, t query / key length of one attention call
+
+Retrieval in brief (RETRO.md section 2): the neighbours (b, l, k, r) are embedded with the decoder's embedding
+table and run once through a small bidirectional encoder whose first layer lets each neighbour look at the
+decoder's hidden states of the chunk it was retrieved for. Decoder layers listed in `retro_layers` then
+cross-attend to the encoded neighbours chunk by chunk, shifted by m-1 so that chunk i's neighbours only reach
+positions from the last token of chunk i onward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+def resolve_retro_layers(cfg: ModelConfig) -> list[int]:
+    """The 1-based decoder layers that carry CCA. `None`: Megatron's rule, at least one layer; `[]`: plain GPT."""
+    if cfg.retro_layers is not None:
+        bad = [i for i in cfg.retro_layers if not 1 <= i <= cfg.layers]
+        if bad:
+            raise ValueError(f"model.retro_layers {cfg.retro_layers} must lie in 1..{cfg.layers} (model.layers)")
+        return sorted(set(cfg.retro_layers))
+    default = list(range(6 if cfg.layers <= 15 else 9, cfg.layers + 1, 3))
+    return default or [cfg.layers]  # small models: CCA in the last layer rather than nowhere
+
+
+def ffn_width(cfg: ModelConfig) -> int:
+    """MLP width: `ffn_hidden`, else 4 x hidden (gelu) or 8/3 x hidden rounded up to a multiple of 64 (swiglu)."""
+    if cfg.ffn_hidden > 0:
+        return cfg.ffn_hidden
+    if cfg.mlp == "swiglu":
+        return 64 * math.ceil(int(8 * cfg.hidden / 3) / 64)
+    return 4 * cfg.hidden
+
+
+# ----------------------------------------------------------------------------------------------- norms
+
+
+def make_norm(kind: str, d: int) -> nn.Module:
+    return nn.RMSNorm(d, eps=1e-5) if kind == "rmsnorm" else nn.LayerNorm(d, eps=1e-5)
+
+
+# ------------------------------------------------------------------------------------- rotary embedding
+
+
+class Rotary(nn.Module):
+    """RoPE on the first `percent` of each head's dimensions (rotate-half layout, as in Megatron and NeoX).
+
+    It takes explicit positions, so a KV-cached generator can ask for positions [past, past + s).
+    """
+
+    def __init__(self, head_dim: int, percent: float, base: float = 10000.0):
+        super().__init__()
+        rot = int(head_dim * percent) // 2 * 2
+        if rot == 0:
+            raise ValueError(f"model.rotary_percent {percent} rotates no dimension of a head of size {head_dim}")
+        inv_freq = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)  # (rot/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # recomputed, never checkpointed
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (s,) -> cos, sin, each (s, rot)."""
+        freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq  # (s, rot/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (s, rot)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.shape[-1] dimensions of every head; x (b, h, s, e), cos and sin (s, rot)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention`.
+
+    Self-attention when `context` is None, else cross-attention from x to `context`. Keys and values are
+    projected in one place (`kv_proj`) and attended in another, which is where a KV cache would plug in:
+    concatenate past (k, v) after projection and rotation, and pass an explicit mask instead of `causal`.
+    `key_mask` (b, t) is True for keys that may be attended; a row with no such key outputs exactly zero
+    (instead of the NaN a softmax over nothing gives).
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.kv_proj = nn.Linear(d, 2 * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        causal: bool = False,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x (b, s, d), context (b, t, d) or None -> (b, s, d)."""
+        context = x if context is None else context
+        q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
+        k, v = rearrange(self.kv_proj(context), "b t (two h e) -> two b h t e", two=2, h=self.heads)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        attn_mask, has_key = None, None
+        if key_mask is not None:
+            has_key = key_mask.any(dim=-1)  # (b,)
+            key_mask = key_mask | ~has_key[:, None]  # empty rows attend to everything (finite), zeroed below
+            attn_mask = rearrange(key_mask, "b t -> b 1 1 t")  # broadcast over heads and queries
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
+        )  # (b, h, s, e)
+        y = rearrange(y, "b h s e -> b s (h e)")
+        if has_key is not None:
+            y = y * rearrange(has_key, "b -> b 1 1").to(y.dtype)  # no key: contributes nothing
+        return self.out_proj(y)
+
+
+# ------------------------------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Module):
+    """GELU MLP (up, gelu, down) or SwiGLU (up to gate and value, silu(gate) * value, down)."""
+
+    def __init__(self, d: int, f: int, kind: str):
+        super().__init__()
+        self.swiglu = kind == "swiglu"
+        self.up = nn.Linear(d, 2 * f if self.swiglu else f, bias=False)
+        self.down = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)  # (b, s, f) or (b, s, 2f)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)  # 2 x (b, s, f)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+# --------------------------------------------------------------------------------- chunked cross-attention
+
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA with Megatron's causal shift of m-1.
+
+    Query block i is decoder positions [i*m + m-1, i*m + 2m-1); it attends, without a mask between its own
+    positions, to all k*r encoded neighbour tokens of chunk i (padding excluded). The first m-1 positions
+    of the sequence get no retrieval signal (zeros).
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float, chunk_length: int):
+        super().__init__()
+        self.m = chunk_length
+        self.attn = Attention(d, heads, dropout)
+
+    def forward(self, x: Tensor, encoded: Tensor, encoded_mask: Tensor) -> Tensor:
+        """x (b, n, d) normed decoder states; encoded (b, l, k, r, d); encoded_mask (b, l, k, r) -> (b, n, d)."""
+        b, n, _ = x.shape
+        l, m = encoded.shape[1], self.m
+        q = x[:, m - 1 :]  # (b, n - m + 1, d): shift left so block i starts at the last token of chunk i
+        q = F.pad(q, (0, 0, 0, l * m - q.shape[1]))  # (b, l*m, d)
+        q = rearrange(q, "b (l m) d -> (b l) m d", m=m)
+        kv = rearrange(encoded, "b l k r d -> (b l) (k r) d")
+        key_mask = rearrange(encoded_mask, "b l k r -> (b l) (k r)")
+        y = self.attn(q, kv, key_mask=key_mask)  # ((b l), m, d)
+        y = rearrange(y, "(b l) m d -> b (l m) d", b=b)
+        return F.pad(y, (0, 0, m - 1, 0))[:, :n]  # shift back: (b, n, d), zeros at the first m-1 positions
+
+
+# ------------------------------------------------------------------------------------------ decoder layer
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: causal self-attention, then CCA (retro layers only), then MLP, each a residual add."""
+
+    def __init__(self, cfg: ModelConfig, chunk_length: int, cca: bool):
+        super().__init__()
+        d = cfg.hidden
+        self.norm_attn = make_norm(cfg.norm, d)
+        self.attn = Attention(d, cfg.heads, cfg.dropout)
+        self.norm_cca = make_norm(cfg.norm, d) if cca else None
+        self.cca = ChunkedCrossAttention(d, cfg.heads, cfg.dropout, chunk_length) if cca else None
+        self.norm_mlp = make_norm(cfg.norm, d)
+        self.mlp = MLP(d, ffn_width(cfg), cfg.mlp)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        encoded: Tensor | None = None,
+        encoded_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x (b, n, d) -> (b, n, d). Without `encoded` the CCA contributes exactly nothing (the gate is off)."""
+        x = x + self.drop(self.attn(self.norm_attn(x), rope=rope, causal=True))
+        if self.cca is not None and encoded is not None:
+            x = x + self.drop(self.cca(self.norm_cca(x), encoded, encoded_mask))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+# ------------------------------------------------------------------------------------ retrieval encoder
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional pre-norm block over each neighbour; the first layer also cross-attends to its chunk."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool):
+        super().__init__()
+        d = cfg.hidden
+        self.norm_attn = make_norm(cfg.norm, d)
+        self.attn = Attention(d, cfg.heads, cfg.dropout)
+        self.norm_cross = make_norm(cfg.norm, d) if cross else None
+        self.norm_context = make_norm(cfg.norm, d) if cross else None
+        self.cross = Attention(d, cfg.heads, cfg.dropout) if cross else None
+        self.norm_mlp = make_norm(cfg.norm, d)
+        self.mlp = MLP(d, ffn_width(cfg), cfg.mlp)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, h: Tensor, key_mask: Tensor, context: Tensor, rope: tuple[Tensor, Tensor] | None, k: int
+    ) -> Tensor:
+        """h ((b l k), r, d), key_mask ((b l k), r), context ((b l), m, d) -> ((b l k), r, d)."""
+        h = h + self.drop(self.attn(self.norm_attn(h), rope=rope, key_mask=key_mask))
+        if self.cross is not None:
+            # the k neighbours of a chunk share its m keys, so fold them into one query sequence of k*r tokens
+            q = rearrange(self.norm_cross(h), "(bl k) r d -> bl (k r) d", k=k)
+            y = self.cross(q, self.norm_context(context))  # ((b l), k*r, d)
+            h = h + self.drop(rearrange(y, "bl (k r) d -> (bl k) r d", k=k))
+        return h + self.drop(self.mlp(self.norm_mlp(h)))
+
+
+class RetroEncoder(nn.Module):
+    """Encodes the embedded neighbours once per forward; all CCA layers share its output."""
+
+    def __init__(self, cfg: ModelConfig, chunk_length: int):
+        super().__init__()
+        self.m = chunk_length
+        self.layers = nn.ModuleList(EncoderLayer(cfg, cross=i == 0) for i in range(cfg.encoder_layers))
+        self.norm = make_norm(cfg.norm, cfg.hidden)
+
+    def forward(
+        self, h: Tensor, mask: Tensor, decoder_states: Tensor, rope: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        """h (b, l, k, r, d) embedded neighbours, mask (b, l, k, r) True on real tokens, decoder_states (b, n, d)
+        taken at the input of the first CCA layer -> (b, l, k, r, d)."""
+        b, l, k, r, _ = h.shape
+        n = decoder_states.shape[1]
+        # chunk i's neighbours see chunk i's m decoder states. Padding the last chunk is harmless: when n < l*m
+        # the last chunk's neighbours would first reach position l*m - 1 >= n, i.e. no logit at all.
+        context = F.pad(decoder_states, (0, 0, 0, l * self.m - n))  # (b, l*m, d)
+        context = rearrange(context, "b (l m) d -> (b l) m d", m=self.m)
+        h = rearrange(h, "b l k r d -> (b l k) r d")
+        key_mask = rearrange(mask, "b l k r -> (b l k) r")
+        for layer in self.layers:
+            h = layer(h, key_mask, context, rope, k)
+        return rearrange(self.norm(h), "(b l k) r d -> b l k r d", b=b, l=l)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class RetroModel(nn.Module):
+    """RETRO decoder, or a plain GPT of the same decoder shape when `resolve_retro_layers(cfg)` is empty.
+
+    `chunk_length` is db.chunk_length (m). `pad_id` marks padding inside neighbours: those tokens are masked
+    out of the encoder's self-attention and out of the CCA keys, so an all-padding neighbour contributes
+    nothing. Retrieval is switched off (InstructRetro's encoder ablation: CCA output exactly zero, encoder not
+    run) by `forward(..., retrieval=False)`, by `model.cca_gate_off = True`, or by passing `neighbours=None`.
+    The decoder's parameter names are the same in both modes, so a GPT state_dict loads into a Retro model
+    with `strict=False` (only encoder and CCA weights are missing): retro-fitting.
+    """
+
+    def __init__(self, cfg: ModelConfig, chunk_length: int, pad_id: int = 0):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"model.vocab_size must be resolved (> 0) before building the model, got {cfg.vocab_size}")
+        if cfg.hidden % cfg.heads:
+            raise ValueError(f"model.hidden ({cfg.hidden}) must be divisible by model.heads ({cfg.heads})")
+        if chunk_length < 1:
+            raise ValueError(f"chunk_length must be positive, got {chunk_length}")
+        choices = {"position": ("rope", "learned"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+        for key, allowed in choices.items():
+            if getattr(cfg, key) not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+        self.cfg = cfg
+        self.chunk_length = chunk_length
+        self.pad_id = pad_id
+        self.retro_layers = resolve_retro_layers(cfg)
+        self.retrieved_length = cfg.retrieved_length or 2 * chunk_length
+        self.cca_gate_off = False  # True: encoder ablation, the model runs as the plain GPT inside it
+        if self.retro_layers and cfg.encoder_layers < 1:
+            raise ValueError(f"model.encoder_layers must be at least 1 for a Retro model, got {cfg.encoder_layers}")
+
+        d = cfg.hidden
+        self.embed = nn.Embedding(cfg.vocab_size, d)  # shared by decoder, neighbours and the (tied) LM head
+        self.pos_embed = nn.Embedding(cfg.seq_length, d) if cfg.position == "learned" else None
+        self.rotary = Rotary(d // cfg.heads, cfg.rotary_percent) if cfg.position == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, chunk_length, cca=i + 1 in self.retro_layers) for i in range(cfg.layers)
+        )
+        self.norm = make_norm(cfg.norm, d)
+        self.encoder = RetroEncoder(cfg, chunk_length) if self.retro_layers else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """normal(0, 0.02); projections that write into the residual stream get 0.02 / sqrt(2 * layers) (GPT-2)."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "down.weight")):
+                nn.init.normal_(p, 0.0, residual_std)
+            elif p.dim() == 2:  # linear and embedding weights; norm weights and biases keep ones / zeros
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        """tokens (..., s) -> (..., s, d), with learned positions 0..s-1 when configured."""
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            s = tokens.shape[-1]
+            if s > self.pos_embed.num_embeddings:
+                limit = self.pos_embed.num_embeddings
+                raise ValueError(f"{s} tokens exceed the {limit} learned positions (model.seq_length {limit})")
+            x = x + self.pos_embed(torch.arange(s, device=tokens.device))
+        return self.drop(x)
+
+    def _rope(self, s: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        return None if self.rotary is None else self.rotary(torch.arange(s, device=device))
+
+    def forward(self, tokens: Tensor, neighbours: Tensor | None = None, *, retrieval: bool = True) -> Tensor:
+        """tokens (b, n) and neighbours (b, l, k, r) with l = ceil(n / m), or None -> logits (b, n, v).
+
+        n need not be a multiple of m. Neighbours are ignored by a plain GPT and when retrieval is off.
+        """
+        b, n = tokens.shape
+        x = self._embed(tokens)  # (b, n, d)
+        rope = self._rope(n, tokens.device)
+
+        use_retrieval = retrieval and not self.cca_gate_off and self.encoder is not None and neighbours is not None
+        encoded = encoded_mask = neighbour_states = None
+        if use_retrieval:
+            l = math.ceil(n / self.chunk_length)
+            if neighbours.dim() != 4 or neighbours.shape[:2] != (b, l):
+                raise ValueError(
+                    f"neighbours have shape {tuple(neighbours.shape)}, expected (batch {b}, chunks {l}, k, r) for "
+                    f"{n} tokens in chunks of {self.chunk_length}"
+                )
+            encoded_mask = neighbours != self.pad_id  # (b, l, k, r)
+            neighbour_states = self._embed(neighbours)  # (b, l, k, r, d)
+
+        for layer in self.layers:
+            if use_retrieval and encoded is None and layer.cca is not None:
+                # first CCA layer: encode the neighbours once, conditioned on the decoder states entering it
+                rope_r = self._rope(neighbours.shape[-1], tokens.device)
+                encoded = self.encoder(neighbour_states, encoded_mask, x, rope_r)  # (b, l, k, r, d)
+            x = layer(x, rope, encoded, encoded_mask)
+
+        x = self.norm(x)
+        return F.linear(x, self.embed.weight)  # tied LM head: (b, n, v)
+
+    def flops_per_sequence(self, n: int, retrieval: bool = True) -> int:
+        """Forward matmul FLOPs (2 per multiply-add) for one sequence of n tokens; x3 for forward + backward.
+
+        Counts every linear layer, attention scores and weighted values (the causal mask is not discounted,
+        as in PaLM's MFU formula), the LM head, and with retrieval the encoder over l*k*r neighbour tokens
+        (k = model.num_neighbors, r = retrieved_length) and every CCA layer over l*m query positions.
+        Norms, softmax, activations and embedding lookups are not counted.
+        """
+        cfg, m = self.cfg, self.chunk_length
+        d, f, v = cfg.hidden, ffn_width(cfg), cfg.vocab_size
+
+        def linear(tokens: int, d_in: int, d_out: int) -> int:
+            return 2 * tokens * d_in * d_out
+
+        def attention(queries: int, keys: int, pairs: int) -> int:
+            # q and out projections, fused k/v projection, then QK^T and AV over `pairs` (query, key) pairs
+            return 2 * linear(queries, d, d) + linear(keys, d, 2 * d) + 2 * 2 * pairs * d
+
+        def mlp(tokens: int) -> int:
+            return (3 if cfg.mlp == "swiglu" else 2) * linear(tokens, d, f)
+
+        total = cfg.layers * (attention(n, n, n * n) + mlp(n)) + linear(n, d, v)
+        if retrieval and self.retro_layers:
+            l, k, r = math.ceil(n / m), cfg.num_neighbors, self.retrieved_length
+            t = l * k * r  # neighbour tokens per sequence
+            total += cfg.encoder_layers * (attention(t, t, l * k * r * r) + mlp(t))
+            total += attention(t, l * m, t * m)  # the first encoder layer's cross-attention to its chunk
+            total += len(self.retro_layers) * attention(l * m, t, l * m * k * r)
+        return total
+
+
+def lm_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy in fp32. logits (b, n, v), targets (b, n); loss_mask (b, n) weights
+    positions (SFT: 1 on the answer and its EOS only), and an all-zero mask gives 0 rather than NaN."""
+    losses = F.cross_entropy(
+        rearrange(logits, "b n v -> (b n) v").float(), rearrange(targets, "b n -> (b n)"), reduction="none"
+    )  # ((b n),)
+    if loss_mask is None:
+        return losses.mean()
+    weights = rearrange(loss_mask, "b n -> (b n)").to(losses.dtype)
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)

@@ -1,0 +1,118 @@
+"""Process-level plumbing shared by every stage: the distributed context (one process or torchrun),
+console output and progress bars (rank 0 alone draws them)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def shard(self, items: list) -> list:
+        """This rank's share of `items` (round-robin, so work stays balanced when items differ in size)."""
+        return items[self.rank :: self.world]
+
+
+_DIST: Dist | None = None
+
+
+def dist() -> Dist:
+    """The distributed context: under torchrun (RANK in the environment) a process group is started once."""
+    global _DIST
+    if _DIST is None:
+        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            import torch.distributed as td
+
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if not td.is_initialized():
+                td.init_process_group(backend)
+            _DIST = Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            _DIST = Dist()
+    return _DIST
+
+
+def log(message: str) -> None:
+    if dist().main:
+        console.print(message)
+
+
+def warn(message: str) -> None:
+    if dist().main:
+        console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+@contextmanager
+def progress(description: str, total: int | None, unit: str = "items") -> Iterator["Bar"]:
+    """A progress bar with rate and ETA; silent on ranks other than 0 and when stderr is not a terminal
+    unless RETRO_PROGRESS=1."""
+    show = dist().main and (sys.stderr.isatty() or os.environ.get("RETRO_PROGRESS") == "1")
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not show, transient=False) as p:
+        task = p.add_task(description, total=total, rate="")
+        yield Bar(p, task, unit)
+
+
+class Bar:
+    def __init__(self, p: Progress, task: int, unit: str):
+        self.p, self.task, self.unit = p, task, unit
+
+    def advance(self, n: int = 1) -> None:
+        self.p.advance(self.task, n)
+        t = self.p.tasks[self.task]
+        if t.speed:
+            self.p.update(self.task, rate=f"{t.speed:,.0f} {self.unit}/s")
+
+
+# --------------------------------------------------------------------------------------- fault injection
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Die abruptly here when RETRO_FAULT names this point: `RETRO_FAULT=embed:block` dies at the first
+    hit, `RETRO_FAULT=embed:block:3` at the third. Used by tests to prove that a killed stage resumes."""
+    spec = os.environ.get("RETRO_FAULT")
+    if not spec:
+        return
+    point, _, nth = spec.rpartition(":") if spec.count(":") >= 2 else (spec, "", "1")
+    if point != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(nth):
+        sys.stderr.write(f"RETRO_FAULT: dying at {name} (hit {_FAULT_HITS[name]})\n")
+        sys.stderr.flush()
+        os._exit(137)

@@ -1,0 +1,117 @@
+"""The workspace tokenizer: SentencePiece BPE trained on the corpus, a SentencePiece model file, or a local
+Hugging Face tokenizer folder. Every stage that needs tokens loads it through `load_tokenizer`."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+from .errors import UserError
+from .workspace import write_bytes_atomic
+
+# Special ids of tokenizers trained here.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.path = path
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"cannot load the SentencePiece model {path}: {e}") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the Hugging Face tokenizer in {path}: {e}") from None
+        self.vocab_size = len(self.tok)
+        eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
+        if eos is None:
+            raise UserError(f"the tokenizer in {path} has no end-of-sequence (or separator) token")
+        self.eos_id = eos
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+def load_tokenizer(kind: str, path: Path) -> Tokenizer:
+    if not path.exists():
+        raise UserError(f"tokenizer {path} not found: check tokenizer.path, or run `retro db build`")
+    return SentencePieceTokenizer(path) if kind == "sentencepiece" else HFTokenizer(path)
+
+
+def train_sentencepiece(texts: Iterable[str], out: Path, vocab_size: int, max_bytes: int) -> None:
+    """Train a byte-fallback BPE model on at most `max_bytes` of text lines; write `out` atomically.
+
+    Text is streamed to the trainer and the model comes back in memory: no scratch files, and no input
+    path stored in the model, so the same corpus gives a byte-identical tokenizer."""
+    import sentencepiece as spm
+
+    budget = {"bytes": 0}
+
+    def limited():
+        for line in _lines(texts):
+            budget["bytes"] += len(line) + 1
+            yield line
+            if budget["bytes"] >= max_bytes:
+                return
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=limited(), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, byte_fallback=True,
+            character_coverage=0.9995, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+            minloglevel=2, split_digits=True, allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False, normalization_rule_name="identity",
+        )
+    except RuntimeError as e:
+        if budget["bytes"] == 0:
+            raise UserError("the corpus has no text to train a tokenizer on") from None
+        msg = str(e)
+        hint = (" Lower tokenizer.vocab_size or add text." if "too high" in msg else
+                " Raise tokenizer.vocab_size (byte fallback alone takes 256 pieces)." if "smaller than" in msg else "")
+        raise UserError(f"training the SentencePiece tokenizer failed: {e}.{hint}") from None
+    write_bytes_atomic(out, model.getvalue())
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            line = line.strip()
+            if line:
+                yield line

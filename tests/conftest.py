@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny workspaces written by the tests themselves (no shared data needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrocli.config import _toml_value
+
+TOPICS = {
+    "astronomy": "star planet orbit telescope galaxy comet moon nebula light year solar eclipse",
+    "cooking": "flour butter oven recipe sugar bake knead dough salt pepper simmer sauce",
+    "sailing": "boat wind sail harbour mast rudder knot tide anchor keel deck crew",
+    "music": "violin melody chord rhythm piano orchestra tempo harmony concert note score",
+    "geology": "rock mineral volcano sediment fault crystal erosion magma granite quartz layer",
+}
+COMMON = "the a of and in to is was for on with as by that it from this were be".split()
+
+
+def synthetic_documents(n_docs: int = 40, words: int = 300, seed: int = 0) -> list[dict]:
+    """Documents on a few topics: each mixes common words with its topic's vocabulary."""
+    rng = random.Random(seed)
+    names = sorted(TOPICS)
+    docs = []
+    for i in range(n_docs):
+        topic = names[i % len(names)]
+        vocab = TOPICS[topic].split()
+        text = " ".join(rng.choice(vocab) if rng.random() < 0.5 else rng.choice(COMMON) for _ in range(words))
+        docs.append({"id": f"doc{i}", "title": f"{topic} {i}", "text": text + "."})
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def write_toml(path: Path, sections: dict[str, dict]) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def small_sections(**overrides: dict) -> dict[str, dict]:
+    """A workspace for a fast database: lexical embedder, small vocabulary, small blocks."""
+    sections = {
+        "workspace": {"dir": "ws", "seed": 7},
+        "corpus": {"train": ["corpus/*.jsonl"], "valid_fraction": 0.1},
+        "tokenizer": {"vocab_size": 300},
+        "db": {"chunk_length": 16, "embedder": "lexical", "index": "Flat", "block_size": 50,
+               "num_neighbors_query": 4},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    return sections
+
+
+@pytest.fixture
+def small_workspace(tmp_path: Path):
+    """Factory: a TOML + corpus in tmp_path; returns the TOML path."""
+
+    def make(n_docs: int = 40, words: int = 300, **overrides: dict) -> Path:
+        write_jsonl(tmp_path / "corpus" / "docs.jsonl", synthetic_documents(n_docs, words))
+        return write_toml(tmp_path / "retro.toml", small_sections(**overrides))
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m retrocli ARGS` in a subprocess (real exit codes, real process death)."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "retrocli", *args], capture_output=True, text=True, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"retro {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc

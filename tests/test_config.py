@@ -1,0 +1,101 @@
+"""The workspace TOML: strict sections and keys, typed overrides, errors that name the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from retrocli.config import load_config, parse_override, to_commented_toml
+from retrocli.errors import UserError
+
+from .conftest import run_cli, write_toml
+
+
+def test_defaults_and_precedence(tmp_path: Path):
+    toml = write_toml(tmp_path / "w.toml", {"db": {"nprobe": 8, "index": "IVF16,SQ8"}})
+    cfg = load_config(toml, ["db.nprobe=32", "corpus.train=[\"a.txt\", \"b.txt\"]", "db.embedder=lexical"])
+    assert cfg.db.nprobe == 32  # --set beats the TOML
+    assert cfg.db.index == "IVF16,SQ8"  # the TOML beats the default
+    assert cfg.db.chunk_length == 64  # the default
+    assert cfg.corpus.train == ["a.txt", "b.txt"]  # typed: a TOML list
+    assert cfg.db.embedder == "lexical"  # a bare word is a string
+    assert cfg.resolve("x/y") == tmp_path / "x" / "y"  # relative to the TOML's folder
+
+
+def test_int_accepted_for_float(tmp_path: Path):
+    cfg = load_config(write_toml(tmp_path / "w.toml", {"corpus": {"valid_fraction": 0}}))
+    assert cfg.corpus.valid_fraction == 0.0 and isinstance(cfg.corpus.valid_fraction, float)
+
+
+@pytest.mark.parametrize("sections, needle", [
+    ({"db": {"chunk_lenght": 64}}, "unknown key 'db.chunk_lenght'"),
+    ({"dbase": {"x": 1}}, "unknown section [dbase]"),
+    ({"db": {"nprobe": "many"}}, "'db.nprobe' must be an integer"),
+    ({"db": {"chunk_length": 0}}, "db.chunk_length must be positive"),
+    ({"corpus": {"valid_fraction": 1.5}}, "corpus.valid_fraction must be in [0, 1)"),
+    ({"db": {"num_neighbors": 5, "num_neighbors_query": 3}}, "db.num_neighbors_query (3) must be >="),
+    ({"model": {"hidden": 100, "heads": 3}}, "model.hidden (100) must be divisible by model.heads (3)"),
+    ({"tokenizer": {"type": "hf"}}, "needs tokenizer.path"),
+])
+def test_bad_values_name_the_key_and_file(tmp_path: Path, sections, needle):
+    toml = write_toml(tmp_path / "w.toml", sections)
+    with pytest.raises(UserError) as e:
+        load_config(toml)
+    assert needle in str(e.value)
+    assert str(toml) in str(e.value)
+
+
+def test_all_problems_reported_at_once(tmp_path: Path):
+    toml = write_toml(tmp_path / "w.toml", {"db": {"chunk_length": -1, "block_size": 0, "nope": 1}})
+    with pytest.raises(UserError) as e:
+        load_config(toml)
+    assert "db.nope" in str(e.value)  # key errors come first; fix them and the value errors follow
+    toml = write_toml(tmp_path / "w.toml", {"db": {"chunk_length": -1, "block_size": 0}})
+    with pytest.raises(UserError) as e:
+        load_config(toml)
+    assert "db.chunk_length" in str(e.value) and "db.block_size" in str(e.value)
+
+
+def test_malformed_toml_and_missing_file(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[db\nchunk_length = 64\n")
+    with pytest.raises(UserError, match="bad.toml is not valid TOML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_override_syntax():
+    assert parse_override("db.nprobe=32") == ("db", "nprobe", 32)
+    assert parse_override("db.index=IVF1024,SQ8") == ("db", "index", "IVF1024,SQ8")
+    with pytest.raises(UserError, match="section.key=value"):
+        parse_override("nprobe=32")
+
+
+def test_commented_toml_round_trips(tmp_path: Path):
+    cfg = load_config(write_toml(tmp_path / "w.toml", {"db": {"nprobe": 3}, "model": {"retro_layers": [2]}}))
+    text = to_commented_toml(cfg)
+    out = tmp_path / "again.toml"
+    out.write_text(text)
+    again = load_config(out)
+    assert again.to_dict() == cfg.to_dict()
+    assert "# IVF lists visited per query" in text
+
+
+def test_cli_exit_codes(tmp_path: Path):
+    toml = write_toml(tmp_path / "w.toml", {"db": {"bogus": 1}})
+    proc = run_cli("db", "info", "-c", str(toml))
+    assert proc.returncode == 2
+    assert "db.bogus" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("pretrain", "-c", str(toml))
+    assert proc.returncode == 2 and "not built yet" in proc.stderr
+    proc = run_cli("db", "build", "-c", str(tmp_path / "nope.toml"))
+    assert proc.returncode == 2 and "nope.toml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_init_writes_a_loadable_workspace(tmp_path: Path):
+    proc = run_cli("init", str(tmp_path / "new"), "--recipe", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(tmp_path / "new" / "retro.toml")
+    assert cfg.corpus.train == ["builtin:tiny"]
+    proc = run_cli("init", str(tmp_path / "new"))
+    assert proc.returncode == 2 and "already exists" in proc.stderr

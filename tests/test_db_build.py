@@ -1,0 +1,163 @@
+"""`retro db build / query / info` end to end: stages, resume after a kill, settings mismatch, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrocli.chunks import ChunkStore
+from retrocli.config import load_config
+from retrocli.db import workspace_of
+from retrocli.workspace import DB_STAGES
+
+from .conftest import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stage_files(ws_root: Path) -> dict[str, bytes]:
+    """Every finished artefact (not metadata, which holds timings) by relative path."""
+    return {str(p.relative_to(ws_root)): p.read_bytes() for p in sorted(ws_root.rglob("*"))
+            if p.is_file() and p.name != "meta.json"}
+
+
+def test_build_query_info(small_workspace):
+    toml = small_workspace()
+    run_cli("db", "build", "-c", str(toml), check=True)
+    cfg = load_config(toml)
+    ws = workspace_of(cfg)
+    for stage in DB_STAGES:
+        assert ws.require(stage)["complete"]
+    store = ChunkStore.open(ws, cfg.db.chunk_length)
+    chunk_docs = store.chunks["doc"]
+    train = store.train_mask()
+    # every chunk of every document has neighbours: database (train) chunks from other documents only
+    neighbours = np.concatenate([np.load(p) for p in sorted(ws.stage_dir("neighbours").glob("block-*.npy"))])
+    assert neighbours.shape == (store.num_chunks, cfg.db.num_neighbors_query)
+    assert (neighbours >= 0).all()
+    assert (chunk_docs[neighbours] != chunk_docs[:, None]).all()
+    assert train[neighbours].all()
+    assert (~train).any(), "the split held out no document"
+
+    # a chunk's own text finds itself first
+    text = run_cli("db", "query", "-c", str(toml), "--json", "-k", "3", "sail boat wind harbour mast keel",
+                   check=True).stdout
+    hits = json.loads(text)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert set(hits[0]) == {"rank", "distance", "chunk_id", "doc_id", "title", "source", "text", "continuation"}
+    assert all(h["title"].startswith("sailing") for h in hits)
+    assert hits[0]["distance"] <= hits[1]["distance"] <= hits[2]["distance"]
+
+    info = json.loads(run_cli("db", "info", "-c", str(toml), "--json", check=True).stdout)
+    assert all(s["state"] == "complete" for s in info["stages"].values())
+    assert info["stages"]["chunks"]["counts"]["chunks"] == store.num_chunks
+
+    # rerun: every stage is skipped, nothing rewritten
+    before = {p: p.stat().st_mtime_ns for p in ws.root.rglob("*") if p.is_file()}
+    run_cli("db", "build", "-c", str(toml), check=True)
+    assert before == {p: p.stat().st_mtime_ns for p in ws.root.rglob("*") if p.is_file()}
+
+
+def test_changed_settings_are_refused_not_reused(small_workspace):
+    toml = small_workspace()
+    run_cli("db", "build", "-c", str(toml), check=True)
+    ws_root = workspace_of(load_config(toml)).root
+    before = stage_files(ws_root)
+    proc = run_cli("db", "build", "-c", str(toml), "--set", "db.index=IVF4,Flat")
+    assert proc.returncode == 2
+    assert "'index' stage" in proc.stderr and "'Flat'" in proc.stderr and "IVF4,Flat" in proc.stderr
+    assert stage_files(ws_root) == before, "a refused build changed finished work"
+    proc = run_cli("db", "query", "-c", str(toml), "--set", "db.embedder=all-MiniLM-L6-v2", "x")
+    assert proc.returncode == 2 and "embedded with 'lexical'" in proc.stderr
+    # asked for by name, the index and what follows it are rebuilt; earlier stages stay
+    run_cli("db", "build", "-c", str(toml), "--set", "db.index=IVF4,Flat", "--rebuild", "index", check=True)
+    after = stage_files(ws_root)
+    assert all(after[k] == v for k, v in before.items() if k.startswith(("db/chunks", "db/embed")))
+
+
+@pytest.mark.faults
+def test_resume_after_kill_in_embed_stage(small_workspace, tmp_path):
+    toml = small_workspace(n_docs=60)
+    ws_root = workspace_of(load_config(toml)).root
+    proc = run_cli("db", "build", "-c", str(toml), env={"RETRO_FAULT": "embed:block:3"})
+    assert proc.returncode == 137, proc.stderr
+    done = sorted(ws_root.glob("db/embed/block-*.npy"))
+    assert len(done) == 3, "the kill came after the third block"
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    proc = run_cli("db", "build", "-c", str(toml), check=True)
+    assert {p: p.stat().st_mtime_ns for p in done} == stamps, "a finished block was recomputed"
+    meta = json.loads((ws_root / "db/embed/meta.json").read_text())
+    assert meta["counts"]["embedded_now"] == meta["counts"]["chunks"] - 3 * 50
+
+    # identical to an uninterrupted build
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(toml.read_text().replace('dir = "ws"', 'dir = "ws-fresh"'))
+    run_cli("db", "build", "-c", str(fresh), check=True)
+    assert stage_files(ws_root) == stage_files(workspace_of(load_config(fresh)).root)
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_equals_one_process(small_workspace, tmp_path):
+    toml = small_workspace(n_docs=50)
+    run_cli("db", "build", "-c", str(toml), check=True)
+    two = tmp_path / "two.toml"
+    two.write_text(toml.read_text().replace('dir = "ws"', 'dir = "ws-two"'))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "retrocli", "db", "build", "-c", str(two)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_files = stage_files(workspace_of(load_config(toml)).root)
+    two_files = stage_files(workspace_of(load_config(two)).root)
+    assert one_files.keys() == two_files.keys()
+    assert one_files == two_files
+
+
+@pytest.mark.slow
+def test_default_embedder_end_to_end(small_workspace):
+    """The packaged all-MiniLM-L6-v2, offline: a paraphrase finds its topic."""
+    toml = small_workspace(n_docs=10, words=120, db={"embedder": "all-MiniLM-L6-v2", "embed_batch_size": 32})
+    run_cli("db", "build", "-c", str(toml), check=True, env={"HF_HUB_OFFLINE": "1"})
+    hits = json.loads(run_cli("db", "query", "-c", str(toml), "--json", "-k", "2",
+                              "a cake needs flour, sugar and butter in a hot oven", check=True).stdout)
+    assert hits[0]["title"].startswith("cooking")
+
+
+def test_tiny_recipe_cli_lexical(tmp_path):
+    """The recipe itself, with the fast embedder, in a temporary workspace."""
+    ws = tmp_path / "tiny-ws"
+    proc = run_cli("db", "build", "-c", str(REPO / "recipes/tiny.toml"), "--set", "db.embedder=lexical",
+                   "--set", f"workspace.dir={json.dumps(str(ws))}", check=True)
+    assert "neighbours" in proc.stderr
+    hits = json.loads(run_cli("db", "query", "-c", str(REPO / "recipes/tiny.toml"), "--set",
+                              "db.embedder=lexical", "--set", f"workspace.dir={json.dumps(str(ws))}", "--json",
+                              "the if statement is used for conditional execution", check=True).stdout)
+    assert any(h["doc_id"] in ("pydoc:if", "pydoc:else") for h in hits[:3])
+
+
+def test_stage_before_its_input_is_a_user_error(small_workspace):
+    toml = small_workspace()
+    proc = run_cli("db", "query", "-c", str(toml), "anything")
+    assert proc.returncode == 2 and "run `retro db build` first" in proc.stderr
+
+
+def test_empty_corpus_and_short_documents(small_workspace, tmp_path):
+    toml = small_workspace()
+    (tmp_path / "corpus" / "docs.jsonl").write_text("")
+    proc = run_cli("db", "build", "-c", str(toml))
+    assert proc.returncode == 2 and "docs.jsonl: empty file" in proc.stderr
+    # documents shorter than a chunk are one short chunk each, and still get neighbours
+    docs = [{"id": f"s{i}", "text": f"word{i} sail boat"} for i in range(30)]
+    (tmp_path / "corpus" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    proc = run_cli("db", "build", "-c", str(toml), "--set", "tokenizer.vocab_size=100")
+    assert proc.returncode == 2 and "Raise tokenizer.vocab_size" in proc.stderr
+    proc = run_cli("db", "build", "-c", str(toml))
+    assert proc.returncode == 0, proc.stderr
+    store = ChunkStore.open(workspace_of(load_config(toml)), 16)
+    assert store.num_chunks == 30 and (store.chunks["length"] < 16).all()

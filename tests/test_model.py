@@ -1,0 +1,201 @@
+"""The model's invariants on microscopic configs: shapes, causality of the decoder and of CCA, the GPT/Retro
+equivalence behind retro-fitting and the encoder ablation, padding neighbours, overfitting, FLOPs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from retrocli.config import ModelConfig
+from retrocli.model import RetroModel, lm_loss, resolve_retro_layers
+
+M = 4  # chunk length
+V = 50  # vocabulary
+
+
+def tiny(**changes) -> ModelConfig:
+    base = ModelConfig(layers=4, hidden=32, heads=4, seq_length=32, vocab_size=V, retro_layers=[2, 4],
+                       encoder_layers=2, num_neighbors=2, retrieved_length=2 * M)
+    return dataclasses.replace(base, **changes)
+
+
+def build(cfg: ModelConfig, seed: int = 0, double: bool = True) -> RetroModel:
+    torch.manual_seed(seed)
+    model = RetroModel(cfg, chunk_length=M).eval()
+    return model.double() if double else model
+
+
+def batch(b: int, n: int, k: int = 2, r: int = 2 * M, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, V, (b, n), generator=g)
+    neighbours = torch.randint(1, V, (b, -(-n // M), k, r), generator=g)  # no padding (pad_id 0)
+    return tokens, neighbours
+
+
+VARIANTS = [
+    {},
+    {"position": "learned", "norm": "rmsnorm", "mlp": "swiglu"},
+    {"rotary_percent": 0.5},
+]
+
+
+@pytest.mark.parametrize("changes", VARIANTS)
+@pytest.mark.parametrize("n", [16, 13, 3])
+def test_shapes(changes: dict, n: int) -> None:
+    model = build(tiny(**changes), double=False)
+    tokens, neighbours = batch(2, n)
+    logits = model(tokens, neighbours)
+    assert logits.shape == (2, n, V)
+    assert torch.isfinite(logits).all()
+    assert model(tokens, None).shape == (2, n, V)
+
+
+def test_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        RetroModel(tiny(vocab_size=0), chunk_length=M)
+    model = build(tiny())
+    tokens, neighbours = batch(1, 16)
+    with pytest.raises(ValueError, match="chunks 4"):
+        model(tokens, neighbours[:, :3])
+
+
+def test_default_retro_layers() -> None:
+    assert resolve_retro_layers(ModelConfig(layers=12)) == [6, 9, 12]
+    assert resolve_retro_layers(ModelConfig(layers=24)) == [9, 12, 15, 18, 21, 24]
+    assert resolve_retro_layers(ModelConfig(layers=4)) == [4]
+    assert resolve_retro_layers(ModelConfig(layers=4, retro_layers=[])) == []
+    assert resolve_retro_layers(ModelConfig(layers=4, retro_layers=[3, 1])) == [1, 3]
+    with pytest.raises(ValueError, match="1..4"):
+        resolve_retro_layers(ModelConfig(layers=4, retro_layers=[5]))
+
+
+@pytest.mark.parametrize("changes", VARIANTS[:2])
+def test_token_causality(changes: dict) -> None:
+    """Changing tokens at positions >= p changes no logit before p, and changes the logits at p."""
+    model = build(tiny(**changes))
+    n = 14  # not a multiple of M
+    tokens, neighbours = batch(1, n)
+    with torch.no_grad():
+        ref = model(tokens, neighbours)
+        for p in range(n):
+            changed = tokens.clone()
+            changed[:, p:] = (changed[:, p:] + 7) % (V - 1) + 1
+            diff = (model(changed, neighbours) - ref).abs().amax(dim=(0, 2))  # (n,)
+            assert p == 0 or diff[:p].max() < 1e-12, (p, diff)
+            assert diff[p] > 1e-6, (p, diff)
+
+
+def test_cca_causality() -> None:
+    """Neighbours of chunk i change no logit before i*m + m-1 and do change the logit at i*m + m-1."""
+    model = build(tiny(retro_layers=[2]))
+    n = 16
+    tokens, neighbours = batch(1, n)
+    with torch.no_grad():
+        ref = model(tokens, neighbours)
+        for i in range(n // M):
+            changed = neighbours.clone()
+            changed[:, i] = (changed[:, i] + 11) % (V - 1) + 1
+            diff = (model(tokens, changed) - ref).abs().amax(dim=(0, 2))  # (n,)
+            first = i * M + M - 1
+            assert diff[:first].max().item() < 1e-12, (i, diff)
+            assert diff[first] > 1e-6 and (diff[first:] > 1e-6).all(), (i, diff)
+
+
+def test_gpt_equals_retro_with_gate_off() -> None:
+    """A GPT state_dict loads into a Retro model (retro-fitting); gated off, the two give the same logits."""
+    gpt = build(tiny(retro_layers=[]), seed=0)
+    retro = build(tiny(), seed=1)
+    assert not any(name.startswith("encoder.") or ".cca." in name for name in gpt.state_dict())
+    missing, unexpected = retro.load_state_dict(gpt.state_dict(), strict=False)
+    assert not unexpected
+    assert missing and all(k.startswith("encoder.") or ".cca." in k or ".norm_cca." in k for k in missing)
+
+    tokens, neighbours = batch(2, 13)
+    with torch.no_grad():
+        expected = gpt(tokens, neighbours)  # neighbours ignored by a GPT
+        torch.testing.assert_close(gpt(tokens, None), expected, rtol=0, atol=0)
+        torch.testing.assert_close(retro(tokens, neighbours, retrieval=False), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(retro(tokens, None), expected, rtol=0, atol=1e-12)
+        retro.cca_gate_off = True
+        torch.testing.assert_close(retro(tokens, neighbours), expected, rtol=0, atol=1e-12)
+        retro.cca_gate_off = False
+        assert (retro(tokens, neighbours) - expected).abs().max() > 1e-6  # with retrieval it differs
+
+
+def test_padding_neighbours() -> None:
+    model = build(tiny())
+    tokens, neighbours = batch(2, 16)
+    with torch.no_grad():
+        gated_off = model(tokens, None)
+        # every neighbour all padding: exactly the gated-off model, and no NaN
+        out = model(tokens, torch.zeros_like(neighbours))
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, gated_off, rtol=0, atol=1e-12)
+        # one all-padding neighbour out of two: the same as having only the other one
+        padded = neighbours.clone()
+        padded[:, :, 1] = 0
+        torch.testing.assert_close(model(tokens, padded), model(tokens, neighbours[:, :, :1]), rtol=0, atol=1e-10)
+        # trailing padding inside a neighbour: the same as the shorter neighbour
+        padded = neighbours.clone()
+        padded[..., M:] = 0
+        torch.testing.assert_close(model(tokens, padded), model(tokens, neighbours[..., :M]), rtol=0, atol=1e-10)
+
+    # gradients stay finite when whole chunks have no real neighbour
+    model.train()
+    padded = neighbours.clone()
+    padded[:, 1:3] = 0
+    lm_loss(model(tokens, padded), tokens).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = RetroModel(tiny(layers=2, retro_layers=[2], encoder_layers=1), chunk_length=M).train()
+    tokens, neighbours = batch(2, 17, seed=3)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    neighbours = neighbours[:, :4]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(300):  # noqa: B007 (reported on failure)
+        loss = lm_loss(model(inputs, neighbours), targets)
+        if loss.item() < 0.1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, (step, loss.item())
+
+
+def test_loss_mask() -> None:
+    logits = torch.randn(2, 5, V)
+    targets = torch.randint(0, V, (2, 5))
+    mask = torch.zeros(2, 5)
+    mask[0, 2] = 1
+    expected = torch.nn.functional.cross_entropy(logits[0, 2:3], targets[0, 2:3])
+    torch.testing.assert_close(lm_loss(logits, targets, mask), expected)
+    assert lm_loss(logits, targets, torch.zeros(2, 5)).item() == 0.0
+
+
+@pytest.mark.parametrize("changes", [{"retro_layers": []}, {}, {"mlp": "swiglu"}])
+def test_flops_match_a_count_of_the_forward(changes: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flops_per_sequence = torch's FLOP counter (matmuls) + attention counted from the SDPA calls' shapes
+    (torch's counter does not see the CPU attention kernel)."""
+    model = build(tiny(**changes), double=False)
+    n, b = 16, 2
+    tokens, neighbours = batch(b, n, k=model.cfg.num_neighbors, r=model.retrieved_length)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    attention_flops = []
+
+    def counting_sdpa(q, k, v, **kwargs):
+        s, e = q.shape[-2:]
+        attention_flops.append(2 * 2 * q[..., 0, 0].numel() * s * k.shape[-2] * e)  # QK^T and AV, all heads
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(tokens, neighbours)
+    assert model.flops_per_sequence(n) * b == counter.get_total_flops() + sum(attention_flops)
+    if model.retro_layers:
+        assert model.flops_per_sequence(n, retrieval=False) < model.flops_per_sequence(n)

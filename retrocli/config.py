@@ -64,7 +64,10 @@ class DBConfig:
     )
     embed_batch_size: int = opt(128, "chunks per forward pass of the embedder")
     embed_precision: str = opt("auto", "'auto' (bf16 where it matches fp32 to cosine >= 0.99), 'bf16', 'fp32'")
-    index: str = opt("Flat", "Faiss index factory string: 'Flat', 'IVF1024,SQ8', 'OPQ32_64,IVF65536_HNSW8,PQ32', ...")
+    index: str = opt(
+        "auto", "Faiss index factory string ('Flat', 'IVF1024,SQ8', 'OPQ32_64,IVF65536_HNSW8,PQ32', ...) or 'auto': "
+        "exact below 20k chunks, IVF(~4 sqrt n),SQ8 up to 10M, OPQ/IVF-HNSW/PQ32 beyond"
+    )
     nprobe: int = opt(64, "IVF lists visited per query")
     ef_search: int = opt(64, "HNSW search depth (efSearch)")
     index_train_samples: int = opt(200_000, "embeddings drawn at random (not a prefix) to train the index")

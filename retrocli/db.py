@@ -27,7 +27,7 @@ from .errors import UserError
 from .neighbours import search_excluding
 from .runtime import dist, fault_point, log, progress, warn
 from .tokenizer import load_tokenizer, train_sentencepiece
-from .workspace import DB_STAGES, Workspace, blocks, for_each_missing_block, load_npy, save_npy_atomic
+from .workspace import DB_STAGES, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
 
 
 def workspace_of(cfg: Config) -> Workspace:
@@ -161,7 +161,9 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
     embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf())
     spans = blocks(store.num_chunks, d.block_size)
     dim = embedder.dim
-    todo = D.shard(for_each_missing_block(ws.embed_block, spans, lambda a, n: a.shape == (n, dim)))
+    # Shard first, then look for missing blocks: each rank checks only its own blocks, so a block another
+    # rank finishes meanwhile cannot shift the assignment.
+    todo = missing_blocks(ws.embed_block, D.shard(spans), lambda a, n: a.shape == (n, dim))
     if D.main and getattr(embedder, "dtype", None) is not None:
         log(f"embedding with {d.embedder} in {str(embedder.dtype).replace('torch.', '')}"
             + (f" (probe cosine to fp32 {embedder.probe_cosine:.4f})" if hasattr(embedder, "probe_cosine") else ""))
@@ -195,8 +197,9 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
     rng = np.random.default_rng(cfg.workspace.seed)
     n_sample = min(d.index_train_samples, len(train_rows))
     sample_rows = np.sort(rng.choice(train_rows, size=n_sample, replace=False))
-    log(f"training index {d.index!r} on {n_sample:,} random training chunks")
-    index = faiss_index.train(d.index, emb.take(sample_rows), cfg.workspace.seed)
+    spec = faiss_index.auto_spec(len(train_rows)) if d.index == "auto" else d.index
+    log(f"training index {spec!r} on {n_sample:,} random training chunks")
+    index = faiss_index.train(spec, emb.take(sample_rows), cfg.workspace.seed)
     train_seconds = time.time() - started
     with progress("index add", len(train_rows), "chunks") as bar:
         for _, s, e in blocks(store.num_chunks, d.block_size):
@@ -205,7 +208,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
                 index.add_with_ids(emb.rows(s, e)[rows - s], rows.astype(np.int64))
                 bar.advance(len(rows))
     faiss_index.save(index, ws.index_file)
-    return ws.finish("index", {"ntotal": int(index.ntotal), "train_samples": int(n_sample),
+    return ws.finish("index", {"spec": spec, "ntotal": int(index.ntotal), "train_samples": int(n_sample),
                                "train_seconds": round(train_seconds, 2),
                                "seconds": round(time.time() - started, 2),
                                "bytes": ws.index_file.stat().st_size})
@@ -226,7 +229,7 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     chunk_docs = np.ascontiguousarray(store.chunks["doc"])
     k = d.num_neighbors_query
     spans = blocks(store.num_chunks, d.block_size)
-    todo = D.shard(for_each_missing_block(ws.neighbour_block, spans, lambda a, n: a.shape == (n, k)))
+    todo = missing_blocks(ws.neighbour_block, D.shard(spans), lambda a, n: a.shape == (n, k))
     with progress("neighbours", sum(e - s for _, s, e in todo), "chunks") as bar:
         for i, s, e in todo:
             ids, _ = search_excluding(index, emb.rows(s, e), chunk_docs[s:e], chunk_docs, k)

@@ -252,7 +252,7 @@ def blocks(n: int, block_size: int) -> list[tuple[int, int, int]]:
     return [(i, s, min(s + block_size, n)) for i, s in enumerate(range(0, n, block_size))]
 
 
-def for_each_missing_block(paths: Callable[[int], Path], spans: list[tuple[int, int, int]],
+def missing_blocks(paths: Callable[[int], Path], spans: list[tuple[int, int, int]],
                            row_shape_ok: Callable[[np.ndarray, int], bool]) -> list[tuple[int, int, int]]:
     """The blocks whose file is missing or has the wrong shape (a damaged file is removed and redone)."""
     todo = []

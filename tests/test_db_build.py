@@ -161,3 +161,35 @@ def test_empty_corpus_and_short_documents(small_workspace, tmp_path):
     assert proc.returncode == 0, proc.stderr
     store = ChunkStore.open(workspace_of(load_config(toml)), 16)
     assert store.num_chunks == 30 and (store.chunks["length"] < 16).all()
+
+
+def test_damaged_index_and_changed_tokenizer_are_user_errors(small_workspace, tmp_path):
+    toml = small_workspace()
+    run_cli("db", "build", "-c", str(toml), check=True)
+    ws = workspace_of(load_config(toml))
+    good_index = ws.index_file.read_bytes()
+    ws.index_file.write_bytes(good_index[: len(good_index) // 3])
+    proc = run_cli("db", "query", "-c", str(toml), "sail")
+    assert proc.returncode == 2 and "index.faiss is damaged" in proc.stderr and "Traceback" not in proc.stderr
+    ws.index_file.write_bytes(good_index)
+    # another tokenizer for the same workspace: refused, naming the stage and the key
+    other = tmp_path / "other.model"
+    other.write_bytes(ws.tokenizer_model.read_bytes())
+    proc = run_cli("db", "build", "-c", str(toml), "--set", f"tokenizer.path={json.dumps(str(other))}")
+    assert proc.returncode == 2 and "'tokenizer' stage" in proc.stderr and "path" in proc.stderr
+
+
+@pytest.mark.faults
+def test_damaged_block_is_recomputed_on_resume(small_workspace, tmp_path):
+    toml = small_workspace(n_docs=60)
+    ws_root = workspace_of(load_config(toml)).root
+    proc = run_cli("db", "build", "-c", str(toml), env={"RETRO_FAULT": "neighbours:block:2"})
+    assert proc.returncode == 137
+    blocks = sorted(ws_root.glob("db/neighbours/block-*.npy"))
+    assert len(blocks) == 2
+    blocks[0].write_bytes(blocks[0].read_bytes()[:200])  # a torn file, as a full disk might leave
+    run_cli("db", "build", "-c", str(toml), check=True)
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(toml.read_text().replace('dir = "ws"', 'dir = "ws-fresh"'))
+    run_cli("db", "build", "-c", str(fresh), check=True)
+    assert stage_files(ws_root) == stage_files(workspace_of(load_config(fresh)).root)

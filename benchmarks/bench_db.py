@@ -1,0 +1,167 @@
+"""`make bench-db`: the database stages, measured side by side in one run (ratios, not absolute targets).
+
+1. Embed: the embedder's own forward throughput on pre-tokenised, length-sorted batches, against the
+   whole embed stage (decode chunk tokens to text, tokenise in the background thread, forward, save
+   blocks) on the same chunks at the same batch size. Target: the stage within 80% of the forward.
+2. Index and query: on a workspace's real embeddings (or on synthetic clustered vectors when none is
+   built), for several Faiss index types: train and add time, queries/s and recall@10 against exact
+   search for the same queries, index bytes per chunk.
+3. Peak memory (max RSS) of this process.
+
+    python benchmarks/bench_db.py [--config recipes/books-qa-db.toml] [--chunks 512] [--queries 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from retrocli import index as faiss_index  # noqa: E402
+from retrocli.chunks import ChunkStore  # noqa: E402
+from retrocli.config import load_config  # noqa: E402
+from retrocli.db import EmbeddingStore, chunk_texts, open_tokenizer, workspace_of  # noqa: E402
+from retrocli.embed import HFEmbedder, embed_blocks, resolve_embedder_path  # noqa: E402
+from retrocli.workspace import save_npy_atomic  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_embed(cfg, store: ChunkStore, tok, n_chunks: int, batch_size: int) -> dict:
+    d = cfg.db
+    embedder = HFEmbedder(resolve_embedder_path(d.embedder, cfg.base_dir), batch_size=batch_size,
+                          precision=d.embed_precision)
+    rng = np.random.default_rng(0)
+    start = int(rng.integers(0, max(1, store.num_chunks - n_chunks)))
+    end = min(store.num_chunks, start + n_chunks)
+    texts = chunk_texts(store, tok, start, end)
+    # The same blocks for both: the stage sorts chunks by length within a block, so the forward alone
+    # gets the very same batches, and the ratio isolates the pipeline around the model.
+    step = -(-len(texts) // 4)
+    spans = [(i, start + s, min(end, start + s + step)) for i, s in enumerate(range(0, len(texts), step))]
+    prepared_blocks = [embedder.prepare(chunk_texts(store, tok, s, e)) for _, s, e in spans]
+    embedder.forward(embedder.prepare(texts[:batch_size]))  # warm-up
+
+    def forward_only() -> float:
+        t = time.perf_counter()
+        for prepared in prepared_blocks:
+            embedder.forward(prepared)
+        return len(texts) / (time.perf_counter() - t)
+
+    def whole_stage() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            embed_blocks(embedder, spans, lambda s, e: chunk_texts(store, tok, s, e),
+                         lambda i, a: save_npy_atomic(Path(tmp) / f"b{i}.npy", a))
+            return len(texts) / (time.perf_counter() - t)
+
+    # interleaved, so that load from other processes falls on both alike
+    runs = {"forward": [], "stage": []}
+    for _ in range(2):
+        runs["forward"].append(forward_only())
+        runs["stage"].append(whole_stage())
+    fwd, stage = float(np.mean(runs["forward"])), float(np.mean(runs["stage"]))
+    lengths = [int(b["attention_mask"].sum(1).float().mean()) for p in prepared_blocks for b in p[1]]
+    return {"embedder": d.embedder, "precision": str(embedder.dtype).replace("torch.", ""),
+            "batch_size": batch_size, "chunks": len(texts), "mean_wordpieces": int(np.mean(lengths)),
+            "forward_chunks_per_s": fwd, "stage_chunks_per_s": stage, "stage_over_forward": stage / fwd}
+
+
+def bench_indexes(vectors: np.ndarray, queries: np.ndarray, specs: list[str], nprobe: int, k: int = 10) -> list:
+    n, dim = vectors.shape
+    ids = np.arange(n, dtype=np.int64)
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(vectors)
+    t = time.perf_counter()
+    _, truth = exact.search(queries, k)
+    exact_qps = len(queries) / (time.perf_counter() - t)
+    rows = [{"index": "Flat (exact)", "train_s": 0.0, "add_s": 0.0, "qps": exact_qps, "recall@10": 1.0,
+             "bytes_per_chunk": dim * 4}]
+    rng = np.random.default_rng(0)
+    for spec in specs:
+        sample = vectors[np.sort(rng.choice(n, size=min(n, 200_000), replace=False))]
+        t = time.perf_counter()
+        index = faiss_index.train(spec, sample, seed=0)
+        train_s = time.perf_counter() - t
+        t = time.perf_counter()
+        index.add_with_ids(vectors, ids)
+        add_s = time.perf_counter() - t
+        faiss_index.set_search_params(index, nprobe, 64)
+        t = time.perf_counter()
+        _, got = index.search(queries, k)
+        qps = len(queries) / (time.perf_counter() - t)
+        recall = float(np.mean([len(set(g) & set(tr)) / k for g, tr in zip(got, truth)]))
+        with tempfile.NamedTemporaryFile() as f:
+            faiss.write_index(index, f.name)
+            size = Path(f.name).stat().st_size
+        rows.append({"index": spec, "train_s": train_s, "add_s": add_s, "qps": qps, "recall@10": recall,
+                     "bytes_per_chunk": size / n})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "recipes/books-qa-db.toml"))
+    ap.add_argument("--data-dir", default=None, help="(unused: the recipe names its data)")
+    ap.add_argument("--chunks", type=int, default=1024, help="chunks for the embed measurement")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--nprobe", type=int, default=None, help="default: db.nprobe of the config")
+    ap.add_argument("--specs", default="auto;IVF1024,SQ8;IVF1024,PQ32;IVF1024,PQ32np;HNSW32",
+                    help="index factory strings separated by ';' ('auto' = what db.index=auto picks)")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config)
+    ws = workspace_of(cfg)
+    if not (ws.read_meta("embed") or {}).get("complete"):
+        tiny = REPO / "recipes/tiny.toml"
+        print(f"{args.config}: embed stage not built; run `retro db build -c {args.config}` for real figures. "
+              f"Using {tiny}.")
+        cfg = load_config(tiny)
+        ws = workspace_of(cfg)
+        if not (ws.read_meta("embed") or {}).get("complete"):
+            sys.exit(f"build it first: retro db build -c {tiny}")
+    store = ChunkStore.open(ws, cfg.db.chunk_length)
+    tok = open_tokenizer(ws)
+    nprobe = args.nprobe or cfg.db.nprobe
+    print(f"workspace {ws.root}: {store.num_chunks:,} chunks; faiss {faiss.__version__}, "
+          f"{faiss.omp_get_max_threads()} threads, GPUs {faiss.get_num_gpus()}")
+
+    e = bench_embed(cfg, store, tok, args.chunks, args.batch_size)
+    print(f"\n== embed ({e['embedder']}, {e['precision']}, batch {e['batch_size']}, {e['chunks']} chunks, "
+          f"~{e['mean_wordpieces']} word pieces each)")
+    print(f"  embedder forward alone : {e['forward_chunks_per_s']:8.1f} chunks/s")
+    print(f"  whole embed stage      : {e['stage_chunks_per_s']:8.1f} chunks/s")
+    print(f"  stage / forward        : {e['stage_over_forward']:8.2f}   (target >= 0.80)")
+
+    meta = ws.read_meta("embed")
+    emb = EmbeddingStore(ws, store.num_chunks, meta["settings"]["block_size"])
+    train = np.flatnonzero(store.train_mask())
+    vectors = emb.take(train)
+    rng = np.random.default_rng(1)
+    queries = emb.take(np.sort(rng.choice(store.num_chunks, size=min(args.queries, store.num_chunks),
+                                          replace=False)))
+    specs = [faiss_index.auto_spec(len(train)) if s == "auto" else s for s in args.specs.split(";")]
+    specs = list(dict.fromkeys(specs))
+    print(f"\n== index and query ({len(vectors):,} database chunks, {len(queries):,} queries, top 10, "
+          f"nprobe {nprobe}; 'auto' -> {faiss_index.auto_spec(len(train))})")
+    print(f"  {'index':<22}{'train s':>9}{'add s':>9}{'queries/s':>11}{'recall@10':>11}{'B/chunk':>9}")
+    for r in bench_indexes(vectors, queries, [s for s in specs if s != "Flat"], nprobe):
+        print(f"  {r['index']:<22}{r['train_s']:9.2f}{r['add_s']:9.2f}{r['qps']:11.0f}{r['recall@10']:11.3f}"
+              f"{r['bytes_per_chunk']:9.0f}")
+    print(f"\npeak memory (max RSS): {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

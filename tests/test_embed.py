@@ -1,0 +1,66 @@
+"""Embedders: the lexical hashing embedder, the packaged MiniLM loaded offline, a local HF folder."""
+
+import numpy as np
+import pytest
+
+from retrocli.embed import (
+    LEXICAL_DIM,
+    HFEmbedder,
+    LexicalEmbedder,
+    embed_texts,
+    lexical_idf,
+    make_embedder,
+    packaged_minilm_dir,
+)
+from retrocli.errors import UserError
+from retrocli.index import auto_spec
+
+TEXTS = ["the ship sailed out of the harbour with the tide",
+         "a boat left the harbour when the tide turned",
+         "bake the bread in a hot oven for forty minutes",
+         ""]
+
+
+def test_lexical_is_normalised_deterministic_and_topical():
+    idf = lexical_idf(TEXTS * 3)
+    assert idf.shape == (LEXICAL_DIM,)
+    emb = LexicalEmbedder(idf)
+    v = embed_texts(emb, TEXTS)
+    assert v.shape == (4, LEXICAL_DIM) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v[:3], axis=1), 1.0, atol=1e-5)
+    assert not v[3].any(), "a text without words embeds to zero (never anyone's neighbour)"
+    assert np.array_equal(v, embed_texts(LexicalEmbedder(idf), TEXTS))
+    assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_unknown_embedder_folder_is_a_user_error(tmp_path):
+    (tmp_path / "enc").mkdir()
+    with pytest.raises(UserError, match="cannot load the embedder"):
+        make_embedder(str(tmp_path / "enc"), tmp_path)
+    with pytest.raises(UserError, match="IDF table"):
+        make_embedder("lexical", tmp_path, idf_path=tmp_path / "missing.npy")
+
+
+@pytest.mark.slow
+def test_packaged_minilm_offline_and_as_a_local_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    default = make_embedder("all-MiniLM-L6-v2", tmp_path, batch_size=2, precision="fp32")
+    v = embed_texts(default, TEXTS)
+    assert v.shape == (4, 384)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2, "a paraphrase must be closer than an unrelated sentence"
+    # the same model named by its folder (any local HF encoder): same vectors, whatever the batching
+    folder = HFEmbedder(str(packaged_minilm_dir()), batch_size=3, precision="fp32")
+    assert np.allclose(embed_texts(folder, TEXTS), v, atol=1e-5)
+    bf16 = HFEmbedder(str(packaged_minilm_dir()), batch_size=4, precision="bf16")
+    cos = np.sum(embed_texts(bf16, TEXTS[:3]) * v[:3], axis=1)
+    assert (cos > 0.99).all(), cos
+
+
+def test_auto_index_choice():
+    assert auto_spec(5_000) == "Flat"
+    assert auto_spec(60_000) == "IVF1024,SQ8"
+    spec = auto_spec(100_000)
+    nlist = int(spec.split(",")[0][3:])
+    assert 39 * nlist <= 100_000 and spec.endswith("SQ8")
+    assert auto_spec(1_000_000_000).endswith("PQ32")

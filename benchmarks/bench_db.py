@@ -110,6 +110,26 @@ def bench_indexes(vectors: np.ndarray, queries: np.ndarray, specs: list[str], np
     return rows
 
 
+def bench_paraphrases(cfg, path: Path, k: int = 5) -> None:
+    """Sentences paraphrased by hand from passages of the corpus: is the passage's chunk in the top k?"""
+    from retrocli.db import query
+
+    rows = [line.split("\t", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    t = time.perf_counter()
+    results = query(cfg, [text for _, text in rows], k)
+    seconds = time.perf_counter() - t
+    meta = workspace_of(cfg).read_meta("index")
+    spec = meta["counts"].get("spec", meta["settings"]["index"])
+    print(f"\n== paraphrase queries through `retro db query` (index {spec}, top {k}, {seconds:.1f} s with the "
+          "embedder load)")
+    found = 0
+    for (expected, text), hits in zip(rows, results):
+        ranks = [h["rank"] for h in hits if expected in str(h["doc_id"])]
+        found += bool(ranks)
+        print(f"  {'rank ' + str(ranks[0]) if ranks else 'MISSED':<8} {expected:<28} {text[:70]}")
+    print(f"  found {found}/{len(rows)} in the top {k}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "recipes/books-qa-db.toml"))
@@ -120,6 +140,8 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=None, help="default: db.nprobe of the config")
     ap.add_argument("--specs", default="auto;IVF1024,SQ8;IVF1024,PQ32;IVF1024,PQ32np;HNSW32",
                     help="index factory strings separated by ';' ('auto' = what db.index=auto picks)")
+    ap.add_argument("--paraphrases", default=str(REPO / "benchmarks/paraphrases.tsv"),
+                    help="expected doc id <TAB> paraphrase, checked on the books-qa workspace")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -160,6 +182,8 @@ def main() -> None:
     for r in bench_indexes(vectors, queries, [s for s in specs if s != "Flat"], nprobe):
         print(f"  {r['index']:<22}{r['train_s']:9.2f}{r['add_s']:9.2f}{r['qps']:11.0f}{r['recall@10']:11.3f}"
               f"{r['bytes_per_chunk']:9.0f}")
+    if args.paraphrases and Path(args.paraphrases).exists() and "books-qa" in str(ws.root):
+        bench_paraphrases(cfg, Path(args.paraphrases))
     print(f"\npeak memory (max RSS): {peak_rss_mib():.0f} MiB")
 
 

@@ -76,9 +76,9 @@ def warn(message: str) -> None:
 
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "items") -> Iterator["Bar"]:
-    """A progress bar with rate and ETA; silent on ranks other than 0 and when stderr is not a terminal
-    unless RETRO_PROGRESS=1."""
-    show = dist().main and (sys.stderr.isatty() or os.environ.get("RETRO_PROGRESS") == "1")
+    """A progress bar with rate and ETA, drawn by rank 0 (RETRO_PROGRESS=0 hides it). Where stderr is not
+    a terminal (a log file), rich prints the finished bar once, as a summary line."""
+    show = dist().main and os.environ.get("RETRO_PROGRESS") != "0"
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not show, transient=False) as p:

@@ -100,7 +100,30 @@ class ModelConfig:
 
 @dataclass
 class PretrainConfig:
-    pass
+    micro_batch_size: int = opt(8, "sequences per forward pass on each process")
+    global_batch_size: int = opt(32, "sequences per optimizer step, all processes together (a multiple of "
+                                     "micro_batch_size x processes; the rest is gradient accumulation)")
+    lr: float = opt(3e-4, "peak learning rate (AdamW)")
+    min_lr: float = opt(3e-5, "learning rate at the end of the decay")
+    warmup_steps: int = opt(100, "steps of linear warmup from 0 to lr")
+    decay: str = opt("cosine", "learning-rate decay after warmup: 'cosine', 'linear' or 'constant'")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only; not norms, biases or embeddings)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0: no clipping")
+    train_steps: int = opt(1000, "optimizer steps in total (a resumed run continues up to this)")
+    train_tokens: int = opt(0, "if > 0: train on this many tokens instead of train_steps (steps = "
+                               "ceil(train_tokens / (global_batch_size x model.seq_length)))")
+    eval_interval: int = opt(100, "evaluate on the validation documents every this many steps (and at the end)")
+    eval_steps: int = opt(10, "batches of global_batch_size validation sequences in each evaluation")
+    save_interval: int = opt(500, "write a checkpoint every this many steps (and at the end)")
+    keep_last: int = opt(3, "checkpoints kept (older ones are deleted); 0: keep all")
+    precision: str = opt("fp32", "'fp32' or 'bf16' (autocast; weights and optimizer stay fp32)")
+    compile: bool = opt(False, "torch.compile the model")
+    init_from: str = opt("", "start from this checkpoint folder (GPT or Retro; a GPT's CCA and encoder weights "
+                             "start fresh, no optimizer state: retro-fitting); empty: random init")
+    resume: str = opt("auto", "'auto': continue from the latest complete checkpoint of the run if there is one; "
+                              "'never': start fresh (an error if the run already has checkpoints)")
 
 
 @dataclass
@@ -303,7 +326,38 @@ def validate(cfg: Config) -> None:
         p.append(f"model.retro_layers {m.retro_layers} must lie in 1..{m.layers} (model.layers)")
     if m.num_neighbors > d.num_neighbors_query:
         p.append(f"model.num_neighbors ({m.num_neighbors}) exceeds db.num_neighbors_query ({d.num_neighbors_query})")
+    _validate_pretrain(cfg.pretrain, p)
     check(p, f"invalid values in {cfg.source}")
+
+
+def _validate_pretrain(t: PretrainConfig, p: list[str]) -> None:
+    for key in ("micro_batch_size", "global_batch_size", "train_steps", "eval_interval", "eval_steps",
+                "save_interval"):
+        if getattr(t, key) < 1:
+            p.append(f"pretrain.{key} must be positive, got {getattr(t, key)}")
+    if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
+        p.append(f"pretrain.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                 f"pretrain.micro_batch_size ({t.micro_batch_size})")
+    if t.lr <= 0:
+        p.append(f"pretrain.lr must be positive, got {t.lr}")
+    if not 0 <= t.min_lr <= t.lr:
+        p.append(f"pretrain.min_lr must be in [0, pretrain.lr], got {t.min_lr}")
+    for key in ("warmup_steps", "keep_last", "train_tokens"):
+        if getattr(t, key) < 0:
+            p.append(f"pretrain.{key} must be >= 0, got {getattr(t, key)}")
+    if t.decay not in ("cosine", "linear", "constant"):
+        p.append(f"pretrain.decay must be 'cosine', 'linear' or 'constant', got {t.decay!r}")
+    if t.weight_decay < 0:
+        p.append(f"pretrain.weight_decay must be >= 0, got {t.weight_decay}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            p.append(f"pretrain.{key} must be in [0, 1), got {getattr(t, key)}")
+    if t.grad_clip < 0:
+        p.append(f"pretrain.grad_clip must be >= 0, got {t.grad_clip}")
+    if t.precision not in ("fp32", "bf16"):
+        p.append(f"pretrain.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+    if t.resume not in ("auto", "never"):
+        p.append(f"pretrain.resume must be 'auto' or 'never', got {t.resume!r}")
 
 
 # ------------------------------------------------------------------------------------ commented TOML out

@@ -65,6 +65,17 @@ def small_sections(**overrides: dict) -> dict[str, dict]:
     return sections
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models in one thread: more threads only contend on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def small_workspace(tmp_path: Path):
     """Factory: a TOML + corpus in tmp_path; returns the TOML path."""

@@ -86,7 +86,7 @@ def test_cli_exit_codes(tmp_path: Path):
     proc = run_cli("db", "info", "-c", str(toml))
     assert proc.returncode == 2
     assert "db.bogus" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("pretrain", "-c", str(toml))
+    proc = run_cli("sft", "-c", str(toml))
     assert proc.returncode == 2 and "not built yet" in proc.stderr
     proc = run_cli("db", "build", "-c", str(tmp_path / "nope.toml"))
     assert proc.returncode == 2 and "nope.toml" in proc.stderr and "Traceback" not in proc.stderr

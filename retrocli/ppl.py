@@ -1,0 +1,146 @@
+"""`retro ppl`: perplexity and bits per byte of a checkpoint on the validation documents, or on a text /
+JSONL / JSON file whose neighbours are retrieved from the database on the fly.
+
+The evaluated text is laid out as in pretraining (samples.py: each document + EOS, padded to chunks), cut
+into consecutive windows of the model's seq_length, the last one padded, so every token after the first is
+predicted exactly once (EOS included). perplexity = exp(total NLL / target tokens); bits per byte = total NLL
+in nats / ln 2 / UTF-8 bytes of the evaluated text, which does not depend on the tokenizer. With
+`retrieval=False` no neighbours are passed and the CCA contributes nothing (InstructRetro's ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint
+from .chunks import ChunkStore, chunk_spans
+from .config import Config, CorpusConfig
+from .corpus import CorpusStats, iter_documents
+from .db import open_index, open_tokenizer, workspace_of
+from .embed import make_embedder
+from .errors import UserError
+from .model import RetroModel
+from .neighbours import search_excluding
+from .pretrain import open_samples, run_dir
+from .runtime import dist, log
+from .samples import Samples, StreamDocs
+from .train import all_sum, device_for_rank, evaluate
+from .workspace import Workspace, write_json_atomic
+
+
+def resolve_checkpoint(ws: Workspace, given: Path | None) -> Path:
+    """A step folder: the given one (or the latest complete one inside a given run folder), else the latest
+    complete pretraining checkpoint of the workspace."""
+    if given is not None:
+        if given.is_dir() and not (given / checkpoint.META).exists() and checkpoint.complete_steps(given):
+            found = checkpoint.latest(given)
+            if found is None:
+                raise UserError(f"--checkpoint {given}: no complete checkpoint in this folder")
+            return found
+        return given
+    found = checkpoint.latest(run_dir(ws))
+    if found is None:
+        raise UserError(f"no complete checkpoint in {run_dir(ws)}: run `retro pretrain` first, or pass --checkpoint")
+    return found
+
+
+def load_model(ws: Workspace, path: Path) -> tuple[RetroModel, dict[str, Any]]:
+    """The model of a verified checkpoint, checked against the workspace tokenizer."""
+    meta = checkpoint.read_meta(path)
+    checkpoint.check_tokenizer(meta, checkpoint.tokenizer_ref(ws), path)
+    model = RetroModel(checkpoint.model_config_of(meta), meta["chunk_length"], meta["pad_id"])
+    model.load_state_dict(checkpoint.load_weights(path))
+    return model.eval(), meta
+
+
+def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int, retrieval: bool,
+                  pad_id: int, eos_id: int) -> tuple[Samples, int]:
+    """Samples over the documents of a file, neighbours retrieved now; and the UTF-8 bytes of its text."""
+    if not data.is_file():
+        raise UserError(f"--data {data}: no such file")
+    if not data.name.removesuffix(".gz").endswith((".txt", ".jsonl", ".json")):
+        raise UserError(f"--data {data}: expected a .txt, .jsonl or .json file (optionally .gz)")
+    corpus = CorpusConfig(text_key=cfg.corpus.text_key, on_bad_line="error")
+    texts = [d.text for d in iter_documents(corpus, cfg.base_dir, [str(data.resolve())], CorpusStats())]
+    docs = [ids for ids in tok.encode(texts) if ids]
+    if not docs:
+        raise UserError(f"--data {data}: no text to evaluate")
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    store = ChunkStore.open(ws, m)
+    table = None
+    if retrieval:
+        embed_meta = ws.require("embed")
+        ws.require("index")
+        if embed_meta["settings"]["embedder"] != cfg.db.embedder:
+            raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} but "
+                            f"db.embedder is now {cfg.db.embedder!r}: queries must use the same embedder")
+        chunk_texts = [tok.decode(ids[s : s + n]) for ids in docs for s, n in chunk_spans(len(ids), m)]
+        embedder = make_embedder(cfg.db.embedder, cfg.base_dir, cfg.db.embed_batch_size, cfg.db.embed_precision,
+                                 ws.lexical_idf())
+        vectors = np.concatenate([embedder.forward(embedder.prepare(chunk_texts[s : s + 1024]))
+                                  for s in range(0, len(chunk_texts), 1024)])
+        none = np.full(len(chunk_texts), -1, dtype=np.int64)
+        table, _ = search_excluding(open_index(ws, cfg.db), vectors, none, np.ascontiguousarray(store.chunks["doc"]),
+                                    model_cfg.num_neighbors)
+    samples = Samples(StreamDocs.from_token_lists(docs, m), store, table, model_cfg.seq_length, m,
+                      model_cfg.num_neighbors, model_cfg.retrieved_length or 2 * m, pad_id, eos_id, drop_last=False)
+    return samples, nbytes
+
+
+def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True,
+        data: Path | None = None) -> dict[str, Any]:
+    ws = workspace_of(cfg)
+    for stage in ("tokenizer", "chunks"):
+        if (ws.read_meta(stage) or {}).get("complete") is not True:
+            raise UserError(f"`retro ppl` needs the retrieval database, but its '{stage}' stage is not complete in "
+                            f"{ws.db}: run `retro db build` and `retro pretrain` first")
+    path = resolve_checkpoint(ws, checkpoint_path)
+    model, meta = load_model(ws, path)
+    m = meta["chunk_length"]
+    if m != cfg.db.chunk_length or ws.require("chunks")["settings"]["chunk_length"] != m:
+        raise UserError(f"checkpoint {path} was trained with chunk_length {m}, the database in {ws.db} has "
+                        f"{ws.require('chunks')['settings']['chunk_length']}")
+    tok = open_tokenizer(ws)
+    model_cfg = model.cfg
+    use_retrieval = retrieval and bool(model.retro_layers)
+    eos_id = meta.get("eos_id", tok.eos_id)
+    started = time.time()
+    if data is None:
+        # the checkpoint's model settings (seq_length, k, r) decide the samples, not the current TOML
+        mcfg = dataclasses.replace(cfg, model=model_cfg)
+        samples = open_samples(mcfg, ws, "valid", model.pad_id, eos_id, use_retrieval, drop_last=False)
+        if len(samples) == 0:
+            raise UserError(f"the workspace has no validation documents (corpus.valid_fraction = "
+                            f"{cfg.corpus.valid_fraction} when built): pass --data FILE")
+        lengths = samples.docs.lengths
+        nbytes = sum(len(tok.decode(samples.docs.tokens_of(d, 0, int(lengths[d])).tolist()).encode("utf-8"))
+                     for d in range(len(lengths)))
+        what = "validation documents"
+    else:
+        samples, nbytes = _file_samples(cfg, ws, data, tok, model_cfg, m, use_retrieval, model.pad_id, eos_id)
+        what = str(data)
+    D = dist()
+    device = device_for_rank()
+    model.to(device)
+    indices = list(range(D.rank, len(samples), D.world))
+    nll, tokens = all_sum(evaluate(model, samples, indices, cfg.pretrain.micro_batch_size, device,
+                                   cfg.pretrain.precision, retrieval=use_retrieval), device)
+    tokens = max(tokens, 1.0)
+    result = {"perplexity": math.exp(min(nll / tokens, 700.0)), "bits_per_byte": nll / math.log(2) / max(nbytes, 1),
+              "tokens": int(tokens), "retrieval": use_retrieval, "checkpoint": str(path), "nll": nll,
+              "bytes": nbytes, "data": what, "seq_length": model_cfg.seq_length, "step": meta.get("step"),
+              "seconds": round(time.time() - started, 2)}
+    mode = "retrieval" if use_retrieval else "no-retrieval"
+    name = f"{path.name}-{'valid' if data is None else Path(data).name}-{mode}"
+    result["json_path"] = str(ws.root / "ppl" / f"{name}.json")
+    if D.main:
+        write_json_atomic(Path(result["json_path"]), result)
+        if retrieval and not model.retro_layers:
+            log(f"checkpoint {path} is a plain GPT (no CCA layers): evaluated without retrieval")
+    return result

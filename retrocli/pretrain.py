@@ -1,0 +1,149 @@
+"""`retro pretrain`: the Retro model trained on the database's training documents with their precomputed
+neighbours (samples.py), through the shared loop (train.py), with checkpoints in
+`<workspace>/checkpoints/pretrain/step-NNNNNN/` (checkpoint.py).
+
+`pretrain.init_from` starts from another checkpoint: a Retro one loads everything, a GPT one (retro_layers
+= []) loads the decoder while the encoder and CCA weights start fresh and the optimizer starts empty
+(retro-fitting, InstructRetro). Resuming (pretrain.resume = "auto") takes precedence over init_from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .chunks import ChunkStore
+from .config import Config, ModelConfig, to_commented_toml
+from .db import open_tokenizer, workspace_of
+from .errors import UserError
+from .model import RetroModel, resolve_retro_layers
+from .runtime import log
+from .samples import NeighbourBlocks, Samples, StreamDocs
+from .train import Job, TrainSettings, find_resume, train
+from .workspace import Workspace
+
+# decoder fields that must agree between a checkpoint and the model it is loaded into
+DECODER_FIELDS = ("layers", "hidden", "heads", "ffn_hidden", "vocab_size", "position", "rotary_percent", "norm",
+                  "mlp")
+
+
+def run_dir(ws: Workspace, phase: str = "pretrain") -> Path:
+    return ws.root / "checkpoints" / phase
+
+
+def require_database(ws: Workspace) -> dict[str, Any]:
+    """The neighbour stage's metadata (so every database stage is complete), or a UserError naming the fix."""
+    for stage in ("tokenizer", "chunks", "neighbours"):
+        meta = ws.read_meta(stage)
+        if meta is None or not meta.get("complete"):
+            raise UserError(f"`retro pretrain` needs the retrieval database, but its '{stage}' stage is "
+                            f"{'missing' if meta is None else 'incomplete'} in {ws.db}: run `retro db build -c "
+                            f"<this TOML>` first")
+    return ws.require("neighbours")
+
+
+def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
+    """model.vocab_size 0 -> the tokenizer's; a smaller one than the tokenizer's is an error."""
+    m = cfg.model
+    if m.vocab_size == 0:
+        return dataclasses.replace(m, vocab_size=vocab_size)
+    if m.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
+                        f"({vocab_size}): set it to 0 to take the tokenizer's")
+    return m
+
+
+def retrieved_length(cfg: Config) -> int:
+    return cfg.model.retrieved_length or 2 * cfg.db.chunk_length
+
+
+def open_samples(cfg: Config, ws: Workspace, split: str, pad_id: int, eos_id: int, retrieval: bool,
+                 drop_last: bool = True, store: ChunkStore | None = None) -> Samples:
+    """The pretraining samples of one split ("train" or "valid") of the workspace."""
+    store = store or ChunkStore.open(ws, cfg.db.chunk_length)
+    table = None
+    if retrieval:
+        nmeta = ws.require("neighbours")
+        stored = nmeta["settings"]["num_neighbors_query"]
+        if cfg.model.num_neighbors > stored:
+            raise UserError(f"model.num_neighbors ({cfg.model.num_neighbors}) exceeds the {stored} neighbours "
+                            f"stored per chunk in {ws.stage_dir('neighbours')} (db.num_neighbors_query when built)")
+        table = NeighbourBlocks(ws, nmeta["settings"]["block_size"])
+    return Samples(StreamDocs.from_store(store, split), store, table, cfg.model.seq_length, cfg.db.chunk_length,
+                   cfg.model.num_neighbors, retrieved_length(cfg), pad_id, eos_id, drop_last)
+
+
+def is_cca_or_encoder(name: str) -> bool:
+    return name.startswith("encoder.") or ".cca." in name or ".norm_cca." in name
+
+
+def load_init(model: RetroModel, path: Path, tok_ref: dict[str, Any]) -> None:
+    """Load a GPT or Retro checkpoint's weights for a new run; CCA/encoder weights it lacks start fresh."""
+    if path.is_dir() and not (path / checkpoint.META).exists() and checkpoint.complete_steps(path):
+        found = checkpoint.latest(path)  # a run folder: its latest complete checkpoint
+        if found is None:
+            raise UserError(f"pretrain.init_from {path}: no complete checkpoint in this folder")
+        path = found
+    meta = checkpoint.read_meta(path)
+    checkpoint.check_tokenizer(meta, tok_ref, path)
+    theirs, ours = meta["model"], dataclasses.asdict(model.cfg)
+    diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, config {ours[k]!r}" for k in DECODER_FIELDS
+             if theirs.get(k) != ours[k]]
+    if diffs:
+        raise UserError(f"pretrain.init_from {path}: the decoder shapes differ (" + "; ".join(diffs) + ")")
+    state = checkpoint.load_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in list(missing) + list(unexpected) if not is_cca_or_encoder(k)]
+    if bad:
+        raise UserError(f"pretrain.init_from {path}: weights do not fit the model: {', '.join(bad[:8])}")
+    kind = meta.get("kind", "retro")
+    fresh = f"; {len(missing)} encoder/CCA tensors start fresh (retro-fitting)" if missing else ""
+    log(f"initialised from the {kind} checkpoint {path} (weights only, no optimizer state){fresh}")
+
+
+def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
+    """Everything `retro pretrain` needs: the job for the loop, its settings, and the checkpoint to resume."""
+    ws = workspace_of(cfg)
+    require_database(ws)
+    tok = open_tokenizer(ws)
+    tok_ref = checkpoint.tokenizer_ref(ws)
+    model_cfg = resolve_model_config(cfg, tok.vocab_size)
+    m = cfg.db.chunk_length
+    if model_cfg.seq_length % m:
+        raise UserError(f"model.seq_length ({model_cfg.seq_length}) must be a multiple of db.chunk_length ({m}) "
+                        f"for pretraining: each chunk of a sample is then exactly one database chunk")
+    built_m = ws.require("chunks")["settings"]["chunk_length"]
+    if built_m != m:
+        raise UserError(f"the database in {ws.db} was chunked with chunk_length {built_m} but db.chunk_length "
+                        f"is now {m}: use the value it was built with, or rebuild it")
+    torch.manual_seed(cfg.workspace.seed)
+    model = RetroModel(model_cfg, m, tok.pad_id)
+    retrieval = bool(resolve_retro_layers(model_cfg))
+    settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed)
+    if cfg.pretrain.train_tokens > 0:
+        per_step = cfg.pretrain.global_batch_size * model_cfg.seq_length
+        settings.train_steps = -(-cfg.pretrain.train_tokens // per_step)
+    out = run_dir(ws)
+    resume_from = find_resume(out, settings)
+    if resume_from is None and cfg.pretrain.init_from:
+        load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)
+    store = ChunkStore.open(ws, m)
+    train_samples = open_samples(cfg, ws, "train", tok.pad_id, tok.eos_id, retrieval, store=store)
+    valid_samples = open_samples(cfg, ws, "valid", tok.pad_id, tok.eos_id, retrieval, store=store)
+    resolved = dataclasses.replace(cfg, model=model_cfg)
+    meta = checkpoint.model_meta(model_cfg, m, tok.pad_id, tok_ref, model.retro_layers)
+    meta["eos_id"] = tok.eos_id
+    job = Job("pretrain", out, model, train_samples, valid_samples, meta,
+              to_commented_toml(resolved, "# the resolved configuration of this checkpoint"))
+    return job, settings, resume_from
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    job, settings, resume_from = build(cfg)
+    summary = train(settings, job, resume_from)
+    summary["run_dir"] = str(job.run_dir)
+    return summary

@@ -1,0 +1,385 @@
+"""The training loop shared by `retro pretrain` and `retro sft`: AdamW, warmup + decay schedule, gradient
+accumulation, evaluation, checkpoints, exact resume, metrics. The same code runs in one process and under
+torchrun (DDP; gloo on CPU, nccl on GPUs).
+
+A phase supplies a `Job`: the model, training and validation samples (anything with `len()` and `get(i)`
+returning the arrays of `retrocli.samples.Samples.get`), the checkpoint folder, and what to record beside
+the weights. Batches. Every optimizer step consumes `global_batch_size` consecutive positions of the seeded
+sample order (`SampleOrder`); rank r's micro-batch a is positions [(a * world + r) * micro, ... + micro), so
+one process with accumulation and N processes with less accumulation see the same samples in each step.
+The loss is the sum of masked token losses over the whole global batch divided by its number of target
+tokens, so the gradient does not depend on how the batch is split either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import checkpoint
+from .errors import UserError
+from .runtime import console, dist, fault_point, log, warn
+from .samples import SampleOrder, collate
+
+
+@dataclass
+class TrainSettings:
+    """The knobs of the loop; `from_section` reads them from [pretrain] (or [sft], which has the same keys)."""
+
+    micro_batch_size: int = 8
+    global_batch_size: int = 32
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    train_steps: int = 1000
+    eval_interval: int = 100
+    eval_steps: int = 10
+    save_interval: int = 500
+    keep_last: int = 3
+    precision: str = "fp32"
+    compile: bool = False
+    resume: str = "auto"
+    seed: int = 1234
+
+    @classmethod
+    def from_section(cls, section: Any, seed: int) -> "TrainSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
+        return cls(**values, seed=seed)
+
+
+@dataclass
+class Job:
+    """What a phase hands to the loop."""
+
+    phase: str  # "pretrain" or "sft": names the fault points (`pretrain:step`, `pretrain:checkpoint`)
+    run_dir: Path  # checkpoints (step-NNNNNN/) and metrics.jsonl
+    model: torch.nn.Module
+    train: Any
+    valid: Any | None
+    meta: dict[str, Any]  # recorded in each checkpoint's meta.json (model config, tokenizer reference, ...)
+    config_toml: str  # the resolved workspace configuration, saved beside the weights
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to lr, then decay to min_lr."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    if s.decay == "constant":
+        return s.lr
+    span = max(s.train_steps - s.warmup_steps, 1)
+    progress = min((step - s.warmup_steps) / span, 1.0)
+    if s.decay == "linear":
+        return s.lr + (s.min_lr - s.lr) * progress
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or the embedding table)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), fused=False, foreach=False)
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist().local_rank)
+    return torch.device("cpu")
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval: bool = True) -> torch.Tensor:
+    """Sum of the masked next-token losses (nats, fp32) of a batch."""
+    logits = model(batch["tokens"], batch.get("neighbours"), retrieval=retrieval)  # (b, n, v)
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none")
+    return (losses * batch["loss_mask"].flatten().to(losses.dtype)).sum()
+
+
+def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum numbers over ranks (float64)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist().world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Any, indices: Sequence[int], micro_batch_size: int,
+             device: torch.device, precision: str = "fp32", retrieval: bool = True) -> tuple[float, float]:
+    """(total NLL in nats, target tokens) of the given samples on this rank (sum over ranks yourself)."""
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0.0
+    for s in range(0, len(indices), micro_batch_size):
+        batch = to_device(collate([data.get(int(i)) for i in indices[s : s + micro_batch_size]]), device)
+        with autocast(device, precision):
+            nll += float(batch_nll(model, batch, retrieval))
+        tokens += float(batch["loss_mask"].sum())
+    model.train(was_training)
+    return nll, tokens
+
+
+def eval_indices(num_samples: int, global_batch_size: int, steps: int) -> list[int]:
+    """This rank's share of the first `steps` global batches of the validation samples (in order, not
+    shuffled), so an evaluation sees the same samples whatever the number of processes."""
+    D = dist()
+    return list(range(D.rank, min(num_samples, steps * global_batch_size), D.world))
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def find_resume(run_dir: Path, s: TrainSettings) -> Path | None:
+    """The checkpoint to continue from: the latest complete one when resume = 'auto'."""
+    if s.resume == "never":
+        if checkpoint.complete_steps(run_dir):
+            raise UserError(f"pretrain.resume = 'never' but {run_dir} already has checkpoints: remove them, "
+                            f"use another workspace, or set resume = 'auto' to continue")
+        return None
+    return checkpoint.latest(run_dir)
+
+
+def _check_same_model(meta: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    theirs, ours = meta.get("model", {}), current.get("model", {})
+    diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+             if theirs.get(k) != ours.get(k)]
+    if meta.get("chunk_length") != current.get("chunk_length"):
+        diffs.append(f"db.chunk_length: checkpoint {meta.get('chunk_length')}, config {current.get('chunk_length')}")
+    if diffs:
+        raise UserError(f"cannot resume from {path}: the model differs (" + "; ".join(diffs) + "). Restore the "
+                        "settings, or start a new run in another workspace.dir")
+
+
+def _rewrite_metrics(path: Path, upto_step: int) -> None:
+    """Drop metric lines after the resumed step, so the file holds one clean curve."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= upto_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    from .workspace import write_text_atomic
+
+    write_text_atomic(path, "".join(x + "\n" for x in keep))
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+class _Bar:
+    """A rich progress bar with loss, lr and tokens/s; silent unless rank 0 on a terminal or RETRO_PROGRESS=1."""
+
+    def __init__(self, phase: str, total: int, done: int):
+        show = dist().main and (sys.stderr.isatty() or os.environ.get("RETRO_PROGRESS") == "1")
+        self.p = Progress(TextColumn(f"[bold]{phase}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[rate]} tok/s"
+                                     " {task.fields[eval]}"),
+                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                          disable=not show)
+        self.task = self.p.add_task(phase, total=total, completed=done, loss="-", lr="-", rate="-", eval="")
+
+    def __enter__(self):
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.p.__exit__(*exc)
+
+    def update(self, **fields) -> None:
+        self.p.update(self.task, advance=1 if "loss" in fields else 0, **fields)
+
+
+def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[str, Any]:
+    """Run the loop from step 0 (or from `resume_from`) up to s.train_steps; returns a summary."""
+    D = dist()
+    device = device_for_rank()
+    per_step = s.micro_batch_size * D.world
+    if s.global_batch_size % per_step:
+        raise UserError(f"{job.phase}.global_batch_size ({s.global_batch_size}) must be a multiple of "
+                        f"{job.phase}.micro_batch_size ({s.micro_batch_size}) x processes ({D.world})")
+    accum = s.global_batch_size // per_step
+    if len(job.train) == 0:
+        raise UserError("no training sample fits: the training documents give fewer tokens than one sequence "
+                        "of model.seq_length + 1; lower model.seq_length or add documents")
+    model = job.model.to(device)
+    optimizer = make_optimizer(model, s)
+    step, consumed, tokens_seen = 0, 0, 0
+    metrics_path = job.run_dir / "metrics.jsonl"
+    if resume_from is not None:
+        meta = checkpoint.read_meta(resume_from)
+        _check_same_model(meta, job.meta, resume_from)
+        checkpoint.check_tokenizer(meta, job.meta["tokenizer"], resume_from)
+        model.load_state_dict(checkpoint.load_weights(resume_from))
+        state = checkpoint.load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        step, consumed, tokens_seen = state["step"], state["data"]["consumed"], state["data"]["tokens"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["data"]["num_samples"] != len(job.train):
+            warn(f"the checkpoint saw {state['data']['num_samples']} training samples, now there are "
+                 f"{len(job.train)}: the sample order after the resume differs from the original run")
+        log(f"resuming {job.phase} from {resume_from} (step {step}, {consumed:,} samples consumed)")
+    if D.main:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            metrics_path.unlink(missing_ok=True)
+        else:
+            _rewrite_metrics(metrics_path, step)
+    D.barrier()
+
+    net: torch.nn.Module = model
+    if s.compile:
+        net = torch.compile(net)
+    if D.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    order = SampleOrder(len(job.train), s.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    summary: dict[str, Any] = {"step": step, "loss": None, "eval_loss": None, "checkpoint": None}
+    valid_idx = eval_indices(len(job.valid), s.global_batch_size, s.eval_steps) if job.valid is not None else []
+    has_valid = job.valid is not None and len(job.valid) > 0  # the same on every rank
+    if not has_valid:
+        warn("no validation samples (corpus.valid_fraction = 0, or too few held-out tokens): no evaluation")
+    started = time.time()
+    log(f"{job.phase}: {sum(p.numel() for p in params):,} parameters, {len(job.train):,} training samples, "
+        f"global batch {s.global_batch_size} = {s.micro_batch_size} x {D.world} process(es) x {accum} accumulation, "
+        f"steps {step} -> {s.train_steps}")
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        if D.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def load_step(consumed: int) -> list[dict[str, np.ndarray]]:
+        """This rank's micro-batches of the step that starts at sample position `consumed`."""
+        out = []
+        for a in range(accum):
+            first = consumed + (a * D.world + D.rank) * s.micro_batch_size
+            out.append(collate([job.train.get(order[p]) for p in range(first, first + s.micro_batch_size)]))
+        return out
+
+    net.train()
+    # one background thread assembles the next step's batches (numpy, memory-mapped reads) during this step
+    with _Bar(job.phase, s.train_steps, step) as bar, ThreadPoolExecutor(1) as pool:
+        upcoming = pool.submit(load_step, consumed)
+        while step < s.train_steps:
+            t0 = time.time()
+            lr = lr_at(step, s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [to_device(b, device) for b in upcoming.result()]
+            if step + 1 < s.train_steps:
+                upcoming = pool.submit(load_step, consumed + s.global_batch_size)
+            tokens_per_step = sum(b["tokens"].numel() for b in batches) * D.world
+            (global_tokens,) = all_sum([sum(float(b["loss_mask"].sum()) for b in batches)], device)
+            global_tokens = max(global_tokens, 1.0)
+            local_nll = 0.0
+            for a, batch in enumerate(batches):
+                sync = a == accum - 1 or D.world == 1
+                with nullcontext() if sync else net.no_sync():  # DDP: all-reduce on the last micro-batch only
+                    with autocast(device, s.precision):
+                        nll = batch_nll(net, batch)
+                    # DDP averages gradients over ranks: scale by world so the result is sum / global tokens
+                    (nll * D.world / global_tokens).backward()
+                local_nll += float(nll.detach())
+            (total_nll,) = all_sum([local_nll], device)
+            loss = total_nll / global_tokens
+            if s.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            consumed += s.global_batch_size
+            seconds = time.time() - t0
+            rate = tokens_per_step / max(seconds, 1e-9)
+            tokens_seen += tokens_per_step
+            write_metrics({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens": tokens_seen, "tokens_per_s": rate,
+                           "elapsed": round(time.time() - started, 3)})
+            bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=f"{rate:,.0f}")
+            summary.update(step=step, loss=loss)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"{job.phase}: the loss is {loss} at step {step} (lower pretrain.lr?)")
+            fault_point(f"{job.phase}:step")
+
+            if has_valid and (step % s.eval_interval == 0 or step == s.train_steps):
+                nll_sum, n_tok = all_sum(evaluate(model, job.valid, valid_idx,
+                                                  s.micro_batch_size, device, s.precision), device)
+                eval_loss = nll_sum / max(n_tok, 1.0)
+                write_metrics({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50)),
+                               "eval_tokens": int(n_tok)})
+                bar.update(eval=f"eval {eval_loss:.4f}")
+                log(f"step {step}/{s.train_steps}: loss {loss:.4f}, eval loss {eval_loss:.4f} "
+                    f"(ppl {math.exp(min(eval_loss, 50)):.2f}), lr {lr:.2e}, {rate:,.0f} tokens/s")
+                summary["eval_loss"] = eval_loss
+            if step % s.save_interval == 0 or step == s.train_steps:
+                summary["checkpoint"] = str(save(job, s, model, optimizer, step, consumed, tokens_seen))
+    summary["seconds"] = round(time.time() - started, 2)
+    return summary
+
+
+def save(job: Job, s: TrainSettings, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+         consumed: int, tokens: int) -> Path:
+    """Rank 0 writes the checkpoint (atomically) and prunes old ones; every rank waits for it."""
+    D = dist()
+    path = checkpoint.step_dir(job.run_dir, step)
+    if D.main:
+        state = {"optimizer": optimizer.state_dict(), "step": step,
+                 "data": {"consumed": consumed, "tokens": tokens, "num_samples": len(job.train), "seed": s.seed},
+                 "rng": {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                 **job.extra}
+        meta = {**job.meta, "phase": job.phase, "consumed": consumed, "train_settings": dataclasses.asdict(s)}
+        checkpoint.save(job.run_dir, step, model, state, meta, job.config_toml, f"{job.phase}:checkpoint")
+        checkpoint.prune(job.run_dir, s.keep_last)
+    D.barrier()
+    return path

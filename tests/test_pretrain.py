@@ -1,0 +1,238 @@
+"""`retro pretrain` on a microscopic workspace: sample construction (layout, neighbour exclusion of in-sample
+documents, continuation stopping at the document end, padding masked), the loss falling, exact resume after a
+kill (in a step and in the middle of writing a checkpoint), retro-fitting from a GPT checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrocli import checkpoint, db
+from retrocli.chunks import ChunkStore
+from retrocli.cli import main
+from retrocli.config import load_config
+from retrocli.errors import UserError
+from retrocli.pretrain import build, open_samples, run, run_dir
+from retrocli.tokenizer import EOS_ID, PAD_ID
+
+from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
+
+MODEL = {"layers": 2, "hidden": 32, "heads": 2, "seq_length": 32, "retro_layers": [2], "encoder_layers": 1}
+PRETRAIN = {"micro_batch_size": 2, "global_batch_size": 4, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1,
+            "train_steps": 6, "eval_interval": 3, "eval_steps": 1, "save_interval": 2, "keep_last": 2}
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only contend on a shared 2-core machine
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_workspace(root: Path, build_db: bool = True, **overrides: dict) -> Path:
+    write_jsonl(root / "corpus" / "docs.jsonl", synthetic_documents(24, 120))
+    sections = small_sections(model=dict(MODEL), pretrain=dict(PRETRAIN))
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    toml = write_toml(root / "retro.toml", sections)
+    if build_db:
+        db.build(load_config(toml))
+    return toml
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("pretrain"))
+
+
+def metrics(run: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+def test_samples_layout_and_masking(workspace: Path) -> None:
+    cfg = load_config(workspace)
+    ws = db.workspace_of(cfg)
+    store = ChunkStore.open(ws, 16)
+    samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
+    n, m, k, r = 32, 16, 2, 32
+    # the stream, rebuilt by hand: each training document + EOS, padded to a multiple of m
+    stream, real = [], []
+    for d in np.flatnonzero(~store.docs["valid"]):
+        row = store.docs[d]
+        toks = list(store.tokens[row["token_start"] : row["token_start"] + row["num_tokens"]]) + [EOS_ID]
+        pad = -len(toks) % m
+        stream += toks + [PAD_ID] * pad
+        real += [1] * len(toks) + [0] * pad
+    assert len(samples) == (len(stream) - 1) // n
+    for i in range(len(samples)):
+        s = samples.get(i)
+        assert s["tokens"].shape == (n,) and s["targets"].shape == (n,) and s["neighbours"].shape == (n // m, k, r)
+        assert s["tokens"].tolist() == stream[i * n : i * n + n]
+        assert s["targets"].tolist() == stream[i * n + 1 : i * n + n + 1]
+        assert s["loss_mask"].tolist() == real[i * n + 1 : i * n + n + 1]  # padding targets are masked
+    assert 0 in real  # there is padding to mask
+
+
+def test_neighbours_exclude_sample_documents_and_stop_at_document_end(workspace: Path) -> None:
+    cfg = load_config(workspace)
+    ws = db.workspace_of(cfg)
+    store = ChunkStore.open(ws, 16)
+    samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
+    chunk_docs = store.chunks["doc"]
+    # a neighbour table that offers each chunk's own neighbours behind the first chunks of the documents
+    # just before and after it, which share samples with it: those must be skipped
+    real_table = samples.table[np.arange(store.num_chunks)]
+    first_chunk = store.docs["chunk_start"]
+    offered = np.concatenate([first_chunk[np.clip(chunk_docs + 1, 0, len(first_chunk) - 1)][:, None],
+                              first_chunk[np.clip(chunk_docs - 1, 0, len(first_chunk) - 1)][:, None], real_table], 1)
+    samples.table = offered
+    excluded_somewhere, stopped_at_end = 0, 0
+    for i in range(len(samples)):
+        s = samples.get(i)
+        inside = set(s["docs"].tolist())
+        for j in range(samples.l):
+            c = i * samples.l + j  # stream chunk; map it to its database chunk (if any) through the layout
+            d = int(np.searchsorted(samples.chunk_offsets, c, side="right")) - 1
+            local = c - samples.chunk_offsets[d]
+            if local >= samples.docs.num_keys[d]:
+                assert (s["neighbour_ids"][j] == -1).all() and (s["neighbours"][j] == PAD_ID).all()
+                continue
+            row = offered[samples.docs.key_start[d] + local]
+            expect = [int(x) for x in row if x >= 0 and int(chunk_docs[x]) not in inside][: samples.k]
+            excluded_somewhere += sum(1 for x in row[:2] if int(chunk_docs[x]) in inside)
+            assert s["neighbour_ids"][j].tolist() == expect + [-1] * (samples.k - len(expect))
+            for slot, cid in enumerate(expect):
+                assert int(chunk_docs[cid]) not in inside
+                toks = store.chunk_ids(cid).tolist()
+                nxt = store.continuation(cid)
+                if nxt is not None:
+                    toks += store.chunk_ids(nxt).tolist()
+                else:
+                    stopped_at_end += 1
+                toks = toks[: samples.r]
+                assert s["neighbours"][j, slot].tolist() == toks + [PAD_ID] * (samples.r - len(toks))
+    assert excluded_somewhere > 0 and stopped_at_end > 0
+
+
+def test_validation_samples_cover_every_token(workspace: Path) -> None:
+    cfg = load_config(workspace)
+    ws = db.workspace_of(cfg)
+    samples = open_samples(cfg, ws, "valid", PAD_ID, EOS_ID, retrieval=True, drop_last=False)
+    assert len(samples) > 0
+    total = sum(float(samples.get(i)["loss_mask"].sum()) for i in range(len(samples)))
+    assert total == int(samples.docs.lengths.sum()) + len(samples.docs.lengths) - 1  # tokens + EOS, minus the first
+    assert set(np.asarray(samples.docs.doc_keys).tolist()).isdisjoint(
+        np.flatnonzero(~ChunkStore.open(ws, 16).docs["valid"]).tolist())
+
+
+def test_seq_length_must_be_a_multiple_of_the_chunk_length(workspace: Path) -> None:
+    with pytest.raises(UserError, match="multiple of db.chunk_length"):
+        build(load_config(workspace, ["model.seq_length=40"]))
+
+
+def test_pretrain_needs_the_database(tmp_path: Path, capsys) -> None:
+    toml = make_workspace(tmp_path, build_db=False)
+    assert main(["pretrain", "-c", str(toml)]) == 2
+    assert "retro db build" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ training, resume, init
+
+
+@pytest.mark.faults
+def test_loss_falls_and_resume_after_kills_reproduces_the_curve(workspace: Path) -> None:
+    run_path = run_dir(db.workspace_of(load_config(workspace)))
+    if run_path.exists():
+        shutil.rmtree(run_path)
+    run(load_config(workspace))  # the uninterrupted reference, in this process (one thread, like the others)
+    reference = metrics(run_path)
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    assert reference[6] < reference[1] - 0.3  # the loss falls
+    assert [p.name for p in checkpoint.complete_steps(run_path)] == ["step-000006", "step-000004"]  # keep_last 2
+    shutil.rmtree(run_path)
+
+    # killed while writing the second checkpoint: only a temporary folder is left for step 4
+    died = run_cli("pretrain", "-c", str(workspace), env={**ONE_THREAD, "RETRO_FAULT": "pretrain:checkpoint:2"})
+    assert died.returncode == 137
+    assert [p.name for p in checkpoint.complete_steps(run_path)] == ["step-000002"]
+    assert list(run_path.glob(".step-000004.tmp-*"))
+    # resumed from step 2, then killed after step 5 (step 4 was saved)
+    died = run_cli("pretrain", "-c", str(workspace), env={**ONE_THREAD, "RETRO_FAULT": "pretrain:step:3"})
+    assert died.returncode == 137 and "resuming pretrain from" in died.stderr
+    assert checkpoint.latest(run_path).name == "step-000004"
+    done = run_cli("pretrain", "-c", str(workspace), env=ONE_THREAD, check=True)
+    assert "step-000004" in done.stderr
+    resumed = metrics(run_path)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    assert not list(run_path.glob(".step-*"))  # temporary folders are cleaned up
+
+
+def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) -> None:
+    toml = make_workspace(tmp_path, pretrain={"train_steps": 2, "save_interval": 2, "eval_interval": 2})
+    gpt_cfg = load_config(toml, ["model.retro_layers=[]"])
+    run(gpt_cfg)
+    ws = db.workspace_of(gpt_cfg)
+    gpt_dir = ws.root / "gpt"
+    run_dir(ws).rename(gpt_dir)
+    gpt_weights = checkpoint.load_weights(gpt_dir / "step-000002")
+    assert not any("cca" in k or k.startswith("encoder.") for k in gpt_weights)
+
+    job, _, resume_from = build(load_config(toml, [f"pretrain.init_from={json.dumps(str(gpt_dir))}"]))
+    assert resume_from is None
+    retro_state = job.model.state_dict()
+    for name, value in gpt_weights.items():
+        assert torch.equal(retro_state[name], value), name  # the decoder comes from the GPT
+    fresh = build(load_config(toml))[0].model.state_dict()  # same seed, no init_from
+    cca = [k for k in retro_state if "cca" in k or k.startswith("encoder.")]
+    assert cca
+    for name in cca:
+        assert torch.equal(retro_state[name], fresh[name]), name  # CCA and encoder start fresh
+    summary = run(load_config(toml, [f"pretrain.init_from={json.dumps(str(gpt_dir))}"]))
+    assert summary["step"] == 2  # a new run from step 0: the GPT's optimizer state is not used
+    with pytest.raises(UserError, match="cannot resume .*model.layers: checkpoint 2, config 3"):
+        run(load_config(toml, ["model.layers=3"]))  # resuming into another model shape
+
+    shutil.rmtree(run_dir(ws))
+    with pytest.raises(UserError, match="decoder shapes differ"):
+        build(load_config(toml, [f"pretrain.init_from={json.dumps(str(gpt_dir))}", "model.hidden=64"]))
+
+
+def test_tokenizer_mismatch_names_both_values() -> None:
+    meta = {"tokenizer": {"vocab_size": 300, "fingerprint": "aaa", "path": "/a/tokenizer.model"}}
+    with pytest.raises(UserError, match="vocabulary 300.*vocabulary 8000"):
+        checkpoint.check_tokenizer(meta, {"vocab_size": 8000, "fingerprint": "bbb", "path": "/b/t.model"}, Path("c"))
+    with pytest.raises(UserError, match="fingerprint aaa.*fingerprint bbb"):
+        checkpoint.check_tokenizer(meta, {"vocab_size": 300, "fingerprint": "bbb", "path": "/b/t.model"}, Path("c"))
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_reproduces_the_one_process_loss(tmp_path: Path) -> None:
+    """micro 2 x 2 processes x 1 accumulation against micro 2 x 1 process x 2 accumulation: the same global
+    batches, so the same loss curve (DDP over gloo on CPU)."""
+    toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 3, "eval_interval": 3})
+    cfg = load_config(toml)
+    run(cfg)
+    run_path = run_dir(db.workspace_of(cfg))
+    one = metrics(run_path)
+    shutil.rmtree(run_path)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "retrocli", "pretrain", "-c", str(toml)],
+                          capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = metrics(run_path)
+    assert sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step

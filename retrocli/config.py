@@ -9,6 +9,7 @@ section (plus resolved values such as paths), never the whole `Config`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -122,6 +123,8 @@ class PretrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     init_from: str = opt("", "start from this checkpoint folder (GPT or Retro; a GPT's CCA and encoder weights "
                              "start fresh, no optimizer state: retro-fitting); empty: random init")
+    run: str = opt("pretrain", "name of this training run: checkpoints in WORKSPACE/checkpoints/RUN/ (e.g. 'gpt' "
+                               "for a baseline with model.retro_layers = [] beside the Retro run)")
     resume: str = opt("auto", "'auto': continue from the latest complete checkpoint of the run if there is one; "
                               "'never': start fresh (an error if the run already has checkpoints)")
 
@@ -356,6 +359,8 @@ def _validate_pretrain(t: PretrainConfig, p: list[str]) -> None:
         p.append(f"pretrain.grad_clip must be >= 0, got {t.grad_clip}")
     if t.precision not in ("fp32", "bf16"):
         p.append(f"pretrain.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.run):
+        p.append(f"pretrain.run must be a plain folder name (letters, digits, '_', '.', '-'), got {t.run!r}")
     if t.resume not in ("auto", "never"):
         p.append(f"pretrain.resume must be 'auto' or 'never', got {t.resume!r}")
 

@@ -34,9 +34,9 @@ from .train import all_sum, device_for_rank, evaluate
 from .workspace import Workspace, write_json_atomic
 
 
-def resolve_checkpoint(ws: Workspace, given: Path | None) -> Path:
+def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain") -> Path:
     """A step folder: the given one (or the latest complete one inside a given run folder), else the latest
-    complete pretraining checkpoint of the workspace."""
+    complete checkpoint of the workspace's run `run` (pretrain.run)."""
     if given is not None:
         if given.is_dir() and not (given / checkpoint.META).exists() and checkpoint.complete_steps(given):
             found = checkpoint.latest(given)
@@ -44,9 +44,10 @@ def resolve_checkpoint(ws: Workspace, given: Path | None) -> Path:
                 raise UserError(f"--checkpoint {given}: no complete checkpoint in this folder")
             return found
         return given
-    found = checkpoint.latest(run_dir(ws))
+    found = checkpoint.latest(run_dir(ws, run))
     if found is None:
-        raise UserError(f"no complete checkpoint in {run_dir(ws)}: run `retro pretrain` first, or pass --checkpoint")
+        raise UserError(f"no complete checkpoint in {run_dir(ws, run)}: run `retro pretrain` first, or pass "
+                        "--checkpoint")
     return found
 
 
@@ -100,7 +101,7 @@ def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True
         if (ws.read_meta(stage) or {}).get("complete") is not True:
             raise UserError(f"`retro ppl` needs the retrieval database, but its '{stage}' stage is not complete in "
                             f"{ws.db}: run `retro db build` and `retro pretrain` first")
-    path = resolve_checkpoint(ws, checkpoint_path)
+    path = resolve_checkpoint(ws, checkpoint_path, cfg.pretrain.run)
     model, meta = load_model(ws, path)
     m = meta["chunk_length"]
     if m != cfg.db.chunk_length or ws.require("chunks")["settings"]["chunk_length"] != m:

@@ -127,7 +127,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     if cfg.pretrain.train_tokens > 0:
         per_step = cfg.pretrain.global_batch_size * model_cfg.seq_length
         settings.train_steps = -(-cfg.pretrain.train_tokens // per_step)
-    out = run_dir(ws)
+    out = run_dir(ws, cfg.pretrain.run)
     resume_from = find_resume(out, settings)
     if resume_from is None and cfg.pretrain.init_from:
         load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)

@@ -35,6 +35,8 @@ def test_int_accepted_for_float(tmp_path: Path):
     ({"db": {"num_neighbors": 5, "num_neighbors_query": 3}}, "db.num_neighbors_query (3) must be >="),
     ({"model": {"hidden": 100, "heads": 3}}, "model.hidden (100) must be divisible by model.heads (3)"),
     ({"tokenizer": {"type": "hf"}}, "needs tokenizer.path"),
+    ({"pretrain": {"run": "../elsewhere"}}, "pretrain.run must be a plain folder name"),
+    ({"pretrain": {"global_batch_size": 10, "micro_batch_size": 4}}, "must be a multiple of"),
 ])
 def test_bad_values_name_the_key_and_file(tmp_path: Path, sections, needle):
     toml = write_toml(tmp_path / "w.toml", sections)

@@ -74,11 +74,16 @@ def warn(message: str) -> None:
         console.print(f"[yellow]warning:[/yellow] {message}")
 
 
+def show_progress() -> bool:
+    """Progress bars are drawn by rank 0 unless RETRO_PROGRESS=0."""
+    return dist().main and os.environ.get("RETRO_PROGRESS") != "0"
+
+
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "items") -> Iterator["Bar"]:
     """A progress bar with rate and ETA, drawn by rank 0 (RETRO_PROGRESS=0 hides it). Where stderr is not
     a terminal (a log file), rich prints the finished bar once, as a summary line."""
-    show = dist().main and os.environ.get("RETRO_PROGRESS") != "0"
+    show = show_progress()
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, disable=not show, transient=False) as p:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -32,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import checkpoint
 from .errors import UserError
-from .runtime import console, dist, fault_point, log, warn
+from .runtime import console, dist, fault_point, log, show_progress, warn
 from .samples import SampleOrder, collate
 
 
@@ -211,10 +209,10 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
 
 
 class _Bar:
-    """A rich progress bar with loss, lr and tokens/s; silent unless rank 0 on a terminal or RETRO_PROGRESS=1."""
+    """A rich progress bar with loss, lr and tokens/s (drawn as `runtime.progress` bars are)."""
 
     def __init__(self, phase: str, total: int, done: int):
-        show = dist().main and (sys.stderr.isatty() or os.environ.get("RETRO_PROGRESS") == "1")
+        show = show_progress()
         self.p = Progress(TextColumn(f"[bold]{phase}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[rate]} tok/s"
                                      " {task.fields[eval]}"),

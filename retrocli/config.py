@@ -72,9 +72,17 @@ class DBConfig:
     nprobe: int = opt(64, "IVF lists visited per query")
     ef_search: int = opt(64, "HNSW search depth (efSearch)")
     index_train_samples: int = opt(200_000, "embeddings drawn at random (not a prefix) to train the index")
+    min_chunk_tokens: int = opt(0, "chunks shorter than this (a document's short tail) stay out of the index: a "
+                                   "fragment of a few words matches too many queries and carries nothing; "
+                                   "0: chunk_length / 4")
     num_neighbors: int = opt(2, "neighbours per chunk used by the model (k)")
     num_neighbors_query: int = opt(20, "neighbours stored per chunk, before sample-level exclusion")
     block_size: int = opt(10_000, "chunks per embedding / neighbour block (the unit of resume)")
+
+
+def min_chunk_tokens(d: DBConfig) -> int:
+    """db.min_chunk_tokens with 0 resolved."""
+    return d.min_chunk_tokens or max(1, d.chunk_length // 4)
 
 
 @dataclass
@@ -306,6 +314,8 @@ def validate(cfg: Config) -> None:
     for key in ("embed_batch_size", "nprobe", "ef_search", "index_train_samples", "num_neighbors", "block_size"):
         if getattr(d, key) < 1:
             p.append(f"db.{key} must be positive, got {getattr(d, key)}")
+    if d.chunk_length >= 1 and not 0 <= d.min_chunk_tokens <= d.chunk_length:
+        p.append(f"db.min_chunk_tokens must be in 0..db.chunk_length ({d.chunk_length}), got {d.min_chunk_tokens}")
     if d.num_neighbors_query < d.num_neighbors:
         p.append(f"db.num_neighbors_query ({d.num_neighbors_query}) must be >= db.num_neighbors ({d.num_neighbors})")
     if d.embed_precision not in ("auto", "bf16", "fp32"):

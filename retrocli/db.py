@@ -20,7 +20,7 @@ import numpy as np
 
 from . import index as faiss_index
 from .chunks import ChunkStore, build_chunks
-from .config import Config, DBConfig
+from .config import Config, DBConfig, min_chunk_tokens
 from .corpus import CorpusStats, corpus_files, fingerprint, iter_documents
 from .embed import LEXICAL, Embedder, embed_blocks, lexical_idf, make_embedder
 from .errors import UserError
@@ -186,14 +186,17 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
 def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> dict:
     d = cfg.db
     settings = {"index": d.index, "index_train_samples": d.index_train_samples, "seed": cfg.workspace.seed,
-                "embeddings": embed_meta["fingerprint"]}
+                "min_chunk_tokens": min_chunk_tokens(d), "embeddings": embed_meta["fingerprint"]}
     done = ws.begin("index", settings, rebuild)
     if done:
         return done
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length)
     emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
-    train_rows = np.flatnonzero(store.train_mask())
+    train_rows = np.flatnonzero(store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(d)))
+    if len(train_rows) == 0:
+        raise UserError(f"no training chunk has db.min_chunk_tokens ({min_chunk_tokens(d)}) tokens or more: the "
+                        "database would be empty; lower db.min_chunk_tokens or add longer documents")
     rng = np.random.default_rng(cfg.workspace.seed)
     n_sample = min(d.index_train_samples, len(train_rows))
     sample_rows = np.sort(rng.choice(train_rows, size=n_sample, replace=False))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from retrocli.chunks import ChunkStore
-from retrocli.config import load_config
+from retrocli.config import load_config, min_chunk_tokens
 from retrocli.db import workspace_of
 from retrocli.workspace import DB_STAGES
 
@@ -43,6 +43,9 @@ def test_build_query_info(small_workspace):
     assert (neighbours >= 0).all()
     assert (chunk_docs[neighbours] != chunk_docs[:, None]).all()
     assert train[neighbours].all()
+    shortest = min_chunk_tokens(cfg.db)  # 16 // 4
+    assert (store.chunks["length"][neighbours] >= shortest).all(), "a short tail was indexed"
+    assert (store.chunks["length"] < shortest).any(), "the corpus has no short tail to test"
     assert (~train).any(), "the split held out no document"
 
     # a chunk's own text finds itself first
@@ -157,7 +160,9 @@ def test_empty_corpus_and_short_documents(small_workspace, tmp_path):
     (tmp_path / "corpus" / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     proc = run_cli("db", "build", "-c", str(toml), "--set", "tokenizer.vocab_size=100")
     assert proc.returncode == 2 and "Raise tokenizer.vocab_size" in proc.stderr
-    proc = run_cli("db", "build", "-c", str(toml))
+    proc = run_cli("db", "build", "-c", str(toml), "--set", "db.min_chunk_tokens=12")
+    assert proc.returncode == 2 and "db.min_chunk_tokens" in proc.stderr  # nothing long enough to index
+    proc = run_cli("db", "build", "-c", str(toml), "--set", "db.min_chunk_tokens=1")
     assert proc.returncode == 0, proc.stderr
     store = ChunkStore.open(workspace_of(load_config(toml)), 16)
     assert store.num_chunks == 30 and (store.chunks["length"] < 16).all()

@@ -280,23 +280,32 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------- query
 
 
-def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
-    """The k nearest database chunks of each text, with continuation and source."""
-    ws = workspace_of(cfg)
+def search_texts(cfg: Config, ws: Workspace, texts: list[str], chunk_docs: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embed free texts with the workspace's embedder and search its index: (ids, distances), each (n, k).
+
+    The texts belong to no database document, so nothing is excluded. Embedded 1,024 at a time."""
     d = cfg.db
     embed_meta = ws.require("embed")
     ws.require("index")
     if embed_meta["settings"]["embedder"] != d.embedder:
         raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} but "
                         f"db.embedder is now {d.embedder!r}: queries must use the same embedder")
-    store = ChunkStore.open(ws, d.chunk_length)
-    tok = open_tokenizer(ws)
     embedder: Embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision,
                                        ws.lexical_idf())
-    index = open_index(ws, d)
-    vectors = embedder.forward(embedder.prepare(texts))
+    vectors = np.concatenate([embedder.forward(embedder.prepare(texts[s : s + 1024]))
+                              for s in range(0, len(texts), 1024)])
     none = np.full(len(texts), -1, dtype=np.int64)
-    ids, distances = search_excluding(index, vectors, none, np.ascontiguousarray(store.chunks["doc"]), k)
+    return search_excluding(open_index(ws, d), vectors, none, np.ascontiguousarray(chunk_docs), k)
+
+
+def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
+    """The k nearest database chunks of each text, with continuation and source."""
+    ws = workspace_of(cfg)
+    ws.require("index")  # before reading the chunk store: "run `retro db build` first", not a missing file
+    store = ChunkStore.open(ws, cfg.db.chunk_length)
+    tok = open_tokenizer(ws)
+    ids, distances = search_texts(cfg, ws, texts, store.chunks["doc"], k)
     docs = store.doc_info(store.chunks["doc"][ids[ids >= 0]])
     results = []
     for qi in range(len(texts)):

@@ -16,17 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import checkpoint
 from .chunks import ChunkStore, chunk_spans
 from .config import Config, CorpusConfig
 from .corpus import CorpusStats, iter_documents
-from .db import open_index, open_tokenizer, workspace_of
-from .embed import make_embedder
+from .db import open_tokenizer, search_texts, workspace_of
 from .errors import UserError
 from .model import RetroModel
-from .neighbours import search_excluding
 from .pretrain import open_samples, run_dir
 from .runtime import dist, log
 from .samples import Samples, StreamDocs
@@ -76,19 +72,8 @@ def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int
     store = ChunkStore.open(ws, m)
     table = None
     if retrieval:
-        embed_meta = ws.require("embed")
-        ws.require("index")
-        if embed_meta["settings"]["embedder"] != cfg.db.embedder:
-            raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} but "
-                            f"db.embedder is now {cfg.db.embedder!r}: queries must use the same embedder")
         chunk_texts = [tok.decode(ids[s : s + n]) for ids in docs for s, n in chunk_spans(len(ids), m)]
-        embedder = make_embedder(cfg.db.embedder, cfg.base_dir, cfg.db.embed_batch_size, cfg.db.embed_precision,
-                                 ws.lexical_idf())
-        vectors = np.concatenate([embedder.forward(embedder.prepare(chunk_texts[s : s + 1024]))
-                                  for s in range(0, len(chunk_texts), 1024)])
-        none = np.full(len(chunk_texts), -1, dtype=np.int64)
-        table, _ = search_excluding(open_index(ws, cfg.db), vectors, none, np.ascontiguousarray(store.chunks["doc"]),
-                                    model_cfg.num_neighbors)
+        table, _ = search_texts(cfg, ws, chunk_texts, store.chunks["doc"], model_cfg.num_neighbors)
     samples = Samples(StreamDocs.from_token_lists(docs, m), store, table, model_cfg.seq_length, m,
                       model_cfg.num_neighbors, model_cfg.retrieved_length or 2 * m, pad_id, eos_id, drop_last=False)
     return samples, nbytes

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.toml
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test test-fast demo lint bench bench-db clean
+.PHONY: install test test-fast demo lint bench bench-db bench-train clean
 
 install: $(VENV)/.installed
 
@@ -31,10 +31,21 @@ demo: install
 lint: install
 	$(BIN)/ruff check retrocli tests benchmarks
 
-bench: bench-db
+bench: bench-db bench-train
 
 bench-db: install
 	$(BIN)/python benchmarks/bench_db.py --data-dir $(DATA_DIR)
+
+# The peer, lucidrains' retro-pytorch, in its own venv (torch first, pinned; pyarrow<26 or it fails to import).
+PEER ?= .venv-peer
+$(PEER)/.installed:
+	$(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install -q torch==2.13.0
+	$(PEER)/bin/pip install -q retro-pytorch 'pyarrow<26'
+	touch $@
+
+bench-train: install $(PEER)/.installed
+	$(BIN)/python benchmarks/bench_train.py --peer-python $(PEER)/bin/python
 
 clean:
 	rm -rf runs

@@ -53,8 +53,8 @@ def tokenizer_ref(ws) -> dict[str, Any]:
             "vocab_size": meta["counts"]["vocab_size"], "type": meta["settings"]["type"]}
 
 
-def save(run: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], meta: dict[str, Any],
-         config_toml: str, fault: str = "pretrain:checkpoint") -> Path:
+def save(run: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
+         meta: dict[str, Any], config_toml: str, fault: str = "pretrain:checkpoint") -> Path:
     """Write step-NNNNNN/ atomically; returns its path. `meta` gets step, files and format added."""
     from safetensors.torch import save_file
 
@@ -64,7 +64,7 @@ def save(run: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS))
         torch.save(trainer_state, tmp / TRAINER)
         fault_point(fault)  # tests die here: what is left is a temporary folder, never a step folder

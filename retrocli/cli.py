@@ -13,6 +13,8 @@ from .config import load_config
 from .errors import UserError
 from .runtime import console
 
+_ARGV: list[str] = []  # the command line main() was given, for relaunching it under torchrun
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
                   help="retro: retrieval-enhanced language models (RETRO / InstructRetro) from a corpus to a "
@@ -53,16 +55,19 @@ def db_build(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     """Corpus -> tokenizer -> 64-token chunks -> embeddings -> Faiss index -> neighbours of every chunk.
 
     Each stage is skipped when it is complete with the same settings and resumes block by block after a
-    crash. Run it under `torchrun --nproc_per_node N -m retrocli db build ...` to share the embed and
-    neighbour stages across processes.
+    crash. With `[launch] nproc_per_node` > 1, or under `torchrun --nproc_per_node N -m retrocli db build ...`,
+    the processes share the embed and neighbour stages.
 
     Embedders (db.embedder): "all-MiniLM-L6-v2" (default, packaged, offline; ~30 chunks/s on 2 CPU cores),
-    a local Hugging Face encoder folder, or "lexical": model-free hashing of words, thousands of chunks/s,
-    for smoke tests and large corpora on a CPU, but it matches words only, so its recall on paraphrases is
-    lower."""
+    a local Hugging Face encoder folder, or "lexical": model-free, IDF-weighted hashing of the tokenizer's
+    pieces, thousands of chunks/s, for smoke tests and large corpora on a CPU; it matches pieces, not
+    meaning, so its recall on paraphrases is lower."""
     from . import db
+    from .runtime import relaunch_under_torchrun
 
-    metas = db.build(_config(config, set_), rebuild)
+    cfg = _config(config, set_)
+    relaunch_under_torchrun(cfg.launch, _ARGV)  # [launch] nproc_per_node > 1: ranks share embed + neighbours
+    metas = db.build(cfg, rebuild)
     from .runtime import dist
 
     if dist().main:
@@ -149,11 +154,14 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     """Train the Retro model on the database's training documents and their neighbours ([pretrain] keys).
 
     Checkpoints go to WORKSPACE/checkpoints/pretrain/step-NNNNNN/; rerun the same command to continue from
-    the latest complete one. Run it under `torchrun --nproc_per_node N -m retrocli pretrain ...` for DDP."""
+    the latest complete one. With `[launch] nproc_per_node` > 1 (or `nnodes` > 1) it starts itself through
+    torchrun (DDP, or FSDP with `launch.fsdp`); running it under torchrun yourself works the same."""
     from . import pretrain as pretrain_mod
-    from .runtime import dist
+    from .runtime import dist, relaunch_under_torchrun
 
-    summary = pretrain_mod.run(_config(config, set_))
+    cfg = _config(config, set_)
+    relaunch_under_torchrun(cfg.launch, _ARGV)
+    summary = pretrain_mod.run(cfg)
     if dist().main:
         eval_part = f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
         loss_part = f", loss {summary['loss']:.4f}" if summary.get("loss") is not None else ""
@@ -211,6 +219,8 @@ for _verb, _issue in [("sft", "instruction tuning"), ("generate", "generation"),
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI: user errors print one message and exit 2; bugs keep their traceback (exit 1)."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:

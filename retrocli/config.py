@@ -154,7 +154,14 @@ class ScoreConfig:
 
 @dataclass
 class LaunchConfig:
-    pass
+    nproc_per_node: int = opt(1, "processes per machine; > 1 (or nnodes > 1): `retro pretrain` starts itself "
+                                 "through torchrun (one per GPU; gloo on CPU)")
+    nnodes: int = opt(1, "machines in the job (run the same command on each, with its own node_rank)")
+    node_rank: int = opt(0, "this machine's rank, 0..nnodes-1")
+    master_addr: str = opt("127.0.0.1", "address of the node_rank 0 machine, reachable from every node")
+    master_port: int = opt(29500, "a free TCP port on the master")
+    fsdp: bool = opt(False, "shard parameters, gradients and optimizer state across processes (FSDP) instead "
+                            "of replicating them (DDP): for models that do not fit one device")
 
 
 SECTIONS: dict[str, type] = {
@@ -340,6 +347,14 @@ def validate(cfg: Config) -> None:
     if m.num_neighbors > d.num_neighbors_query:
         p.append(f"model.num_neighbors ({m.num_neighbors}) exceeds db.num_neighbors_query ({d.num_neighbors_query})")
     _validate_pretrain(cfg.pretrain, p)
+    lc = cfg.launch
+    for key in ("nproc_per_node", "nnodes"):
+        if getattr(lc, key) < 1:
+            p.append(f"launch.{key} must be positive, got {getattr(lc, key)}")
+    if not 0 <= lc.node_rank < max(lc.nnodes, 1):
+        p.append(f"launch.node_rank must be in 0..launch.nnodes-1 ({lc.nnodes - 1}), got {lc.node_rank}")
+    if not 1 <= lc.master_port <= 65535:
+        p.append(f"launch.master_port must be a TCP port (1..65535), got {lc.master_port}")
     check(p, f"invalid values in {cfg.source}")
 
 

@@ -75,14 +75,18 @@ def corpus_files(cfg: CorpusConfig, base_dir: Path) -> list[str]:
 
 
 def fingerprint(files: list[str]) -> list[list]:
-    """What identifies the corpus cheaply: each file's name, size and modification time."""
+    """What identifies the corpus: each file's name, size and SHA-256 of its bytes (not its modification
+    time, so a corpus copied to another machine or restored from a backup still matches its workspace)."""
     out = []
     for f in files:
         if f.startswith("builtin:"):
-            out.append([f, 0, 0])
-        else:
-            st = os.stat(f)
-            out.append([f, st.st_size, st.st_mtime_ns])
+            out.append([f, 0, ""])
+            continue
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        out.append([f, os.path.getsize(f), digest.hexdigest()])
     return out
 
 

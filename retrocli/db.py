@@ -22,7 +22,7 @@ from . import index as faiss_index
 from .chunks import ChunkStore, build_chunks
 from .config import Config, DBConfig, min_chunk_tokens
 from .corpus import CorpusStats, corpus_files, fingerprint, iter_documents
-from .embed import LEXICAL, Embedder, embed_blocks, lexical_idf, make_embedder
+from .embed import LEXICAL, LEXICAL_SCHEME, Embedder, embed_blocks, lexical_idf, make_embedder
 from .errors import UserError
 from .neighbours import search_excluding
 from .runtime import dist, fault_point, log, progress, warn
@@ -142,6 +142,8 @@ def chunk_texts(store: ChunkStore, tok, start: int, end: int) -> list[str]:
 def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> dict:
     d = cfg.db
     settings = {"embedder": d.embedder, "block_size": d.block_size, "chunks": chunk_meta["fingerprint"]}
+    if d.embedder == LEXICAL:
+        settings["lexical"] = LEXICAL_SCHEME  # embeddings of an earlier scheme are refused, not mixed in
     done = begin_shared(ws, "embed", settings, rebuild)
     if done:
         return done
@@ -149,16 +151,19 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length)
     tok = open_tokenizer(ws)
-    if d.embedder == LEXICAL and D.main and not ws.lexical_idf().exists():
-        train_rows = np.flatnonzero(store.train_mask())
-        with progress("lexical IDF", len(train_rows), "chunks") as bar:
-            def texts():
-                for r in train_rows:
-                    bar.advance()
-                    yield tok.decode(store.chunk_ids(int(r)).tolist())
-            save_npy_atomic(ws.lexical_idf(), lexical_idf(texts()))
+    if d.embedder == LEXICAL and D.main:
+        vocab = tok.vocab_size
+        if not ws.lexical_idf().exists() or load_npy(ws.lexical_idf()).shape != (vocab,):
+            train_rows = np.flatnonzero(store.train_mask())
+            with progress("lexical IDF", len(train_rows), "chunks") as bar:
+                def token_lists():
+                    for r in train_rows:
+                        bar.advance()
+                        yield store.chunk_ids(int(r))
+                save_npy_atomic(ws.lexical_idf(), lexical_idf(token_lists(), vocab))
     D.barrier()
-    embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf())
+    embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf(),
+                             tok.encode)
     spans = blocks(store.num_chunks, d.block_size)
     dim = embedder.dim
     # Shard first, then look for missing blocks: each rank checks only its own blocks, so a block another
@@ -292,7 +297,7 @@ def search_texts(cfg: Config, ws: Workspace, texts: list[str], chunk_docs: np.nd
         raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} but "
                         f"db.embedder is now {d.embedder!r}: queries must use the same embedder")
     embedder: Embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision,
-                                       ws.lexical_idf())
+                                       ws.lexical_idf(), open_tokenizer(ws).encode)
     vectors = np.concatenate([embedder.forward(embedder.prepare(texts[s : s + 1024]))
                               for s in range(0, len(texts), 1024)])
     none = np.full(len(texts), -1, dtype=np.int64)

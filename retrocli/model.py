@@ -115,15 +115,17 @@ class Attention(nn.Module):
         context: Tensor | None = None,
         *,
         rope: tuple[Tensor, Tensor] | None = None,
+        rope_k: tuple[Tensor, Tensor] | None = None,
         causal: bool = False,
         key_mask: Tensor | None = None,
     ) -> Tensor:
-        """x (b, s, d), context (b, t, d) or None -> (b, s, d)."""
+        """x (b, s, d), context (b, t, d) or None -> (b, s, d). `rope` rotates the queries (cos, sin (s, rot))
+        and, unless `rope_k` (cos, sin (t, rot)) is given, the keys too."""
         context = x if context is None else context
         q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
         k, v = rearrange(self.kv_proj(context), "b t (two h e) -> two b h t e", two=2, h=self.heads)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *(rope if rope_k is None else rope_k))
         attn_mask, has_key = None, None
         if key_mask is not None:
             has_key = key_mask.any(dim=-1)  # (b,)
@@ -169,6 +171,11 @@ class ChunkedCrossAttention(nn.Module):
     Query block i is decoder positions [i*m + m-1, i*m + 2m-1); it attends, without a mask between its own
     positions, to all k*r encoded neighbour tokens of chunk i (padding excluded). The first m-1 positions
     of the sequence get no retrieval signal (zeros).
+
+    With RoPE, queries and keys are rotated in the neighbour's own frame: key j of every neighbour sits at
+    position j (0..r-1), and query j of a block sits at m + j, the place in a neighbour (chunk, continuation)
+    of the token that query predicts. Attending at relative distance 0 then reads "what followed text like
+    mine", which a model finds early in training; without the alignment it must learn to locate it by content.
     """
 
     def __init__(self, d: int, heads: int, dropout: float, chunk_length: int):
@@ -176,8 +183,11 @@ class ChunkedCrossAttention(nn.Module):
         self.m = chunk_length
         self.attn = Attention(d, heads, dropout)
 
-    def forward(self, x: Tensor, encoded: Tensor, encoded_mask: Tensor) -> Tensor:
-        """x (b, n, d) normed decoder states; encoded (b, l, k, r, d); encoded_mask (b, l, k, r) -> (b, n, d)."""
+    def forward(
+        self, x: Tensor, encoded: Tensor, encoded_mask: Tensor, rope: tuple[Tensor, Tensor, Tensor, Tensor] | None
+    ) -> Tensor:
+        """x (b, n, d) normed decoder states; encoded (b, l, k, r, d); encoded_mask (b, l, k, r);
+        rope: cos, sin of the query positions (m, rot) and of the key positions (k*r, rot), or None -> (b, n, d)."""
         b, n, _ = x.shape
         l, m = encoded.shape[1], self.m
         q = x[:, m - 1 :]  # (b, n - m + 1, d): shift left so block i starts at the last token of chunk i
@@ -185,7 +195,8 @@ class ChunkedCrossAttention(nn.Module):
         q = rearrange(q, "b (l m) d -> (b l) m d", m=m)
         kv = rearrange(encoded, "b l k r d -> (b l) (k r) d")
         key_mask = rearrange(encoded_mask, "b l k r -> (b l) (k r)")
-        y = self.attn(q, kv, key_mask=key_mask)  # ((b l), m, d)
+        rope_q, rope_k = (None, None) if rope is None else (rope[:2], rope[2:])
+        y = self.attn(q, kv, rope=rope_q, rope_k=rope_k, key_mask=key_mask)  # ((b l), m, d)
         y = rearrange(y, "(b l) m d -> b (l m) d", b=b)
         return F.pad(y, (0, 0, m - 1, 0))[:, :n]  # shift back: (b, n, d), zeros at the first m-1 positions
 
@@ -213,11 +224,12 @@ class DecoderLayer(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         encoded: Tensor | None = None,
         encoded_mask: Tensor | None = None,
+        cca_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x (b, n, d) -> (b, n, d). Without `encoded` the CCA contributes exactly nothing (the gate is off)."""
         x = x + self.drop(self.attn(self.norm_attn(x), rope=rope, causal=True))
         if self.cca is not None and encoded is not None:
-            x = x + self.drop(self.cca(self.norm_cca(x), encoded, encoded_mask))
+            x = x + self.drop(self.cca(self.norm_cca(x), encoded, encoded_mask, cca_rope))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
@@ -349,6 +361,15 @@ class RetroModel(nn.Module):
     def _rope(self, s: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         return None if self.rotary is None else self.rotary(torch.arange(s, device=device))
 
+    def _cca_rope(self, k: int, r: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """CCA positions in the neighbour's frame: queries m..2m-1, keys 0..r-1 for each of the k neighbours."""
+        if self.rotary is None:
+            return None
+        m = self.chunk_length
+        cos_q, sin_q = self.rotary(torch.arange(m, 2 * m, device=device))  # (m, rot)
+        cos_k, sin_k = self.rotary(torch.arange(r, device=device).repeat(k))  # (k*r, rot)
+        return cos_q, sin_q, cos_k, sin_k
+
     def forward(self, tokens: Tensor, neighbours: Tensor | None = None, *, retrieval: bool = True) -> Tensor:
         """tokens (b, n) and neighbours (b, l, k, r) with l = ceil(n / m), or None -> logits (b, n, v).
 
@@ -359,7 +380,7 @@ class RetroModel(nn.Module):
         rope = self._rope(n, tokens.device)
 
         use_retrieval = retrieval and not self.cca_gate_off and self.encoder is not None and neighbours is not None
-        encoded = encoded_mask = neighbour_states = None
+        encoded = encoded_mask = neighbour_states = cca_rope = None
         if use_retrieval:
             l = math.ceil(n / self.chunk_length)
             if neighbours.dim() != 4 or neighbours.shape[:2] != (b, l):
@@ -369,13 +390,14 @@ class RetroModel(nn.Module):
                 )
             encoded_mask = neighbours != self.pad_id  # (b, l, k, r)
             neighbour_states = self._embed(neighbours)  # (b, l, k, r, d)
+            cca_rope = self._cca_rope(*neighbours.shape[2:], tokens.device)
 
         for layer in self.layers:
             if use_retrieval and encoded is None and layer.cca is not None:
                 # first CCA layer: encode the neighbours once, conditioned on the decoder states entering it
                 rope_r = self._rope(neighbours.shape[-1], tokens.device)
                 encoded = self.encoder(neighbour_states, encoded_mask, x, rope_r)  # (b, l, k, r, d)
-            x = layer(x, rope, encoded, encoded_mask)
+            x = layer(x, rope, encoded, encoded_mask, cca_rope)
 
         x = self.norm(x)
         return F.linear(x, self.embed.weight)  # tied LM head: (b, n, v)

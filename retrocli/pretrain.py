@@ -124,6 +124,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     model = RetroModel(model_cfg, m, tok.pad_id)
     retrieval = bool(resolve_retro_layers(model_cfg))
     settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed)
+    settings.fsdp = cfg.launch.fsdp
     if cfg.pretrain.train_tokens > 0:
         per_step = cfg.pretrain.global_batch_size * model_cfg.seq_length
         settings.train_steps = -(-cfg.pretrain.train_tokens // per_step)

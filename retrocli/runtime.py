@@ -64,6 +64,31 @@ def dist() -> Dist:
     return _DIST
 
 
+def relaunch_under_torchrun(launch, argv: list[str]) -> None:
+    """When `[launch]` asks for several processes and this is not one of them yet, replace this process by
+    torchrun running the same `retro` command line (which then finds RANK set and goes on as one rank).
+
+    One machine: `--standalone` (a free local port). Several: the static rendezvous of master_addr:port,
+    the same command run on every node with its own `launch.node_rank`. On a CPU each rank gets an equal
+    share of the cores (OMP_NUM_THREADS) unless it is set already."""
+    if "RANK" in os.environ or (launch.nproc_per_node == 1 and launch.nnodes == 1):
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}"]
+    if launch.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
+                f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}"]
+    cmd += ["-m", "retrocli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
+    console.print(f"launching {launch.nproc_per_node} process(es) on each of {launch.nnodes} node(s): "
+                  f"{' '.join(cmd[1:])}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
+
+
 def log(message: str) -> None:
     if dist().main:
         console.print(message)

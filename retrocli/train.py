@@ -27,6 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from . import checkpoint
 from .errors import UserError
@@ -57,6 +63,7 @@ class TrainSettings:
     compile: bool = False
     resume: str = "auto"
     seed: int = 1234
+    fsdp: bool = False  # from [launch]: shard the model over the ranks instead of replicating it
 
     @classmethod
     def from_section(cls, section: Any, seed: int) -> "TrainSettings":
@@ -106,6 +113,35 @@ def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), fused=False, foreach=False)
 
 
+def wrap(model: torch.nn.Module, s: TrainSettings, device: torch.device) -> torch.nn.Module:
+    """The module the loop calls: `model` itself, compiled, and under DDP or (launch.fsdp) FSDP.
+
+    FSDP (`fully_shard`, in place) shards every decoder layer, the encoder and the rest, so each rank holds
+    1/world of the parameters, gradients and optimizer state and gathers a layer only while it runs."""
+    D = dist()
+    net: torch.nn.Module = model
+    if s.fsdp and D.world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(model, "layers", []):
+            fully_shard(layer)
+        if getattr(model, "encoder", None) is not None:
+            fully_shard(model.encoder)
+        fully_shard(model)
+    if s.compile:
+        net = torch.compile(net)
+    if D.world > 1 and not s.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return net
+
+
+def _full(t: torch.Tensor) -> float:
+    """A float of a tensor that may be an FSDP shard (DTensor)."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 # ----------------------------------------------------------------------------------------------- batches
 
 
@@ -144,25 +180,33 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Any, indices: Sequence[int], micro_batch_size: int,
-             device: torch.device, precision: str = "fp32", retrieval: bool = True) -> tuple[float, float]:
-    """(total NLL in nats, target tokens) of the given samples on this rank (sum over ranks yourself)."""
+             device: torch.device, precision: str = "fp32", retrieval: bool = True,
+             num_batches: int = 0) -> tuple[float, float]:
+    """(total NLL in nats, target tokens) of the given samples on this rank (sum over ranks yourself).
+
+    `num_batches`: run at least this many forward passes, the extra ones on a sample whose result is
+    dropped, so that every rank of a sharded (FSDP) model takes part in the same number of gathers."""
     was_training = model.training
     model.eval()
     nll, tokens = 0.0, 0.0
-    for s in range(0, len(indices), micro_batch_size):
+    starts = range(0, len(indices), micro_batch_size)
+    for s in starts:
         batch = to_device(collate([data.get(int(i)) for i in indices[s : s + micro_batch_size]]), device)
         with autocast(device, precision):
             nll += float(batch_nll(model, batch, retrieval))
         tokens += float(batch["loss_mask"].sum())
+    for _ in range(num_batches - len(starts)):
+        with autocast(device, precision):
+            batch_nll(model, to_device(collate([data.get(0)]), device), retrieval)
     model.train(was_training)
     return nll, tokens
 
 
-def eval_indices(num_samples: int, global_batch_size: int, steps: int) -> list[int]:
-    """This rank's share of the first `steps` global batches of the validation samples (in order, not
-    shuffled), so an evaluation sees the same samples whatever the number of processes."""
+def eval_indices(num_samples: int, global_batch_size: int, steps: int, rank: int | None = None) -> list[int]:
+    """This rank's (or `rank`'s) share of the first `steps` global batches of the validation samples (in
+    order, not shuffled), so an evaluation sees the same samples whatever the number of processes."""
     D = dist()
-    return list(range(D.rank, min(num_samples, steps * global_batch_size), D.world))
+    return list(range(D.rank if rank is None else rank, min(num_samples, steps * global_batch_size), D.world))
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -244,16 +288,19 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
         raise UserError("no training sample fits: the training documents give fewer tokens than one sequence "
                         "of model.seq_length + 1; lower model.seq_length or add documents")
     model = job.model.to(device)
-    optimizer = make_optimizer(model, s)
     step, consumed, tokens_seen = 0, 0, 0
     metrics_path = job.run_dir / "metrics.jsonl"
+    state = None
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
         _check_same_model(meta, job.meta, resume_from)
         checkpoint.check_tokenizer(meta, job.meta["tokenizer"], resume_from)
-        model.load_state_dict(checkpoint.load_weights(resume_from))
+        model.load_state_dict(checkpoint.load_weights(resume_from))  # full weights on every rank, then shard
         state = checkpoint.load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+    net = wrap(model, s, device)
+    optimizer = make_optimizer(model, s)  # after sharding: FSDP replaces the parameters by shards
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         step, consumed, tokens_seen = state["step"], state["data"]["consumed"], state["data"]["tokens"]
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
@@ -270,17 +317,13 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
             _rewrite_metrics(metrics_path, step)
     D.barrier()
 
-    net: torch.nn.Module = model
-    if s.compile:
-        net = torch.compile(net)
-    if D.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     order = SampleOrder(len(job.train), s.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     summary: dict[str, Any] = {"step": step, "loss": None, "eval_loss": None, "checkpoint": None}
     valid_idx = eval_indices(len(job.valid), s.global_batch_size, s.eval_steps) if job.valid is not None else []
+    # the most forward passes any rank makes in an evaluation (ranks' shares differ by at most one sample)
+    eval_batches = -(-len(eval_indices(len(job.valid), s.global_batch_size, s.eval_steps, rank=0))
+                     // s.micro_batch_size) if job.valid is not None else 0
     has_valid = job.valid is not None and len(job.valid) > 0  # the same on every rank
     if not has_valid:
         warn("no validation samples (corpus.valid_fraction = 0, or too few held-out tokens): no evaluation")
@@ -319,7 +362,7 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
             global_tokens = max(global_tokens, 1.0)
             local_nll = 0.0
             for a, batch in enumerate(batches):
-                sync = a == accum - 1 or D.world == 1
+                sync = a == accum - 1 or D.world == 1 or s.fsdp  # FSDP reduce-scatters every micro-batch
                 with nullcontext() if sync else net.no_sync():  # DDP: all-reduce on the last micro-batch only
                     with autocast(device, s.precision):
                         nll = batch_nll(net, batch)
@@ -328,11 +371,7 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
                 local_nll += float(nll.detach())
             (total_nll,) = all_sum([local_nll], device)
             loss = total_nll / global_tokens
-            if s.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -350,8 +389,8 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
             fault_point(f"{job.phase}:step")
 
             if has_valid and (step % s.eval_interval == 0 or step == s.train_steps):
-                nll_sum, n_tok = all_sum(evaluate(model, job.valid, valid_idx,
-                                                  s.micro_batch_size, device, s.precision), device)
+                nll_sum, n_tok = all_sum(evaluate(model, job.valid, valid_idx, s.micro_batch_size, device,
+                                                  s.precision, num_batches=eval_batches), device)
                 eval_loss = nll_sum / max(n_tok, 1.0)
                 write_metrics({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50)),
                                "eval_tokens": int(n_tok)})
@@ -370,14 +409,19 @@ def save(job: Job, s: TrainSettings, model: torch.nn.Module, optimizer: torch.op
     """Rank 0 writes the checkpoint (atomically) and prunes old ones; every rank waits for it."""
     D = dist()
     path = checkpoint.step_dir(job.run_dir, step)
+    # full (unsharded) state dicts, keyed by parameter name: the same checkpoint resumes in one process,
+    # under DDP or under FSDP, with any number of ranks. Under FSDP gathering them is a collective.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=s.fsdp)
+    weights = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     if D.main:
-        state = {"optimizer": optimizer.state_dict(), "step": step,
+        state = {"optimizer": optimizer_state, "step": step,
                  "data": {"consumed": consumed, "tokens": tokens, "num_samples": len(job.train), "seed": s.seed},
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                  **job.extra}
         meta = {**job.meta, "phase": job.phase, "consumed": consumed, "train_settings": dataclasses.asdict(s)}
-        checkpoint.save(job.run_dir, step, model, state, meta, job.config_toml, f"{job.phase}:checkpoint")
+        checkpoint.save(job.run_dir, step, weights, state, meta, job.config_toml, f"{job.phase}:checkpoint")
         checkpoint.prune(job.run_dir, s.keep_last)
     D.barrier()
     return path

@@ -1,5 +1,7 @@
 """Embedders: the lexical hashing embedder, the packaged MiniLM loaded offline, a local HF folder."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -21,15 +23,21 @@ TEXTS = ["the ship sailed out of the harbour with the tide",
          ""]
 
 
+def _encode(texts):
+    """A stand-in tokenizer: one id per word (a vocabulary of 64)."""
+    return [[zlib.crc32(w.encode()) % 64 for w in t.split()] for t in texts]
+
+
 def test_lexical_is_normalised_deterministic_and_topical():
-    idf = lexical_idf(TEXTS * 3)
-    assert idf.shape == (LEXICAL_DIM,)
-    emb = LexicalEmbedder(idf)
+    idf = lexical_idf(_encode(TEXTS * 3), 64)
+    assert idf.shape == (64,)
+    assert idf[_encode(["the"])[0][0]] < idf[_encode(["oven"])[0][0]], "a piece in every text weighs least"
+    emb = LexicalEmbedder(idf, _encode)
     v = embed_texts(emb, TEXTS)
     assert v.shape == (4, LEXICAL_DIM) and v.dtype == np.float32
     assert np.allclose(np.linalg.norm(v[:3], axis=1), 1.0, atol=1e-5)
-    assert not v[3].any(), "a text without words embeds to zero (never anyone's neighbour)"
-    assert np.array_equal(v, embed_texts(LexicalEmbedder(idf), TEXTS))
+    assert not v[3].any(), "a text without pieces embeds to zero (never anyone's neighbour)"
+    assert np.array_equal(v, embed_texts(LexicalEmbedder(idf, _encode), TEXTS))
     assert v[0] @ v[1] > v[0] @ v[2]
 
 

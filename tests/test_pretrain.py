@@ -219,20 +219,28 @@ def test_tokenizer_mismatch_names_both_values() -> None:
 
 
 @pytest.mark.slow
-def test_two_rank_torchrun_reproduces_the_one_process_loss(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path, fsdp: bool) -> None:
     """micro 2 x 2 processes x 1 accumulation against micro 2 x 1 process x 2 accumulation: the same global
-    batches, so the same loss curve (DDP over gloo on CPU)."""
-    toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 3, "eval_interval": 3})
+    batches, so the same loss curve. `[launch] nproc_per_node = 2` makes `retro pretrain` start itself
+    through torchrun (gloo on CPU); with `launch.fsdp` the model is sharded, and its checkpoint is the same
+    full state dict, so a one-process run resumes from it."""
+    toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 2, "eval_interval": 3})
     cfg = load_config(toml)
     run(cfg)
     run_path = run_dir(db.workspace_of(cfg))
     one = metrics(run_path)
     shutil.rmtree(run_path)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "retrocli", "pretrain", "-c", str(toml)],
+    sets = ["--set", "launch.nproc_per_node=2"] + (["--set", "launch.fsdp=true"] if fsdp else [])
+    proc = subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), *sets],
                           capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching 2 process(es)" in proc.stdout + proc.stderr
     two = metrics(run_path)
     assert sorted(two) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    # the sharded run's checkpoint at step 2 resumes in one process and reaches the same step-3 loss
+    shutil.rmtree(checkpoint.step_dir(run_path, 3))
+    run(load_config(toml, ["pretrain.train_steps=3"]))
+    assert metrics(run_path)[3] == pytest.approx(one[3], rel=1e-5)

@@ -157,15 +157,21 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     the latest complete one. With `[launch] nproc_per_node` > 1 (or `nnodes` > 1) it starts itself through
     torchrun (DDP, or FSDP with `launch.fsdp`); running it under torchrun yourself works the same."""
     from . import pretrain as pretrain_mod
+
+    _train("pretrain", pretrain_mod.run, config, set_)
+
+
+def _train(phase: str, run, config: Optional[Path], set_: Optional[List[str]]) -> None:
+    """Load the config, relaunch under torchrun when [launch] asks, run the phase, print its summary."""
     from .runtime import dist, relaunch_under_torchrun
 
     cfg = _config(config, set_)
     relaunch_under_torchrun(cfg.launch, _ARGV)
-    summary = pretrain_mod.run(cfg)
+    summary = run(cfg)
     if dist().main:
         eval_part = f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
         loss_part = f", loss {summary['loss']:.4f}" if summary.get("loss") is not None else ""
-        console.print(f"pretrain: step {summary['step']}{loss_part}{eval_part}; checkpoints in {summary['run_dir']}")
+        console.print(f"{phase}: step {summary['step']}{loss_part}{eval_part}; checkpoints in {summary['run_dir']}")
 
 
 @app.command()
@@ -210,7 +216,24 @@ def _not_built(verb: str, issue: str):
     app.command(verb)(command)
 
 
-for _verb, _issue in [("sft", "instruction tuning"), ("generate", "generation"), ("score", "scoring")]:
+# ------------------------------------------------------------------------------------------------- sft
+
+
+@app.command()
+def sft(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Instruction-tune a pretrained checkpoint on the weighted blend of `[[sft.blend]]` datasets ([sft] keys).
+
+    Formats: squad (SQuAD JSON), qed / nq (JSONL), instructretro (JSON list with ctxs), chat (Human /
+    Assistant text, or messages), self_instruct, qa. The loss covers the answer and its end-of-sequence
+    token only; contexts are cut to fit the sequence, answers never. Starts from `sft.init_from`, else the
+    latest pretraining checkpoint; checkpoints go to WORKSPACE/checkpoints/sft/ and a rerun resumes.
+    `sft.neighbors`: "none" (encoder gated off, as InstructRetro), "context" or "database"."""
+    from . import sft as sft_mod
+
+    _train("sft", sft_mod.run, config, set_)
+
+
+for _verb, _issue in [("generate", "generation"), ("score", "scoring")]:
     _not_built(_verb, _issue)
 
 

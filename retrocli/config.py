@@ -9,6 +9,7 @@ section (plus resolved values such as paths), never the whole `Config`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 import typing
@@ -108,7 +109,9 @@ class ModelConfig:
 
 
 @dataclass
-class PretrainConfig:
+class TrainingConfig:
+    """The training keys [pretrain] and [sft] share (one loop, `train.TrainSettings`, reads them)."""
+
     micro_batch_size: int = opt(8, "sequences per forward pass on each process")
     global_batch_size: int = opt(32, "sequences per optimizer step, all processes together (a multiple of "
                                      "micro_batch_size x processes; the rest is gradient accumulation)")
@@ -129,17 +132,53 @@ class PretrainConfig:
     keep_last: int = opt(3, "checkpoints kept (older ones are deleted); 0: keep all")
     precision: str = opt("fp32", "'fp32' or 'bf16' (autocast; weights and optimizer stay fp32)")
     compile: bool = opt(False, "torch.compile the model")
-    init_from: str = opt("", "start from this checkpoint folder (GPT or Retro; a GPT's CCA and encoder weights "
-                             "start fresh, no optimizer state: retro-fitting); empty: random init")
-    run: str = opt("pretrain", "name of this training run: checkpoints in WORKSPACE/checkpoints/RUN/ (e.g. 'gpt' "
-                               "for a baseline with model.retro_layers = [] beside the Retro run)")
     resume: str = opt("auto", "'auto': continue from the latest complete checkpoint of the run if there is one; "
                               "'never': start fresh (an error if the run already has checkpoints)")
 
 
 @dataclass
-class SFTConfig:
-    pass
+class PretrainConfig(TrainingConfig):
+    init_from: str = opt("", "start from this checkpoint folder (GPT or Retro; a GPT's CCA and encoder weights "
+                             "start fresh, no optimizer state: retro-fitting); empty: random init")
+    run: str = opt("pretrain", "name of this training run: checkpoints in WORKSPACE/checkpoints/RUN/ (e.g. 'gpt' "
+                               "for a baseline with model.retro_layers = [] beside the Retro run)")
+
+
+@dataclass
+class BlendEntry:
+    name: str = opt("", "dataset name, for tables and per-dataset eval loss")
+    path: str = opt("", "the file, relative to the TOML (.gz accepted)")
+    format: str = opt("", "'squad', 'qed', 'nq', 'instructretro', 'chat', 'self_instruct' or 'qa'")
+    weight: float = opt(1.0, "sampling weight: probability = weight / sum of weights")
+
+
+INSTRUCTRETRO_SYSTEM = ("System: This is a chat between a user and an artificial intelligence assistant. The "
+                        "assistant gives helpful, detailed, and polite answers to the user's questions based on the "
+                        "context. The assistant should also indicate when the answer cannot be found in the context.")
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    blend: list[BlendEntry] = opt([], "the datasets, one [[sft.blend]] table each (name, path, format, weight)")
+    neighbors: str = opt("none", "retrieval during SFT: 'none' (encoder gated off, InstructRetro), 'context' "
+                                 "(the sample's own contexts as neighbours) or 'database' (retrieved per chunk)")
+    num_contexts: int = opt(5, "contexts put in the prompt (the first ones of the record)")
+    valid_fraction: float = opt(0.05, "records of each dataset held out for eval loss (whole SQuAD articles)")
+    on_bad_record: str = opt("error", "'error': stop at a malformed record, naming file and line; 'skip': count it")
+    system: str = opt(INSTRUCTRETRO_SYSTEM, "the system line that opens every prompt")
+    context_template: str = opt("title: {title}, source: {text}", "how each context is written in the prompt")
+    user_template: str = opt("User: {question}\n\nAssistant:", "the user turn; the answer follows it")
+    init_from: str = opt("", "the checkpoint to fine-tune; empty: the latest complete checkpoint of the "
+                             "pretraining run (pretrain.run)")
+    run: str = opt("sft", "name of this run: checkpoints in WORKSPACE/checkpoints/RUN/")
+    # InstructRetro's SFT: lr 5e-6, beta2 0.98, weight decay 0.01, 1000 steps of 128
+    lr: float = opt(5e-6, "peak learning rate (AdamW)")
+    min_lr: float = opt(5e-7, "learning rate at the end of the decay")
+    warmup_steps: int = opt(10, "steps of linear warmup from 0 to lr")
+    adam_beta2: float = opt(0.98, "AdamW beta2")
+    weight_decay: float = opt(0.01, "AdamW weight decay (matrices only)")
+    global_batch_size: int = opt(128, "sequences per optimizer step, all processes together")
+    train_steps: int = opt(1000, "optimizer steps in total")
 
 
 @dataclass
@@ -233,6 +272,15 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _table_type(tp: Any) -> type | None:
+    """The dataclass of a `list[SomeDataclass]` field (an array of TOML tables), else None."""
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any], where: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -244,6 +292,15 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
             continue
         if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
             value = float(value)
+        table = _table_type(hints[key])
+        if table is not None:  # an array of tables ([[sft.blend]]): each one built and checked like a section
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.append(f"'{name}.{key}' must be a list of tables ([[{name}.{key}]]), got {value!r} "
+                                f"(in {where})")
+                continue
+            kwargs[key] = [_build_section(f"{name}.{key}[{i}]", table, v, where, problems)
+                           for i, v in enumerate(value)]
+            continue
         if not _type_ok(value, hints[key]):
             problems.append(f"'{name}.{key}' must be {_type_name(hints[key])}, got {value!r} (in {where})")
             continue
@@ -270,11 +327,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if not source.is_file():
         how = "pass -c/--config PATH" if path is None else "check the path"
         raise UserError(f"workspace file {source} not found: {how}, or create one with `retro init DIR`")
+    return config_from_dict(_read_with_extends(source, []), overrides, source)
+
+
+def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
+    """The TOML of `source`; a top-level `extends = "base.toml"` (relative to it) starts from that file's
+    sections and replaces them key by key (an array of tables as a whole). Paths written in the base file
+    are read relative to the extending file, so keep both in one folder (as recipes/ does)."""
+    if source.resolve() in chain:
+        raise UserError(f"{source}: `extends` makes a cycle: " + " -> ".join(str(p) for p in chain + [source]))
     try:
         data = tomllib.loads(source.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{source} is not valid TOML: {e}") from None
-    return config_from_dict(data, overrides, source)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"{source}: `extends` must be a path (a string), got {base!r}")
+    base_path = source.parent / base
+    if not base_path.is_file():
+        raise UserError(f"{source}: extends {base!r}, but {base_path} does not exist")
+    merged = _read_with_extends(base_path, chain + [source.resolve()])
+    for name, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **values}
+        else:
+            merged[name] = values
+    return merged
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: Path = Path("retro.toml")) -> Config:
@@ -346,7 +426,9 @@ def validate(cfg: Config) -> None:
         p.append(f"model.retro_layers {m.retro_layers} must lie in 1..{m.layers} (model.layers)")
     if m.num_neighbors > d.num_neighbors_query:
         p.append(f"model.num_neighbors ({m.num_neighbors}) exceeds db.num_neighbors_query ({d.num_neighbors_query})")
-    _validate_pretrain(cfg.pretrain, p)
+    _validate_training("pretrain", cfg.pretrain, p)
+    _validate_training("sft", cfg.sft, p)
+    _validate_sft(cfg.sft, p)
     lc = cfg.launch
     for key in ("nproc_per_node", "nnodes"):
         if getattr(lc, key) < 1:
@@ -358,36 +440,36 @@ def validate(cfg: Config) -> None:
     check(p, f"invalid values in {cfg.source}")
 
 
-def _validate_pretrain(t: PretrainConfig, p: list[str]) -> None:
+def _validate_training(name: str, t: PretrainConfig | SFTConfig, p: list[str]) -> None:
     for key in ("micro_batch_size", "global_batch_size", "train_steps", "eval_interval", "eval_steps",
                 "save_interval"):
         if getattr(t, key) < 1:
-            p.append(f"pretrain.{key} must be positive, got {getattr(t, key)}")
+            p.append(f"{name}.{key} must be positive, got {getattr(t, key)}")
     if t.micro_batch_size >= 1 and t.global_batch_size % t.micro_batch_size:
-        p.append(f"pretrain.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                 f"pretrain.micro_batch_size ({t.micro_batch_size})")
+        p.append(f"{name}.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                 f"{name}.micro_batch_size ({t.micro_batch_size})")
     if t.lr <= 0:
-        p.append(f"pretrain.lr must be positive, got {t.lr}")
+        p.append(f"{name}.lr must be positive, got {t.lr}")
     if not 0 <= t.min_lr <= t.lr:
-        p.append(f"pretrain.min_lr must be in [0, pretrain.lr], got {t.min_lr}")
+        p.append(f"{name}.min_lr must be in [0, pretrain.lr], got {t.min_lr}")
     for key in ("warmup_steps", "keep_last", "train_tokens"):
         if getattr(t, key) < 0:
-            p.append(f"pretrain.{key} must be >= 0, got {getattr(t, key)}")
+            p.append(f"{name}.{key} must be >= 0, got {getattr(t, key)}")
     if t.decay not in ("cosine", "linear", "constant"):
-        p.append(f"pretrain.decay must be 'cosine', 'linear' or 'constant', got {t.decay!r}")
+        p.append(f"{name}.decay must be 'cosine', 'linear' or 'constant', got {t.decay!r}")
     if t.weight_decay < 0:
-        p.append(f"pretrain.weight_decay must be >= 0, got {t.weight_decay}")
+        p.append(f"{name}.weight_decay must be >= 0, got {t.weight_decay}")
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(t, key) < 1:
-            p.append(f"pretrain.{key} must be in [0, 1), got {getattr(t, key)}")
+            p.append(f"{name}.{key} must be in [0, 1), got {getattr(t, key)}")
     if t.grad_clip < 0:
-        p.append(f"pretrain.grad_clip must be >= 0, got {t.grad_clip}")
+        p.append(f"{name}.grad_clip must be >= 0, got {t.grad_clip}")
     if t.precision not in ("fp32", "bf16"):
-        p.append(f"pretrain.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+        p.append(f"{name}.precision must be 'fp32' or 'bf16', got {t.precision!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.run):
-        p.append(f"pretrain.run must be a plain folder name (letters, digits, '_', '.', '-'), got {t.run!r}")
+        p.append(f"{name}.run must be a plain folder name (letters, digits, '_', '.', '-'), got {t.run!r}")
     if t.resume not in ("auto", "never"):
-        p.append(f"pretrain.resume must be 'auto' or 'never', got {t.resume!r}")
+        p.append(f"{name}.resume must be 'auto' or 'never', got {t.resume!r}")
 
 
 # ------------------------------------------------------------------------------------ commented TOML out
@@ -396,8 +478,8 @@ def _validate_pretrain(t: PretrainConfig, p: list[str]) -> None:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, str):  # a TOML basic string: the escapes JSON writes are valid TOML
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
@@ -412,8 +494,49 @@ def to_commented_toml(cfg: Config, header: str = "") -> str:
         lines.append(f"\n[{name}]")
         if not fields:
             lines.append("# (filled by later versions)")
+        tables = []
         for f in fields:
             value = getattr(section, f.name)
+            table = _table_type(f.type if not isinstance(f.type, str) else typing.get_type_hints(cls)[f.name])
+            if table is not None:
+                tables.append((f, table, value))
+                continue
             lines.append(f"# {f.metadata['help']}")
             lines.append(f"# {f.name} =  (unset)" if value is None else f"{f.name} = {_toml_value(value)}")
+        for f, table, items in tables:  # arrays of tables last: TOML puts no plain key after them
+            lines.append(f"# {f.metadata['help']}")
+            for item in items or [table()]:
+                lines.append(f"{'' if items else '# '}[[{name}.{f.name}]]")
+                for g in dataclasses.fields(table):
+                    lines.append(f"{'' if items else '# '}{g.name} = {_toml_value(getattr(item, g.name))}"
+                                 f"  # {g.metadata['help']}")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+SFT_FORMATS = ("squad", "qed", "nq", "instructretro", "chat", "self_instruct", "qa")
+
+
+def _validate_sft(t: SFTConfig, p: list[str]) -> None:
+    if t.neighbors not in ("none", "context", "database"):
+        p.append(f"sft.neighbors must be 'none', 'context' or 'database', got {t.neighbors!r}")
+    if t.num_contexts < 0:
+        p.append(f"sft.num_contexts must be >= 0, got {t.num_contexts}")
+    if not 0.0 <= t.valid_fraction < 1.0:
+        p.append(f"sft.valid_fraction must be in [0, 1), got {t.valid_fraction}")
+    if t.on_bad_record not in ("error", "skip"):
+        p.append(f"sft.on_bad_record must be 'error' or 'skip', got {t.on_bad_record!r}")
+    if "{question}" not in t.user_template:
+        p.append(f"sft.user_template must contain {{question}}, got {t.user_template!r}")
+    names = [e.name for e in t.blend]
+    for i, e in enumerate(t.blend):
+        where = f"sft.blend[{i}]" + (f" ({e.name})" if e.name else "")
+        if not e.name:
+            p.append(f"{where}.name is missing")
+        elif names.count(e.name) > 1:
+            p.append(f"{where}.name {e.name!r} is used twice")
+        if not e.path:
+            p.append(f"{where}.path is missing")
+        if e.format not in SFT_FORMATS:
+            p.append(f"{where}.format must be one of {', '.join(SFT_FORMATS)}, got {e.format!r}")
+        if not e.weight > 0:
+            p.append(f"{where}.weight must be positive, got {e.weight}")

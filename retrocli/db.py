@@ -285,23 +285,35 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------- query
 
 
-def search_texts(cfg: Config, ws: Workspace, texts: list[str], chunk_docs: np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Embed free texts with the workspace's embedder and search its index: (ids, distances), each (n, k).
+class Retriever:
+    """The workspace's embedder and index, loaded once, for searching free texts (queries, SFT prompts,
+    text being generated): `search(texts, k)` -> (ids, distances), each (n, k), -1 where fewer exist.
 
     The texts belong to no database document, so nothing is excluded. Embedded 1,024 at a time."""
-    d = cfg.db
-    embed_meta = ws.require("embed")
-    ws.require("index")
-    if embed_meta["settings"]["embedder"] != d.embedder:
-        raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} but "
-                        f"db.embedder is now {d.embedder!r}: queries must use the same embedder")
-    embedder: Embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision,
-                                       ws.lexical_idf(), open_tokenizer(ws).encode)
-    vectors = np.concatenate([embedder.forward(embedder.prepare(texts[s : s + 1024]))
-                              for s in range(0, len(texts), 1024)])
-    none = np.full(len(texts), -1, dtype=np.int64)
-    return search_excluding(open_index(ws, d), vectors, none, np.ascontiguousarray(chunk_docs), k)
+
+    def __init__(self, cfg: Config, ws: Workspace, chunk_docs: np.ndarray):
+        d = cfg.db
+        embed_meta = ws.require("embed")
+        ws.require("index")
+        if embed_meta["settings"]["embedder"] != d.embedder:
+            raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} "
+                            f"but db.embedder is now {d.embedder!r}: queries must use the same embedder")
+        self.embedder: Embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision,
+                                                ws.lexical_idf(), open_tokenizer(ws).encode)
+        self.index = open_index(ws, d)
+        self.chunk_docs = np.ascontiguousarray(chunk_docs)
+
+    def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        vectors = np.concatenate([self.embedder.forward(self.embedder.prepare(texts[s : s + 1024]))
+                                  for s in range(0, len(texts), 1024)])
+        none = np.full(len(texts), -1, dtype=np.int64)
+        return search_excluding(self.index, vectors, none, self.chunk_docs, k)
+
+
+def search_texts(cfg: Config, ws: Workspace, texts: list[str], chunk_docs: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One search of free texts (see `Retriever`)."""
+    return Retriever(cfg, ws, chunk_docs).search(texts, k)
 
 
 def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:

@@ -190,12 +190,16 @@ class Samples:
         return out, chosen
 
     def neighbour_tokens(self, cid: int) -> np.ndarray:
-        """A database chunk followed by its continuation within the same document, at most r tokens."""
-        toks = self.store.chunk_ids(cid)
-        nxt = self.store.continuation(cid)
-        if nxt is not None and len(toks) < self.r:
-            toks = np.concatenate([toks, self.store.chunk_ids(nxt)])
-        return toks[: self.r]
+        return neighbour_tokens(self.store, cid, self.r)
+
+
+def neighbour_tokens(store: ChunkStore, cid: int, r: int) -> np.ndarray:
+    """A database chunk followed by its continuation within the same document, at most r tokens."""
+    toks = store.chunk_ids(cid)
+    nxt = store.continuation(cid)
+    if nxt is not None and len(toks) < r:
+        toks = np.concatenate([toks, store.chunk_ids(nxt)])
+    return toks[:r]
 
 
 def collate(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -202,6 +202,16 @@ def evaluate(model: torch.nn.Module, data: Any, indices: Sequence[int], micro_ba
     return nll, tokens
 
 
+def evaluate_set(model: torch.nn.Module, data: Any, s: TrainSettings, device: torch.device) -> tuple[float, float]:
+    """(NLL, target tokens) over all ranks of the first `eval_steps` global batches of one held-out set."""
+    indices = eval_indices(len(data), s.global_batch_size, s.eval_steps)
+    # every rank makes as many forward passes as the busiest one (shares differ by at most one sample): FSDP
+    most = -(-len(eval_indices(len(data), s.global_batch_size, s.eval_steps, rank=0)) // s.micro_batch_size)
+    nll, tokens = all_sum(evaluate(model, data, indices, s.micro_batch_size, device, s.precision, num_batches=most),
+                          device)
+    return nll, tokens
+
+
 def eval_indices(num_samples: int, global_batch_size: int, steps: int, rank: int | None = None) -> list[int]:
     """This rank's (or `rank`'s) share of the first `steps` global batches of the validation samples (in
     order, not shuffled), so an evaluation sees the same samples whatever the number of processes."""
@@ -320,11 +330,10 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
     order = SampleOrder(len(job.train), s.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     summary: dict[str, Any] = {"step": step, "loss": None, "eval_loss": None, "checkpoint": None}
-    valid_idx = eval_indices(len(job.valid), s.global_batch_size, s.eval_steps) if job.valid is not None else []
-    # the most forward passes any rank makes in an evaluation (ranks' shares differ by at most one sample)
-    eval_batches = -(-len(eval_indices(len(job.valid), s.global_batch_size, s.eval_steps, rank=0))
-                     // s.micro_batch_size) if job.valid is not None else 0
-    has_valid = job.valid is not None and len(job.valid) > 0  # the same on every rank
+    # held-out sets by name (SFT: one per dataset; pretraining: one, unnamed)
+    valid_sets = job.valid if isinstance(job.valid, dict) else {"": job.valid} if job.valid is not None else {}
+    valid_sets = {name: data for name, data in valid_sets.items() if len(data) > 0}
+    has_valid = bool(valid_sets)  # the same on every rank
     if not has_valid:
         warn("no validation samples (corpus.valid_fraction = 0, or too few held-out tokens): no evaluation")
     started = time.time()
@@ -389,11 +398,14 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
             fault_point(f"{job.phase}:step")
 
             if has_valid and (step % s.eval_interval == 0 or step == s.train_steps):
-                nll_sum, n_tok = all_sum(evaluate(model, job.valid, valid_idx, s.micro_batch_size, device,
-                                                  s.precision, num_batches=eval_batches), device)
+                per_set = {name: evaluate_set(model, data, s, device) for name, data in valid_sets.items()}
+                nll_sum, n_tok = sum(v[0] for v in per_set.values()), sum(v[1] for v in per_set.values())
                 eval_loss = nll_sum / max(n_tok, 1.0)
-                write_metrics({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50)),
-                               "eval_tokens": int(n_tok)})
+                record = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50)),
+                          "eval_tokens": int(n_tok)}
+                if len(per_set) > 1 or "" not in per_set:
+                    record["eval_loss_by_set"] = {name: v[0] / max(v[1], 1.0) for name, v in per_set.items()}
+                write_metrics(record)
                 bar.update(eval=f"eval {eval_loss:.4f}")
                 log(f"step {step}/{s.train_steps}: loss {loss:.4f}, eval loss {eval_loss:.4f} "
                     f"(ppl {math.exp(min(eval_loss, 50)):.2f}), lr {lr:.2e}, {rate:,.0f} tokens/s")

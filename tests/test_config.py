@@ -88,7 +88,7 @@ def test_cli_exit_codes(tmp_path: Path):
     proc = run_cli("db", "info", "-c", str(toml))
     assert proc.returncode == 2
     assert "db.bogus" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("sft", "-c", str(toml))
+    proc = run_cli("generate", "-c", str(write_toml(tmp_path / "ok.toml", {})))
     assert proc.returncode == 2 and "not built yet" in proc.stderr
     proc = run_cli("db", "build", "-c", str(tmp_path / "nope.toml"))
     assert proc.returncode == 2 and "nope.toml" in proc.stderr and "Traceback" not in proc.stderr
@@ -101,3 +101,23 @@ def test_init_writes_a_loadable_workspace(tmp_path: Path):
     assert cfg.corpus.train == ["builtin:tiny"]
     proc = run_cli("init", str(tmp_path / "new"))
     assert proc.returncode == 2 and "already exists" in proc.stderr
+
+
+def test_extends_layers_a_recipe_on_another(tmp_path: Path):
+    base = write_toml(tmp_path / "base.toml", {"workspace": {"dir": "runs/x"}, "db": {"nprobe": 8, "ef_search": 9}})
+    top = tmp_path / "top.toml"
+    top.write_text('extends = "base.toml"\n[db]\nnprobe = 16\n[[sft.blend]]\nname = "a"\npath = "a.jsonl"\n'
+                   'format = "qa"\n')
+    cfg = load_config(top, ["db.ef_search=11"])
+    assert (cfg.workspace.dir, cfg.db.nprobe, cfg.db.ef_search) == ("runs/x", 16, 11)
+    assert [e.name for e in cfg.sft.blend] == ["a"] and cfg.sft.blend[0].weight == 1.0
+    base.write_text('extends = "top.toml"\n')
+    with pytest.raises(UserError, match="cycle"):
+        load_config(top)
+    top.write_text('extends = "gone.toml"\n')
+    with pytest.raises(UserError, match="gone.toml"):
+        load_config(top)
+    top.write_text('[[sft.blend]]\nname = "a"\nweight = "heavy"\npathh = "x"\n')
+    with pytest.raises(UserError) as e:
+        load_config(top)
+    assert "sft.blend[0].pathh" in str(e.value) and "'sft.blend[0].weight' must be a number" in str(e.value)

@@ -1,0 +1,220 @@
+"""`retro sft`: instruction tuning of a pretrained Retro (or GPT) checkpoint on a weighted blend of instruction
+and QA datasets, with the pretraining loop (train.py): the same optimizer, schedule, checkpoints, resume,
+torchrun and bf16, checkpoints in `<workspace>/checkpoints/sft/`.
+
+    [[sft.blend]] files --sft_data.read_records--> records --split_records--> train / held-out, per dataset
+      --Blend.draw(train_steps x global_batch_size)--> the training order (records too long to fit dropped)
+      --sft_data.encode_sample--> [prompt][answer][EOS][pad], loss on the answer and EOS only
+      --neighbours (sft.neighbors)--> none (encoder gated off, InstructRetro's choice) | the sample's own
+                                      contexts | the database's nearest chunks of each of its chunks
+
+The model comes from `sft.init_from`, else the latest complete checkpoint of the pretraining run; its own
+configuration (seq_length, k, r) decides the samples, not the current [model] section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .chunks import ChunkStore
+from .config import Config, to_commented_toml
+from .db import Retriever, open_tokenizer, workspace_of
+from .errors import UserError
+from .model import RetroModel
+from .ppl import resolve_checkpoint
+from .pretrain import is_cca_or_encoder, run_dir
+from .runtime import console, dist, log
+from .samples import neighbour_tokens
+from .sft_data import Blend, PromptTemplate, Record, encode_sample, load_blend, split_records
+from .train import Job, TrainSettings, find_resume, train
+
+EVAL_RECORDS_PER_SET = 256  # held-out records evaluated per dataset (the first ones, in file order)
+
+
+class Neighbours:
+    """The (l, k, r) neighbour tokens of one SFT sample, by `sft.neighbors`:
+
+    "context": the sample's own contexts (as they appear in the prompt), each cut to r tokens, the same k
+    for every chunk; "database": for each chunk of the sample, its k nearest database chunks with their
+    continuations (as in pretraining). Missing neighbours are padding, which the model masks out."""
+
+    def __init__(self, mode: str, model: RetroModel, tok, retriever: Retriever | None = None,
+                 store: ChunkStore | None = None):
+        self.mode, self.tok, self.retriever, self.store = mode, tok, retriever, store
+        self.m, self.k, self.r = model.chunk_length, model.cfg.num_neighbors, model.retrieved_length
+        self.l, self.pad_id = -(-model.cfg.seq_length // self.m), model.pad_id
+
+    def __call__(self, tokens: np.ndarray, contexts: list[dict]) -> np.ndarray:
+        out = np.full((self.l, self.k, self.r), self.pad_id, dtype=np.int64)
+        if self.mode == "context":
+            texts = [f"{c.get('title', '')}: {c['text']}" if c.get("title") else c["text"] for c in contexts[: self.k]]
+            for slot, ids in enumerate(self.tok.encode(texts) if texts else []):
+                ids = ids[: self.r]
+                out[:, slot, : len(ids)] = ids
+        else:
+            chunks = [tokens[j * self.m : (j + 1) * self.m] for j in range(self.l)]
+            real = [j for j, c in enumerate(chunks) if (c != self.pad_id).any()]
+            if real:
+                ids, _ = self.retriever.search([self.tok.decode(chunks[j].tolist()) for j in real], self.k)
+                for j, row in zip(real, ids):
+                    for slot, cid in enumerate(row[row >= 0][: self.k]):
+                        toks = neighbour_tokens(self.store, int(cid), self.r)
+                        out[j, slot, : len(toks)] = toks
+        return out
+
+
+class SFTSamples:
+    """len() and get(i) like pretraining's Samples: sample i is records[i] as a prompt + answer sample."""
+
+    def __init__(self, records: list[Record], template: PromptTemplate, tok, seq_length: int, num_contexts: int,
+                 neighbours: Neighbours | None):
+        self.records, self.template, self.tok = records, template, tok
+        self.seq_length, self.num_contexts, self.neighbours = seq_length, num_contexts, neighbours
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, i: int) -> dict[str, np.ndarray]:
+        sample, _ = encode_sample(self.records[i], self.template, self.tok, self.seq_length, self.num_contexts)
+        assert sample is not None, "records that do not fit are dropped when the samples are built"
+        contexts = sample.pop("contexts")
+        sample["docs"] = np.full(1, -1, dtype=np.int64)
+        if self.neighbours is not None:
+            sample["neighbours"] = self.neighbours(sample["tokens"], contexts)
+        return sample
+
+
+def template_of(cfg: Config) -> PromptTemplate:
+    return PromptTemplate(system=cfg.sft.system, context=cfg.sft.context_template, user=cfg.sft.user_template)
+
+
+def fitting(records: list[Record], template: PromptTemplate, tok, seq_length: int,
+            num_contexts: int) -> tuple[list[bool], dict[str, int]]:
+    """Which records fit seq_length (their answer is never cut), and the totals of what was cut."""
+    totals = {"context_tokens_cut": 0, "contexts_dropped": 0, "skipped_too_long": 0}
+    fits = []
+    for record in records:
+        sample, stats = encode_sample(record, template, tok, seq_length, num_contexts)
+        fits.append(sample is not None)
+        for key in totals:
+            totals[key] += stats[key]
+    return fits, totals
+
+
+def load_model(cfg: Config, ws, tok_ref: dict[str, Any]) -> tuple[RetroModel, dict[str, Any], Path]:
+    """The checkpoint to fine-tune (sft.init_from, else the latest pretraining checkpoint) as a model."""
+    given = cfg.resolve(cfg.sft.init_from) if cfg.sft.init_from else None
+    if given is not None and given.is_dir() and not (given / checkpoint.META).exists():
+        given = checkpoint.latest(given) or given  # a run folder: its latest complete checkpoint
+    path = resolve_checkpoint(ws, given, cfg.pretrain.run)
+    meta = checkpoint.read_meta(path)
+    checkpoint.check_tokenizer(meta, tok_ref, path)
+    model = RetroModel(checkpoint.model_config_of(meta), meta["chunk_length"], meta["pad_id"])
+    model.load_state_dict(checkpoint.load_weights(path))
+    return model, meta, path
+
+
+def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, Any]]]:
+    """The job for the loop, its settings, the checkpoint to resume, and the blend table to print."""
+    s = cfg.sft
+    if not s.blend:
+        raise UserError(f"[sft] in {cfg.source} has no datasets: add [[sft.blend]] tables with name, path, "
+                        f"format and weight")
+    ws = workspace_of(cfg)
+    tok = open_tokenizer(ws)
+    tok_ref = checkpoint.tokenizer_ref(ws)
+    torch.manual_seed(cfg.workspace.seed)
+    model, meta, init_path = load_model(cfg, ws, tok_ref)
+    if s.neighbors != "none" and not model.retro_layers:
+        raise UserError(f"sft.neighbors = {s.neighbors!r} needs a Retro checkpoint, but {init_path} is a plain GPT: "
+                        f"set sft.neighbors = \"none\"")
+    if s.neighbors == "none":  # InstructRetro: the encoder is gated off during SFT, its weights kept as they are
+        model.cca_gate_off = True
+        for name, p in model.named_parameters():
+            if is_cca_or_encoder(name):
+                p.requires_grad_(False)  # unused: no optimizer state, and DDP does not wait for their gradients
+    settings = TrainSettings.from_section(s, cfg.workspace.seed)
+    settings.fsdp = cfg.launch.fsdp
+    seq = model.cfg.seq_length
+    if s.train_tokens > 0:
+        settings.train_steps = -(-s.train_tokens // (s.global_batch_size * seq))
+
+    entries = [dataclasses.replace(e, path=str(cfg.resolve(e.path))) for e in s.blend]
+    for e in entries:
+        if not Path(e.path).is_file():
+            raise UserError(f"sft.blend {e.name!r}: no such file {e.path} (paths are relative to {cfg.source})")
+    full, skipped = load_blend(entries, s.on_bad_record)
+    splits = [split_records(recs, s.valid_fraction, cfg.workspace.seed) for recs in full.records]
+    blend = Blend(entries, [train_recs or recs for (train_recs, _), recs in zip(splits, full.records)])
+    template = template_of(cfg)
+    draws = blend.draw(settings.train_steps * s.global_batch_size, cfg.workspace.seed)
+    order = [blend.records[d][r] for d, r in draws.tolist()]
+    unique = {id(rec): rec for rec in order}
+    fits, cut = fitting(list(unique.values()), template, tok, seq, s.num_contexts)
+    fit_ids = {key for key, ok in zip(unique, fits) if ok}
+    train_records = [rec for rec in order if id(rec) in fit_ids]
+    if not train_records:
+        raise UserError(f"no SFT record fits model.seq_length {seq} (the question and answer alone are longer)")
+
+    retriever = store = None
+    if s.neighbors == "database":
+        store = ChunkStore.open(ws, model.chunk_length)
+        retriever = Retriever(cfg, ws, store.chunks["doc"])
+    neighbours = Neighbours(s.neighbors, model, tok, retriever, store) if s.neighbors != "none" else None
+    valid = {}
+    for entry, (_, held_out) in zip(entries, splits):
+        held = [rec for rec in held_out[:EVAL_RECORDS_PER_SET]]
+        ok, _ = fitting(held, template, tok, seq, s.num_contexts)
+        held = [rec for rec, f in zip(held, ok) if f]
+        if held:
+            valid[entry.name] = SFTSamples(held, template, tok, seq, s.num_contexts, neighbours)
+
+    table = blend.table(len(draws))
+    for row, (_, held_out) in zip(table, splits):
+        row.update(held_out=len(held_out), bad_records=skipped[row["name"]])
+    table.append({"name": "(all)", "too_long_dropped": len(order) - len(train_records), **cut})
+    train_samples = SFTSamples(train_records, template, tok, seq, s.num_contexts, neighbours)
+    job_meta = {**checkpoint.model_meta(model.cfg, model.chunk_length, model.pad_id, tok_ref, model.retro_layers),
+                "eos_id": tok.eos_id, "sft": {"init_from": str(init_path), "neighbors": s.neighbors}}
+    resolved = dataclasses.replace(cfg, model=model.cfg)
+    out = run_dir(ws, s.run)
+    job = Job("sft", out, model, train_samples, valid or None, job_meta,
+              to_commented_toml(resolved, "# the resolved configuration of this checkpoint"), {"blend": table})
+    resume_from = find_resume(out, settings)
+    if resume_from is None:
+        log(f"fine-tuning {init_path} ({meta.get('kind', 'retro')}, step {meta.get('step')})")
+    return job, settings, resume_from, table
+
+
+def print_blend_table(rows: list[dict[str, Any]]) -> None:
+    """InstructRetro's blend table: per dataset its records, probability, samples and epochs; then what the
+    sequence length cost (records dropped as too long, context tokens cut)."""
+    from rich.table import Table
+
+    if not dist().main:
+        return
+    table = Table(title="SFT blend")
+    for col in ("dataset", "format", "train records", "held out", "bad records", "probability", "samples", "epochs"):
+        table.add_column(col, justify="left" if col in ("dataset", "format") else "right")
+    for r in rows[:-1]:
+        table.add_row(r["name"], r["format"], f"{r['records']:,}", f"{r['held_out']:,}", f"{r['bad_records']:,}",
+                      f"{r['probability']:.3f}", f"{r['expected_samples']:,.0f}", f"{r['epochs']:.2f}")
+    console.print(table)
+    last = rows[-1]
+    console.print(f"{last['too_long_dropped']:,} drawn samples dropped (question + answer longer than the sequence); "
+                  f"{last['context_tokens_cut']:,} context tokens cut, {last['contexts_dropped']:,} contexts dropped "
+                  f"to fit (answers are never cut)")
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    job, settings, resume_from, table = build(cfg)
+    print_blend_table(table)
+    summary = train(settings, job, resume_from)
+    summary["run_dir"] = str(job.run_dir)
+    return summary

@@ -86,6 +86,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if rot == x.shape[-1]:  # every dimension rotated: no pass-through part to join (saves a copy of q and k)
+        return x_rot * cos + rotated * sin
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 

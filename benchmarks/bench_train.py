@@ -9,7 +9,10 @@ all rounds. A step is forward, next-token loss, backward and an AdamW update on 
 Reported per model: tokens/s, model FLOPs per step and achieved model FLOP/s. Model FLOPs are the same
 formula for all three (`RetroModel.flops_per_sequence` x 3 for forward + backward: decoder, LM head, the
 encoder over k*r neighbour tokens per chunk, its cross-attention to the chunk, and every CCA layer), so
-the FLOP/s ratio says how efficiently each implementation runs the same arithmetic. For the peer, the
+the FLOP/s ratio says how efficiently each implementation runs the same arithmetic. The decoder's causal
+self-attention is counted in full (PaLM's convention) and also at the n(n+1)/2 pairs a causal kernel
+computes: the GPT is mostly causal attention where Retro's extra work (encoder, CCA) is not, so the full
+count credits the GPT with arithmetic its kernel skips. For the peer, the
 FLOPs its own code executes are also counted with torch.utils.flop_counter (its einsum attention is
 counted; our SDPA on CPU is not visible to that counter, so ours are not counted that way).
 
@@ -111,7 +114,7 @@ def worker(a) -> dict:
 # -------------------------------------------------------------------------------------------- main side
 
 
-def model_flops_per_step(a, retro: bool) -> int:
+def model_flops_per_step(a, retro: bool, causal_full: bool = True) -> int:
     sys.path.insert(0, str(REPO))
     from retrocli.config import ModelConfig
     from retrocli.model import RetroModel
@@ -121,7 +124,7 @@ def model_flops_per_step(a, retro: bool) -> int:
                       num_neighbors=a.k, retrieved_length=2 * a.chunk)
     cfg.vocab_size = a.vocab
     model = RetroModel(cfg, a.chunk)
-    return 3 * a.batch * model.flops_per_sequence(a.seq, retrieval=retro)
+    return 3 * a.batch * model.flops_per_sequence(a.seq, retrieval=retro, causal_full=causal_full)
 
 
 def run_worker(a, name: str, python: str) -> dict:
@@ -151,12 +154,16 @@ def main_side(a) -> dict:
     for m in models:
         step = statistics.median(times[m])
         flops = model_flops_per_step(a, retro=m != "gpt")
+        causal = model_flops_per_step(a, retro=m != "gpt", causal_full=False)
         rows[m] = {"step_s": step, "tokens_per_s": tokens_per_step / step, "model_flops_per_step": flops,
-                   "achieved_gflops": flops / step / 1e9, "params": info[m]["params"],
+                   "achieved_gflops": flops / step / 1e9, "causal_flops_per_step": causal,
+                   "achieved_causal_gflops": causal / step / 1e9, "params": info[m]["params"],
                    "counted_flops_per_step": info[m]["counted_flops"], "steps_timed": len(times[m])}
     result = {"shape": {k: getattr(a, k) for k in SHAPE_KEYS}, "models": rows}
     if "retro" in rows and "gpt" in rows:
         result["retro_vs_gpt_flops_ratio"] = rows["retro"]["achieved_gflops"] / rows["gpt"]["achieved_gflops"]
+        result["retro_vs_gpt_causal_flops_ratio"] = (rows["retro"]["achieved_causal_gflops"]
+                                                     / rows["gpt"]["achieved_causal_gflops"])
     if "retro" in rows and "retro-pytorch" in rows:
         result["retro_vs_peer_tokens_ratio"] = rows["retro"]["tokens_per_s"] / rows["retro-pytorch"]["tokens_per_s"]
     return result
@@ -167,13 +174,16 @@ def report(result: dict) -> None:
     print(f"\nshape: {s['layers']} layers, d {s['hidden']}, {s['heads']} heads, seq {s['seq']}, batch {s['batch']}, "
           f"chunk {s['chunk']}, k {s['k']}, r {2 * s['chunk']}, vocab {s['vocab']}, {s['threads']} threads")
     print(f"{'model':15s} {'params':>10s} {'step s':>8s} {'tokens/s':>10s} {'model GFLOP/step':>17s} "
-          f"{'achieved GFLOP/s':>17s} {'counted GFLOP/step':>19s}")
+          f"{'achieved GFLOP/s':>17s} {'causal GFLOP/s':>15s} {'counted GFLOP/step':>19s}")
     for m, r in result["models"].items():
         counted = "" if r["counted_flops_per_step"] is None else f"{r['counted_flops_per_step'] / 1e9:.1f}"
         print(f"{m:15s} {r['params']:>10,d} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['model_flops_per_step'] / 1e9:>17.1f} {r['achieved_gflops']:>17.2f} {counted:>19s}")
+              f"{r['model_flops_per_step'] / 1e9:>17.1f} {r['achieved_gflops']:>17.2f} "
+              f"{r['achieved_causal_gflops']:>15.2f} {counted:>19s}")
     if "retro_vs_gpt_flops_ratio" in result:
-        print(f"Retro achieved FLOP/s / GPT's: {result['retro_vs_gpt_flops_ratio']:.3f} (target >= 0.90)")
+        print(f"Retro achieved FLOP/s / GPT's: {result['retro_vs_gpt_flops_ratio']:.3f} with the decoder's causal "
+              f"attention counted in full (PaLM), {result['retro_vs_gpt_causal_flops_ratio']:.3f} counting the "
+              f"half a causal kernel computes (target >= 0.90)")
     if "retro_vs_peer_tokens_ratio" in result:
         print(f"Retro tokens/s / retro-pytorch's: {result['retro_vs_peer_tokens_ratio']:.2f}x (target >= 1.5x)")
 

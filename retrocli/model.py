@@ -404,12 +404,13 @@ class RetroModel(nn.Module):
         x = self.norm(x)
         return F.linear(x, self.embed.weight)  # tied LM head: (b, n, v)
 
-    def flops_per_sequence(self, n: int, retrieval: bool = True) -> int:
+    def flops_per_sequence(self, n: int, retrieval: bool = True, causal_full: bool = True) -> int:
         """Forward matmul FLOPs (2 per multiply-add) for one sequence of n tokens; x3 for forward + backward.
 
-        Counts every linear layer, attention scores and weighted values (the causal mask is not discounted,
-        as in PaLM's MFU formula), the LM head, and with retrieval the encoder over l*k*r neighbour tokens
-        (k = model.num_neighbors, r = retrieved_length) and every CCA layer over l*m query positions.
+        Counts every linear layer, attention scores and weighted values, the LM head, and with retrieval the
+        encoder over l*k*r neighbour tokens (k = model.num_neighbors, r = retrieved_length) and every CCA
+        layer over l*m query positions. Decoder self-attention counts all n*n (query, key) pairs, as PaLM's
+        MFU formula does, or with `causal_full=False` only the n(n+1)/2 a causal kernel computes.
         Norms, softmax, activations and embedding lookups are not counted.
         """
         cfg, m = self.cfg, self.chunk_length
@@ -425,7 +426,8 @@ class RetroModel(nn.Module):
         def mlp(tokens: int) -> int:
             return (3 if cfg.mlp == "swiglu" else 2) * linear(tokens, d, f)
 
-        total = cfg.layers * (attention(n, n, n * n) + mlp(n)) + linear(n, d, v)
+        pairs = n * n if causal_full else n * (n + 1) // 2
+        total = cfg.layers * (attention(n, n, pairs) + mlp(n)) + linear(n, d, v)
         if retrieval and self.retro_layers:
             l, k, r = math.ceil(n / m), cfg.num_neighbors, self.retrieved_length
             t = l * k * r  # neighbour tokens per sequence

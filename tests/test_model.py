@@ -234,5 +234,8 @@ def test_flops_match_a_count_of_the_forward(changes: dict, monkeypatch: pytest.M
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(tokens, neighbours)
     assert model.flops_per_sequence(n) * b == counter.get_total_flops() + sum(attention_flops)
+    # a causal kernel computes n(n+1)/2 of the n*n (query, key) pairs of each decoder layer: QK^T and AV
+    skipped = model.cfg.layers * 2 * 2 * model.cfg.hidden * (n * n - n * (n + 1) // 2)
+    assert model.flops_per_sequence(n, causal_full=False) == model.flops_per_sequence(n) - skipped
     if model.retro_layers:
         assert model.flops_per_sequence(n, retrieval=False) < model.flops_per_sequence(n)

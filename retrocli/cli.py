@@ -233,7 +233,56 @@ def sft(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     _train("sft", sft_mod.run, config, set_)
 
 
-for _verb, _issue in [("generate", "generation"), ("score", "scoring")]:
+# ----------------------------------------------------------------------------------------------- score
+
+
+@app.command()
+def score(
+    predictions: Path = typer.Argument(..., help="our generator's JSONL (id, prediction, gold) or SQuAD's "
+                                       "prediction JSON {question id: answer}"),
+    gold: Optional[Path] = typer.Option(None, "--gold", help="gold answers: every question of this file is "
+                                        "scored (a missing prediction scores 0); default: the JSONL's gold"),
+    gold_format: str = typer.Option("squad", "--gold-format", help="format of --gold: squad, qed, nq, "
+                                    "instructretro or qa"),
+    first_gold: bool = typer.Option(False, "--first-gold", help="InstructRetro's variant: score the first gold "
+                                    "answer only (default: the max over gold answers, as SQuAD's script)"),
+    rouge: bool = typer.Option(False, "--rouge", help="also ROUGE-1/2/L and their geometric mean"),
+    as_json: bool = typer.Option(False, "--json", help="print the scores as JSON on stdout"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the scores here (default: "
+                                       "PREDICTIONS.scores.json)"),
+):
+    """Exact match and F1 with SQuAD's official normalisation (lowercase, no punctuation, no a/an/the),
+    as percentages; with SQuAD's prediction JSON and `--gold` a SQuAD file the numbers are those of SQuAD's
+    v1.1 evaluation script."""
+    from rich.table import Table
+
+    from . import score as score_mod
+    from .workspace import write_json_atomic
+
+    preds = score_mod.read_predictions(predictions)
+    golds = score_mod.load_gold(gold, gold_format) if gold is not None else None
+    result = score_mod.score(preds, golds, first_gold=first_gold, rouge=rouge)
+    result.update(predictions=str(predictions), gold=str(gold) if gold else None,
+                  variant="first gold answer" if first_gold else "max over gold answers")
+    target = out or predictions.with_name(predictions.name + ".scores.json")
+    write_json_atomic(target, result)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"scores: {predictions.name}")
+    for col in ("questions", "EM", "F1", "missing", "unknown") + (("ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE gm")
+                                                               if rouge else ()):
+        table.add_column(col, justify="right")
+    row = [f"{result['count']:,}", f"{result['exact_match']:.2f}", f"{result['f1']:.2f}", f"{result['missing']:,}",
+           f"{result['unknown']:,}"]
+    if rouge:
+        row += [f"{result[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rouge_gm")]
+    table.add_row(*row)
+    console.print(table)
+    console.print(f"written to {target}")
+
+
+for _verb, _issue in [("generate", "generation")]:
     _not_built(_verb, _issue)
 
 

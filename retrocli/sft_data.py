@@ -175,14 +175,22 @@ def _answers(obj: dict, keys: tuple[str, ...]) -> list[str]:
         value = obj.get(key)
         if value is None:
             continue
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(a, str) for a in items):
-            raise _BadRecord(f"{key!r} must be a string or a list of strings")
-        answers = [a.strip() for a in items if a.strip()]
-        if not answers:
-            raise _BadRecord(f"{key!r} holds no non-empty answer")
-        return answers
+        try:
+            return answer_list(value)
+        except ValueError as e:
+            raise _BadRecord(f"{key!r} {e}") from None
     raise _BadRecord(f"no {' or '.join(repr(k) for k in keys)}")
+
+
+def answer_list(value: object) -> list[str]:
+    """A string or a list of strings -> its non-empty answers, stripped; ValueError saying what is wrong."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(a, str) for a in items):
+        raise ValueError("must be a string or a list of strings")
+    answers = [a.strip() for a in items if a.strip()]
+    if not answers:
+        raise ValueError("holds no non-empty answer")
+    return answers
 
 
 def _contexts(obj: dict, key: str) -> list[dict]:

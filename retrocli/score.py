@@ -1,0 +1,281 @@
+"""Scoring generated answers: exact match and F1 (the SQuAD v1.1 official rules) and ROUGE-1/2/L.
+
+Predictions come from a file in one of two shapes:
+
+    JSON lines (our generator): {"id": ..., "prediction": "...", "gold": ["...", ...], "question": "..."}
+        per line; "gold" (a string or a list of strings) and "question" are optional.
+    SQuAD's prediction file: one JSON object {question_id: answer_text, ...}.
+
+Gold answers come either from each prediction's "gold" field, or from a dataset file read with
+`sft_data.read_records` (`load_gold`). With a gold file every gold question is scored: one without a
+prediction scores 0 and is counted as `missing`; predictions for ids the gold file lacks are counted as
+`unknown` and ignored. SQuAD v2 questions without an answer are skipped by `read_records` and not scored.
+
+Per question, a metric is the best over the gold answers (the SQuAD rule) or, with first_gold=True,
+taken on the first gold answer only (InstructRetro's evaluation). Scores are percentages (100 * mean).
+`rouge_gm` is the geometric mean of the mean ROUGE-1, ROUGE-2 and ROUGE-L.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+from .sft_data import answer_list, read_records
+
+Metric = Callable[[str, str], float]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+# ------------------------------------------------------------------------------------------- EM / F1
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD v1.1: lower case, remove punctuation, remove articles (a, an, the), collapse white space."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, gold: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(pred) == normalize_answer(gold))
+
+
+def f1(pred: str, gold: str) -> float:
+    """Token-overlap F1 of the normalised strings, as SQuAD v1.1: 0.0 when no token is shared (so also when
+    either side normalises to nothing, even both)."""
+    pred_tokens, gold_tokens = normalize_answer(pred).split(), normalize_answer(gold).split()
+    num_same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if num_same == 0:
+        return 0.0
+    precision, recall = num_same / len(pred_tokens), num_same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def max_over_gold(metric: Metric, pred: str, golds: list[str]) -> float:
+    """The best score of `pred` against any gold answer (0.0 with no gold answer)."""
+    return max((metric(pred, g) for g in golds), default=0.0)
+
+
+def first_gold(metric: Metric, pred: str, golds: list[str]) -> float:
+    """The score of `pred` against the first gold answer only (InstructRetro's rule; 0.0 with none)."""
+    return metric(pred, golds[0]) if golds else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- ROUGE
+
+
+def _words(s: str) -> list[str]:
+    """Lower-cased alphanumeric word tokens (everything else separates words)."""
+    return _WORD.findall(s.lower())
+
+
+def _f_measure(overlap: int, n_pred: int, n_ref: int) -> float:
+    if overlap == 0 or n_pred == 0 or n_ref == 0:
+        return 0.0
+    precision, recall = overlap / n_pred, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_n(pred: str, ref: str, n: int) -> float:
+    """ROUGE-N F-measure: clipped n-gram overlap of lower-cased word tokens."""
+    if n < 1:
+        raise ValueError(f"rouge_n needs n >= 1, got {n}")
+    p, r = _words(pred), _words(ref)
+    p_grams = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
+    r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+    overlap = sum((p_grams & r_grams).values())
+    return _f_measure(overlap, sum(p_grams.values()), sum(r_grams.values()))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F-measure: longest common subsequence of lower-cased word tokens."""
+    p, r = _words(pred), _words(ref)
+    return _f_measure(_lcs(p, r), len(p), len(r))
+
+
+def rouge_geometric_mean(pred: str, ref: str) -> float:
+    """(ROUGE-1 * ROUGE-2 * ROUGE-L) ** (1/3) of one pair."""
+    return (rouge_n(pred, ref, 1) * rouge_n(pred, ref, 2) * rouge_l(pred, ref)) ** (1 / 3)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise UserError(f"{what} file {path} not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: bytes that are not UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}: empty file")
+    return text
+
+
+def _gold_list(value: object, where: str) -> list[str]:
+    try:
+        return answer_list(value)
+    except ValueError as e:
+        raise UserError(f"{where}: 'gold' {e}") from None
+
+
+def _jsonl_record(obj: object, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object with 'id' and 'prediction', got {type(obj).__name__}")
+    for key in ("id", "prediction"):
+        if obj.get(key) is None:
+            raise UserError(f"{where}: no {key!r}")
+    qid = obj["id"]
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+        raise UserError(f"{where}: 'id' must be a string or an integer")
+    if not isinstance(obj["prediction"], str):
+        raise UserError(f"{where}: 'prediction' is a {type(obj['prediction']).__name__}, not a string")
+    record = {"id": str(qid), "prediction": obj["prediction"], "source": where}
+    if obj.get("gold") is not None:
+        record["gold"] = _gold_list(obj["gold"], where)
+    if obj.get("question") is not None:
+        if not isinstance(obj["question"], str):
+            raise UserError(f"{where}: 'question' is a {type(obj['question']).__name__}, not a string")
+        record["question"] = obj["question"]
+    return record
+
+
+def read_predictions(path: Path | str) -> dict[str, dict]:
+    """{id: {"id", "prediction", "source"[, "gold", "question"]}} from a JSON-lines predictions file or a
+    SQuAD prediction file ({question_id: answer_text}). Problems are UserErrors naming the file (and line)."""
+    path = Path(path)
+    text = _read_text(path, "predictions")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None  # JSON lines (or broken: reported line by line below)
+    if isinstance(whole, dict) and "prediction" not in whole:  # SQuAD prediction format
+        out = {}
+        for qid, answer in whole.items():
+            if not isinstance(answer, str):
+                raise UserError(f"{path}: the answer for question {qid!r} is a {type(answer).__name__}, not a "
+                                "string (a SQuAD prediction file is {\"question_id\": \"answer text\", ...})")
+            out[qid] = {"id": qid, "prediction": answer, "source": f"{path}: question {qid!r}"}
+        if not out:
+            raise UserError(f"{path}: no predictions")
+        return out
+    if whole is not None and not isinstance(whole, dict):
+        raise UserError(f"{path}: expected JSON lines of {{\"id\", \"prediction\"}} objects or a SQuAD prediction "
+                        f"object {{\"question_id\": \"answer\"}}, got a JSON {type(whole).__name__}")
+    out = {}
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not JSON ({e.msg})") from None
+        record = _jsonl_record(obj, where)
+        if record["id"] in out:
+            raise UserError(f"{where}: id {record['id']!r} again (first at {out[record['id']]['source']})")
+        out[record["id"]] = record
+    return out
+
+
+def load_gold(path: Path | str, fmt: str) -> dict[str, list[str]]:
+    """{id: gold answers} of a dataset file in one of sft_data's formats (squad, qed, nq, instructretro, qa)."""
+    records, _ = read_records(Path(path), fmt)
+    gold: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
+    for rec in records:
+        if rec.id in gold:
+            raise UserError(f"{rec.source}: question id {rec.id!r} again (first at {first[rec.id]})")
+        gold[rec.id], first[rec.id] = list(rec.answers), rec.source
+    return gold
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None, first_gold: bool = False,
+          rouge: bool = False) -> dict:
+    """EM and F1 (and ROUGE with rouge=True) as percentages, plus count / missing / unknown.
+
+    gold=None: each prediction's own "gold" answers are used (a UserError when one has none). Otherwise every
+    gold question is scored (0 when it has no prediction: `missing`); predictions not in gold are `unknown`.
+    """
+    pick = _first_gold_fn if first_gold else max_over_gold
+    pairs: list[tuple[str | None, list[str]]] = []  # (prediction or None when missing, golds)
+    missing = unknown = 0
+    if gold is None:
+        for qid, rec in predictions.items():
+            rec = _as_record(qid, rec)
+            if not rec.get("gold"):
+                where = rec.get("source", f"prediction {qid!r}")
+                raise UserError(f"{where}: no 'gold' answers; give a gold file to score against")
+            pairs.append((rec["prediction"], list(rec["gold"])))
+    else:
+        for qid, golds in gold.items():
+            rec = predictions.get(qid)
+            if rec is None:
+                missing += 1
+                pairs.append((None, list(golds)))
+            else:
+                pairs.append((_as_record(qid, rec)["prediction"], list(golds)))
+        unknown = sum(1 for qid in predictions if qid not in gold)
+    if not pairs:
+        raise UserError("nothing to score: no predictions" + ("" if gold is None else " and no gold questions"))
+
+    metrics: dict[str, Metric] = {"exact_match": exact_match, "f1": f1}
+    if rouge:
+        metrics.update({"rouge1": lambda p, g: rouge_n(p, g, 1), "rouge2": lambda p, g: rouge_n(p, g, 2),
+                        "rougeL": rouge_l})
+    totals = dict.fromkeys(metrics, 0.0)
+    for pred, golds in pairs:
+        if pred is None:
+            continue
+        for name, metric in metrics.items():
+            totals[name] += pick(metric, pred, golds)
+    n = len(pairs)
+    result: dict = {name: 100.0 * total / n for name, total in totals.items()}
+    if rouge:
+        r1, r2, rl = (result[k] / 100.0 for k in ("rouge1", "rouge2", "rougeL"))
+        result["rouge_gm"] = 100.0 * (r1 * r2 * rl) ** (1 / 3)
+    result.update(count=n, missing=missing, unknown=unknown)
+    return result
+
+
+_first_gold_fn = first_gold  # `score` has a parameter of the same name
+
+
+def _as_record(qid: str, rec: object) -> dict:
+    if isinstance(rec, str):
+        return {"id": qid, "prediction": rec}
+    if not isinstance(rec, dict) or not isinstance(rec.get("prediction"), str):
+        raise UserError(f"prediction {qid!r}: expected an object with a string 'prediction'")
+    return rec

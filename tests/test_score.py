@@ -1,0 +1,189 @@
+"""Scoring: SQuAD v1.1 normalisation, EM / F1, max-over-gold vs first-gold, ROUGE, both prediction file shapes,
+gold from a SQuAD file (missing and unknown questions), and errors naming the file and line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from retrocli.errors import UserError
+from retrocli.score import (
+    exact_match,
+    f1,
+    first_gold,
+    load_gold,
+    max_over_gold,
+    normalize_answer,
+    read_predictions,
+    rouge_geometric_mean,
+    rouge_l,
+    rouge_n,
+    score,
+)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("The Denver Broncos", "denver broncos"),
+    ("An apple a day", "apple day"),
+    ("  Quick,   brown-fox!  ", "quick brownfox"),
+    ("theater anthem", "theater anthem"),  # articles only as whole words
+    ("a.b", "ab"),  # punctuation goes before articles: "a.b" -> "ab", not "b"
+    ("THE", ""),
+    ("Levi's\tStadium\n", "levis stadium"),
+])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_exact_match_and_f1_hand_computed():
+    assert exact_match("the Denver Broncos", "Denver Broncos") == 1.0
+    assert f1("the Denver Broncos", "Denver Broncos") == 1.0
+    assert exact_match("Broncos", "Denver Broncos") == 0.0
+    assert f1("Broncos", "Denver Broncos") == pytest.approx(2 * (1 * 0.5) / 1.5)
+    # P = 2/4, R = 2/3 -> F1 = 2 * (1/2 * 2/3) / (1/2 + 2/3) = 4/7
+    assert f1("denver broncos won big", "denver broncos team") == pytest.approx(4 / 7)
+    # repeated tokens are clipped by the Counter intersection: P = 1/3, R = 1 -> 0.5
+    assert f1("broncos broncos broncos", "broncos") == pytest.approx(0.5)
+    assert f1("Santa Clara", "Carolina Panthers") == 0.0
+    # v1.1: no shared token -> 0, even when both sides normalise to nothing
+    assert exact_match("the", "a") == 1.0
+    assert f1("the", "a") == 0.0
+
+
+def test_max_over_gold_vs_first_gold():
+    golds = ["Denver Broncos", "Broncos"]
+    assert max_over_gold(exact_match, "Broncos", golds) == 1.0
+    assert first_gold(exact_match, "Broncos", golds) == 0.0
+    assert max_over_gold(f1, "Broncos", golds) == 1.0
+    assert first_gold(f1, "Broncos", golds) == pytest.approx(2 / 3)
+    assert max_over_gold(f1, "x", []) == 0.0
+
+
+def test_rouge_hand_computed():
+    pred, ref = "The cat sat on the mat.", "the cat is on the mat"
+    # unigrams: the x2, cat, on, mat shared -> 5 of 6 each side
+    assert rouge_n(pred, ref, 1) == pytest.approx(5 / 6)
+    # bigrams: the-cat, on-the, the-mat shared -> 3 of 5 each side
+    assert rouge_n(pred, ref, 2) == pytest.approx(3 / 5)
+    # LCS: the cat on the mat -> 5
+    assert rouge_l(pred, ref) == pytest.approx(5 / 6)
+    assert rouge_geometric_mean(pred, ref) == pytest.approx((5 / 6 * 3 / 5 * 5 / 6) ** (1 / 3))
+    # precision != recall: P = 2/3, R = 1 -> 0.8; bigrams P = 1/2, R = 1 -> 2/3
+    assert rouge_n("a b c", "a b", 1) == pytest.approx(0.8)
+    assert rouge_n("a b c", "a b", 2) == pytest.approx(2 / 3)
+    # order matters for L, not for 1
+    assert rouge_n("b a", "a b", 1) == 1.0
+    assert rouge_l("b a", "a b") == pytest.approx(0.5)
+    assert rouge_n("one", "one", 2) == 0.0  # no bigram at all
+    assert rouge_geometric_mean("x y", "z w") == 0.0
+
+
+def _squad(tmp_path):
+    data = {"version": "1.1", "data": [{"title": "Super_Bowl_50", "paragraphs": [{
+        "context": "The Denver Broncos defeated the Carolina Panthers at Levi's Stadium in Santa Clara.",
+        "qas": [
+            {"id": "q1", "question": "Who won?", "answers": [{"text": "Denver Broncos", "answer_start": 4},
+                                                            {"text": "Broncos", "answer_start": 11}]},
+            {"id": "q2", "question": "Which city?", "answers": [{"text": "Santa Clara", "answer_start": 71}]},
+            {"id": "q3", "question": "Which stadium?", "answers": [{"text": "Levi's Stadium", "answer_start": 53}]},
+        ]}]}]}
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_squad_predictions_against_squad_gold(tmp_path):
+    gold = load_gold(_squad(tmp_path), "squad")
+    assert gold == {"q1": ["Denver Broncos", "Broncos"], "q2": ["Santa Clara"], "q3": ["Levi's Stadium"]}
+    pred_path = tmp_path / "predictions.json"
+    pred_path.write_text(json.dumps({"q1": "the Denver Broncos", "q2": "Clara", "zz": "unknown question"}))
+    preds = read_predictions(pred_path)
+    assert {k: v["prediction"] for k, v in preds.items()} == {"q1": "the Denver Broncos", "q2": "Clara",
+                                                             "zz": "unknown question"}
+    result = score(preds, gold)
+    # q1: EM 1, F1 1; q2: EM 0, F1 2/3 (P 1, R 1/2); q3: missing -> 0; zz ignored
+    assert result["count"] == 3 and result["missing"] == 1 and result["unknown"] == 1
+    assert result["exact_match"] == pytest.approx(100 / 3)
+    assert result["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert "rouge1" not in result
+
+
+def test_cli_prints_writes_and_names_bad_input(tmp_path):
+    from .conftest import run_cli
+
+    gold = _squad(tmp_path)
+    preds = tmp_path / "predictions.json"
+    preds.write_text(json.dumps({"q1": "the Denver Broncos", "q2": "Clara"}))
+    proc = run_cli("score", str(preds), "--gold", str(gold), "--json")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3) and printed["missing"] == 1
+    assert json.loads((tmp_path / "predictions.json.scores.json").read_text())["exact_match"] == printed["exact_match"]
+    proc = run_cli("score", str(tmp_path / "absent.jsonl"))
+    assert proc.returncode == 2 and "absent.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_first_gold_changes_the_score(tmp_path):
+    gold = load_gold(_squad(tmp_path), "squad")
+    preds = {"q1": {"id": "q1", "prediction": "Broncos"}, "q2": {"id": "q2", "prediction": "Santa Clara"},
+             "q3": {"id": "q3", "prediction": "Levi's Stadium"}}
+    best, first = score(preds, gold), score(preds, gold, first_gold=True)
+    assert best["exact_match"] == pytest.approx(100.0) and best["f1"] == pytest.approx(100.0)
+    assert first["exact_match"] == pytest.approx(200 / 3)
+    assert first["f1"] == pytest.approx(100 * (2 / 3 + 1 + 1) / 3)
+    assert first["missing"] == 0 and first["unknown"] == 0
+
+
+def test_jsonl_predictions_with_gold_and_rouge(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    lines = [
+        {"id": "a", "question": "Where?", "prediction": "The cat sat on the mat.", "gold": ["the cat is on the mat"]},
+        {"id": 7, "prediction": "Denver Broncos", "gold": "denver broncos"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    preds = read_predictions(path)
+    assert list(preds) == ["a", "7"]
+    assert preds["a"]["question"] == "Where?" and preds["7"]["gold"] == ["denver broncos"]
+    result = score(preds, rouge=True)
+    assert result["count"] == 2 and result["missing"] == 0 and result["unknown"] == 0
+    assert result["exact_match"] == pytest.approx(50.0)
+    # a: normalised "cat sat on mat" vs "cat is on mat": P = R = 3/4
+    assert result["f1"] == pytest.approx(100 * (0.75 + 1) / 2)
+    r1, r2, rl = (5 / 6 + 1) / 2, (3 / 5 + 1) / 2, (5 / 6 + 1) / 2
+    assert result["rouge1"] == pytest.approx(100 * r1)
+    assert result["rouge2"] == pytest.approx(100 * r2)
+    assert result["rougeL"] == pytest.approx(100 * rl)
+    assert result["rouge_gm"] == pytest.approx(100 * math.prod([r1, r2, rl]) ** (1 / 3))
+
+
+def test_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_predictions(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prediction": "x"}\n{"id": "b", "prediction": \n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not JSON"):
+        read_predictions(bad)
+    nopred = tmp_path / "nopred.jsonl"
+    nopred.write_text('{"id": "a", "prediction": "x"}\n{"id": "b", "answer": "y"}\n')
+    with pytest.raises(UserError, match=r"nopred\.jsonl:2: no 'prediction'"):
+        read_predictions(nopred)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "a", "prediction": "x"}\n{"id": "a", "prediction": "y"}\n')
+    with pytest.raises(UserError, match=r"dup\.jsonl:2: id 'a' again \(first at .*dup\.jsonl:1\)"):
+        read_predictions(dup)
+    shape = tmp_path / "list.json"
+    shape.write_text('["a", "b"]')
+    with pytest.raises(UserError, match="got a JSON list"):
+        read_predictions(shape)
+    squad_bad = tmp_path / "preds.json"
+    squad_bad.write_text(json.dumps({"q1": ["not", "a", "string"]}))
+    with pytest.raises(UserError, match="question 'q1'"):
+        read_predictions(squad_bad)
+    nogold = tmp_path / "nogold.jsonl"
+    nogold.write_text('{"id": "a", "prediction": "x", "gold": ["x"]}\n{"id": "b", "prediction": "y"}\n')
+    with pytest.raises(UserError, match=r"nogold\.jsonl:2: no 'gold'"):
+        score(read_predictions(nogold))
+    with pytest.raises(UserError, match="not found"):
+        load_gold(tmp_path / "missing.json", "squad")

@@ -125,6 +125,17 @@ def complete_steps(run: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def in_folder(path: Path, what: str) -> Path:
+    """`path` when it is a step folder; for a run folder, its latest complete checkpoint (`what` names the
+    option in the error, e.g. "--checkpoint")."""
+    if path.is_dir() and not (path / META).exists() and complete_steps(path):
+        found = latest(path)
+        if found is None:
+            raise UserError(f"{what} {path}: no complete checkpoint in this folder")
+        return found
+    return path
+
+
 def latest(run: Path, announce: bool = True) -> Path | None:
     """The newest complete, intact checkpoint of a run; skipped damaged ones are reported."""
     skipped = []

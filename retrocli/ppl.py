@@ -30,16 +30,12 @@ from .train import all_sum, device_for_rank, evaluate
 from .workspace import Workspace, write_json_atomic
 
 
-def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain") -> Path:
+def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain",
+                       what: str = "--checkpoint") -> Path:
     """A step folder: the given one (or the latest complete one inside a given run folder), else the latest
     complete checkpoint of the workspace's run `run` (pretrain.run)."""
     if given is not None:
-        if given.is_dir() and not (given / checkpoint.META).exists() and checkpoint.complete_steps(given):
-            found = checkpoint.latest(given)
-            if found is None:
-                raise UserError(f"--checkpoint {given}: no complete checkpoint in this folder")
-            return found
-        return given
+        return checkpoint.in_folder(given, what)
     found = checkpoint.latest(run_dir(ws, run))
     if found is None:
         raise UserError(f"no complete checkpoint in {run_dir(ws, run)}: run `retro pretrain` first, or pass "

@@ -83,11 +83,7 @@ def is_cca_or_encoder(name: str) -> bool:
 
 def load_init(model: RetroModel, path: Path, tok_ref: dict[str, Any]) -> None:
     """Load a GPT or Retro checkpoint's weights for a new run; CCA/encoder weights it lacks start fresh."""
-    if path.is_dir() and not (path / checkpoint.META).exists() and checkpoint.complete_steps(path):
-        found = checkpoint.latest(path)  # a run folder: its latest complete checkpoint
-        if found is None:
-            raise UserError(f"pretrain.init_from {path}: no complete checkpoint in this folder")
-        path = found
+    path = checkpoint.in_folder(path, "pretrain.init_from")
     meta = checkpoint.read_meta(path)
     checkpoint.check_tokenizer(meta, tok_ref, path)
     theirs, ours = meta["model"], dataclasses.asdict(model.cfg)

@@ -27,6 +27,7 @@ from .config import Config, to_commented_toml
 from .db import Retriever, open_tokenizer, workspace_of
 from .errors import UserError
 from .model import RetroModel
+from .ppl import load_model as load_checkpoint_model
 from .ppl import resolve_checkpoint
 from .pretrain import is_cca_or_encoder, run_dir
 from .runtime import console, dist, log
@@ -107,17 +108,12 @@ def fitting(records: list[Record], template: PromptTemplate, tok, seq_length: in
     return fits, totals
 
 
-def load_model(cfg: Config, ws, tok_ref: dict[str, Any]) -> tuple[RetroModel, dict[str, Any], Path]:
+def load_model(cfg: Config, ws) -> tuple[RetroModel, dict[str, Any], Path]:
     """The checkpoint to fine-tune (sft.init_from, else the latest pretraining checkpoint) as a model."""
     given = cfg.resolve(cfg.sft.init_from) if cfg.sft.init_from else None
-    if given is not None and given.is_dir() and not (given / checkpoint.META).exists():
-        given = checkpoint.latest(given) or given  # a run folder: its latest complete checkpoint
-    path = resolve_checkpoint(ws, given, cfg.pretrain.run)
-    meta = checkpoint.read_meta(path)
-    checkpoint.check_tokenizer(meta, tok_ref, path)
-    model = RetroModel(checkpoint.model_config_of(meta), meta["chunk_length"], meta["pad_id"])
-    model.load_state_dict(checkpoint.load_weights(path))
-    return model, meta, path
+    path = resolve_checkpoint(ws, given, cfg.pretrain.run, what="sft.init_from")
+    model, meta = load_checkpoint_model(ws, path)
+    return model.train(), meta, path
 
 
 def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, Any]]]:
@@ -130,7 +126,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     tok = open_tokenizer(ws)
     tok_ref = checkpoint.tokenizer_ref(ws)
     torch.manual_seed(cfg.workspace.seed)
-    model, meta, init_path = load_model(cfg, ws, tok_ref)
+    model, meta, init_path = load_model(cfg, ws)
     if s.neighbors != "none" and not model.retro_layers:
         raise UserError(f"sft.neighbors = {s.neighbors!r} needs a Retro checkpoint, but {init_path} is a plain GPT: "
                         f"set sft.neighbors = \"none\"")

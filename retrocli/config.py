@@ -451,7 +451,7 @@ def _validate_training(name: str, t: PretrainConfig | SFTConfig, p: list[str]) -
     if t.lr <= 0:
         p.append(f"{name}.lr must be positive, got {t.lr}")
     if not 0 <= t.min_lr <= t.lr:
-        p.append(f"{name}.min_lr must be in [0, pretrain.lr], got {t.min_lr}")
+        p.append(f"{name}.min_lr must be in [0, {name}.lr], got {t.min_lr}")
     for key in ("warmup_steps", "keep_last", "train_tokens"):
         if getattr(t, key) < 0:
             p.append(f"{name}.{key} must be >= 0, got {getattr(t, key)}")

@@ -119,11 +119,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     torch.manual_seed(cfg.workspace.seed)
     model = RetroModel(model_cfg, m, tok.pad_id)
     retrieval = bool(resolve_retro_layers(model_cfg))
-    settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed)
-    settings.fsdp = cfg.launch.fsdp
-    if cfg.pretrain.train_tokens > 0:
-        per_step = cfg.pretrain.global_batch_size * model_cfg.seq_length
-        settings.train_steps = -(-cfg.pretrain.train_tokens // per_step)
+    settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed, model_cfg.seq_length, cfg.launch.fsdp)
     out = run_dir(ws, cfg.pretrain.run)
     resume_from = find_resume(out, settings)
     if resume_from is None and cfg.pretrain.init_from:

@@ -135,11 +135,8 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
         for name, p in model.named_parameters():
             if is_cca_or_encoder(name):
                 p.requires_grad_(False)  # unused: no optimizer state, and DDP does not wait for their gradients
-    settings = TrainSettings.from_section(s, cfg.workspace.seed)
-    settings.fsdp = cfg.launch.fsdp
     seq = model.cfg.seq_length
-    if s.train_tokens > 0:
-        settings.train_steps = -(-s.train_tokens // (s.global_batch_size * seq))
+    settings = TrainSettings.from_section(s, cfg.workspace.seed, seq, cfg.launch.fsdp)
 
     entries = [dataclasses.replace(e, path=str(cfg.resolve(e.path))) for e in s.blend]
     for e in entries:
@@ -165,7 +162,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     neighbours = Neighbours(s.neighbors, model, tok, retriever, store) if s.neighbors != "none" else None
     valid = {}
     for entry, (_, held_out) in zip(entries, splits):
-        held = [rec for rec in held_out[:EVAL_RECORDS_PER_SET]]
+        held = held_out[:EVAL_RECORDS_PER_SET]
         ok, _ = fitting(held, template, tok, seq, s.num_contexts)
         held = [rec for rec, f in zip(held, ok) if f]
         if held:

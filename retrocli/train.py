@@ -66,10 +66,14 @@ class TrainSettings:
     fsdp: bool = False  # from [launch]: shard the model over the ranks instead of replicating it
 
     @classmethod
-    def from_section(cls, section: Any, seed: int) -> "TrainSettings":
+    def from_section(cls, section: Any, seed: int, seq_length: int, fsdp: bool = False) -> "TrainSettings":
+        """The loop's knobs from [pretrain] or [sft]; `train_tokens` > 0 becomes train_steps =
+        ceil(train_tokens / (global_batch_size x seq_length)). `fsdp` comes from [launch]."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
-        return cls(**values, seed=seed)
+        if section.train_tokens > 0:
+            values["train_steps"] = -(-section.train_tokens // (section.global_batch_size * seq_length))
+        return cls(**values, seed=seed, fsdp=fsdp)
 
 
 @dataclass

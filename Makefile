@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.toml
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test test-fast demo lint bench bench-db bench-train clean
+.PHONY: install test test-fast demo lint bench bench-db bench-train bench-generate clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check retrocli tests benchmarks
 
-bench: bench-db bench-train
+bench: bench-db bench-train bench-generate
 
 bench-db: install
 	$(BIN)/python benchmarks/bench_db.py --data-dir $(DATA_DIR)
@@ -46,6 +46,10 @@ $(PEER)/.installed:
 
 bench-train: install $(PEER)/.installed
 	$(BIN)/python benchmarks/bench_train.py --peer-python $(PEER)/bin/python
+
+# KV-cached decoding against recomputing the sequence for every token, same model and prompts (issue 5).
+bench-generate: install
+	$(BIN)/python benchmarks/bench_generate.py
 
 clean:
 	rm -rf runs

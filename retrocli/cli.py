@@ -205,17 +205,6 @@ def ppl(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     console.print(f"wrote {result['json_path']}")
 
 
-# ------------------------------------------------------------------------------- verbs still to come
-
-
-def _not_built(verb: str, issue: str):
-    def command(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
-        raise UserError(f"`retro {verb}` is not built yet ({issue})")
-
-    command.__doc__ = f"(not built yet: {issue})"
-    app.command(verb)(command)
-
-
 # ------------------------------------------------------------------------------------------------- sft
 
 
@@ -233,57 +222,121 @@ def sft(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     _train("sft", sft_mod.run, config, set_)
 
 
+# -------------------------------------------------------------------------------------------- generate
+
+
+@app.command()
+def generate(
+    task: Optional[str] = typer.Argument(None, help="questions: a SQuAD JSON, NQ-open / QED / qa JSONL, "
+                                         "InstructRetro JSON (with ctxs) or chat file; '-': prompts on stdin, "
+                                         "one per line"),
+    config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="answer this prompt (repeatable) and print "
+                                               "the answer"),
+    fmt: str = typer.Option("auto", "--format", help="format of TASK: auto (from its first record), squad, qed, "
+                                                     "nq, instructretro, qa, chat, self_instruct"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the answers' JSON lines (default: "
+                                       "WORKSPACE/generate/TASK.CONTEXTS.jsonl)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="a step or run folder (default: "
+                                              "generate.checkpoint, else the latest SFT, else pretraining one)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad-records", help="skip malformed records (counted) instead "
+                                  "of stopping at the first"),
+    limit: int = typer.Option(0, "--limit", help="answer only the first N questions of TASK; 0: all"),
+):
+    """Answer every question of TASK (or --prompt / stdin prompts) with the model, retrieving as it writes.
+
+    Prompts are built as in SFT, with `generate.contexts` = file | database (the question as the query) |
+    none (closed book). Decoding keeps a KV cache; whenever the text crosses a chunk boundary the new chunk's
+    neighbours are retrieved for the CCA (`generate.neighbors`). Greedy by default; temperature, top_k,
+    top_p, stop strings and max_new_tokens in [generate]. A rerun after a kill continues; under torchrun
+    (`[launch]`) the questions are shared among the ranks. Score the output with `retro score`."""
+    from . import generate as gen
+    from .runtime import dist, relaunch_under_torchrun
+
+    cfg = _config(config, set_)
+    prompts = list(prompt) if prompt else None
+    if task == "-":
+        prompts = [line.strip() for line in sys.stdin if line.strip()]
+        if not prompts:
+            raise UserError("no prompts on stdin")
+    elif task is None and prompts is None:
+        raise UserError("give a task file, '-' for prompts on stdin, or --prompt TEXT")
+    if prompts is None:
+        relaunch_under_torchrun(cfg.launch, _ARGV)
+    task_path = Path(task) if task not in (None, "-") else None
+    summary = gen.run(cfg, task_path, prompts, fmt, out, checkpoint, skip_bad, limit)
+    if not dist().main:
+        return
+    if "answers" in summary:
+        for a in summary["answers"]:
+            sys.stdout.write(a["prediction"] + "\n")
+        return
+    rate = summary["tokens"] / max(summary["seconds"], 1e-9)
+    console.print(f"generate: {summary['questions']:,} questions ({summary['resumed']:,} from an earlier run), "
+                  f"{summary['tokens']:,} tokens in {summary['seconds']:.1f} s ({rate:,.0f} tokens/s); contexts "
+                  f"{summary['contexts']}, neighbours {summary['neighbors']}, {summary['too_long']:,} prompts too "
+                  f"long; answers in {summary['out']}")
+
+
 # ----------------------------------------------------------------------------------------------- score
 
 
 @app.command()
 def score(
-    predictions: Path = typer.Argument(..., help="our generator's JSONL (id, prediction, gold) or SQuAD's "
-                                       "prediction JSON {question id: answer}"),
+    predictions: List[Path] = typer.Argument(..., help="one or more prediction files (one task each): our "
+                                             "generator's JSONL (id, prediction, gold) or SQuAD's prediction "
+                                             "JSON {question id: answer}"),
     gold: Optional[Path] = typer.Option(None, "--gold", help="gold answers: every question of this file is "
                                         "scored (a missing prediction scores 0); default: the JSONL's gold"),
     gold_format: str = typer.Option("squad", "--gold-format", help="format of --gold: squad, qed, nq, "
                                     "instructretro or qa"),
     first_gold: bool = typer.Option(False, "--first-gold", help="InstructRetro's variant: score the first gold "
                                     "answer only (default: the max over gold answers, as SQuAD's script)"),
+    regex: bool = typer.Option(False, "--regex", help="the gold answers are regular expressions (CuratedTREC): "
+                               "EM = the pattern matches the start of the prediction, ignoring case; F1 = EM. "
+                               "JSONL records with 'gold_regex' are scored so without it"),
     rouge: bool = typer.Option(False, "--rouge", help="also ROUGE-1/2/L and their geometric mean"),
-    as_json: bool = typer.Option(False, "--json", help="print the scores as JSON on stdout"),
+    as_json: bool = typer.Option(False, "--json", help="print the scores as JSON on stdout (one object; with "
+                                 "several files, one per file keyed by path)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the scores here (default: "
-                                       "PREDICTIONS.scores.json)"),
+                                       "PREDICTIONS.scores.json beside each file; only with one file)"),
 ):
     """Exact match and F1 with SQuAD's official normalisation (lowercase, no punctuation, no a/an/the),
-    as percentages; with SQuAD's prediction JSON and `--gold` a SQuAD file the numbers are those of SQuAD's
-    v1.1 evaluation script."""
+    as percentages, one table row per prediction file; with SQuAD's prediction JSON and `--gold` a SQuAD
+    file the numbers are those of SQuAD's v1.1 evaluation script."""
     from rich.table import Table
 
     from . import score as score_mod
     from .workspace import write_json_atomic
 
-    preds = score_mod.read_predictions(predictions)
+    if out is not None and len(predictions) > 1:
+        raise UserError("--out takes one prediction file; with several, each gets PREDICTIONS.scores.json")
     golds = score_mod.load_gold(gold, gold_format) if gold is not None else None
-    result = score_mod.score(preds, golds, first_gold=first_gold, rouge=rouge)
-    result.update(predictions=str(predictions), gold=str(gold) if gold else None,
-                  variant="first gold answer" if first_gold else "max over gold answers")
-    target = out or predictions.with_name(predictions.name + ".scores.json")
-    write_json_atomic(target, result)
+    results = {}
+    for path in predictions:
+        result = score_mod.score(score_mod.read_predictions(path), golds, first_gold=first_gold, rouge=rouge,
+                                 regex=regex)
+        result.update(predictions=str(path), gold=str(gold) if gold else None,
+                      variant="first gold answer" if first_gold else "max over gold answers")
+        target = out or path.with_name(path.name + ".scores.json")
+        write_json_atomic(target, result)
+        results[str(path)] = result
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(next(iter(results.values())) if len(results) == 1 else results))
         return
-    table = Table(title=f"scores: {predictions.name}")
-    for col in ("questions", "EM", "F1", "missing", "unknown") + (("ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE gm")
-                                                               if rouge else ()):
-        table.add_column(col, justify="right")
-    row = [f"{result['count']:,}", f"{result['exact_match']:.2f}", f"{result['f1']:.2f}", f"{result['missing']:,}",
-           f"{result['unknown']:,}"]
-    if rouge:
-        row += [f"{result[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rouge_gm")]
-    table.add_row(*row)
+    table = Table(title="retro score" + (f" (gold: {gold.name})" if gold else ""))
+    rouge_cols = ("ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE gm") if rouge else ()
+    for col in ("task", "questions", "EM", "F1", "missing", "unknown", "regex") + rouge_cols:
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for path, result in results.items():
+        row = [Path(path).name, f"{result['count']:,}", f"{result['exact_match']:.2f}", f"{result['f1']:.2f}",
+               f"{result['missing']:,}", f"{result['unknown']:,}", f"{result['regex']:,}"]
+        if rouge:
+            row += [f"{result[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rouge_gm")]
+        table.add_row(*row)
     console.print(table)
-    console.print(f"written to {target}")
-
-
-for _verb, _issue in [("generate", "generation")]:
-    _not_built(_verb, _issue)
+    console.print("written to " + ", ".join(str(out or Path(p).with_name(Path(p).name + ".scores.json"))
+                                            for p in results))
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -181,9 +181,31 @@ class SFTConfig(TrainingConfig):
     train_steps: int = opt(1000, "optimizer steps in total")
 
 
+GENERATE_CONTEXTS = ("file", "database", "none")
+GENERATE_NEIGHBORS = ("auto", "database", "context", "none")
+
+
 @dataclass
 class GenerateConfig:
-    pass
+    checkpoint: str = opt("", "the checkpoint to answer with (a step folder or a run folder); empty: the latest "
+                              "complete checkpoint of the SFT run (sft.run), else of the pretraining run")
+    contexts: str = opt("file", "contexts in the prompt: 'file' (the task file's own paragraphs / ctxs), "
+                                "'database' (retrieved with the question as the query: open-domain QA) or "
+                                "'none' (closed book)")
+    num_contexts: int = opt(5, "contexts put in the prompt (cut to fit the sequence; answers keep their room)")
+    neighbors: str = opt("auto", "the CCA's neighbours while writing: 'database' (each chunk's nearest database "
+                                 "chunks, retrieved again whenever the text crosses a chunk boundary), 'context' "
+                                 "(the prompt's contexts), 'none' (CCA off); 'auto': as the checkpoint was trained")
+    max_new_tokens: int = opt(64, "tokens generated at most per answer")
+    temperature: float = opt(0.0, "0: greedy; > 0: sample from softmax(logits / temperature)")
+    top_k: int = opt(0, "sample from the k most likely tokens only; 0: all")
+    top_p: float = opt(1.0, "sample from the smallest set of tokens whose probability reaches top_p")
+    stop: list[str] = opt([], "strings that end an answer (cut before them); the end-of-sequence token always does")
+    batch_size: int = opt(8, "questions decoded together (left-padded)")
+    cache: bool = opt(True, "keep keys and values between tokens (KV cache); false: recompute the whole "
+                            "sequence for every token (slow; for comparison)")
+    precision: str = opt("fp32", "'fp32' or 'bf16' (autocast)")
+    user_template: str = opt("", "the user turn of the prompt, with {question}; empty: sft.user_template")
 
 
 @dataclass
@@ -429,6 +451,7 @@ def validate(cfg: Config) -> None:
     _validate_training("pretrain", cfg.pretrain, p)
     _validate_training("sft", cfg.sft, p)
     _validate_sft(cfg.sft, p)
+    _validate_generate(cfg.generate, p)
     lc = cfg.launch
     for key in ("nproc_per_node", "nnodes"):
         if getattr(lc, key) < 1:
@@ -438,6 +461,26 @@ def validate(cfg: Config) -> None:
     if not 1 <= lc.master_port <= 65535:
         p.append(f"launch.master_port must be a TCP port (1..65535), got {lc.master_port}")
     check(p, f"invalid values in {cfg.source}")
+
+
+def _validate_generate(g: GenerateConfig, p: list[str]) -> None:
+    if g.contexts not in GENERATE_CONTEXTS:
+        p.append(f"generate.contexts must be one of {', '.join(GENERATE_CONTEXTS)}, got {g.contexts!r}")
+    if g.neighbors not in GENERATE_NEIGHBORS:
+        p.append(f"generate.neighbors must be one of {', '.join(GENERATE_NEIGHBORS)}, got {g.neighbors!r}")
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(g, key) < 1:
+            p.append(f"generate.{key} must be positive, got {getattr(g, key)}")
+    if g.num_contexts < 0 or g.top_k < 0:
+        p.append(f"generate.num_contexts and generate.top_k must be >= 0, got {g.num_contexts} and {g.top_k}")
+    if not g.temperature >= 0.0:
+        p.append(f"generate.temperature must be >= 0 (0: greedy), got {g.temperature}")
+    if not 0.0 < g.top_p <= 1.0:
+        p.append(f"generate.top_p must be in (0, 1], got {g.top_p}")
+    if g.precision not in ("fp32", "bf16"):
+        p.append(f"generate.precision must be 'fp32' or 'bf16', got {g.precision!r}")
+    if any(not s for s in g.stop):
+        p.append("generate.stop must not contain an empty string")
 
 
 def _validate_training(name: str, t: PretrainConfig | SFTConfig, p: list[str]) -> None:

@@ -26,6 +26,7 @@ from .embed import LEXICAL, LEXICAL_SCHEME, Embedder, embed_blocks, lexical_idf,
 from .errors import UserError
 from .neighbours import search_excluding
 from .runtime import dist, fault_point, log, progress, warn
+from .samples import neighbour_tokens
 from .tokenizer import load_tokenizer, train_sentencepiece
 from .workspace import DB_STAGES, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
 
@@ -310,6 +311,23 @@ class Retriever:
         return search_excluding(self.index, vectors, none, self.chunk_docs, k)
 
 
+def retrieve_neighbours(retriever: Retriever, store: ChunkStore, tok, chunks: list[list[int]], k: int, r: int,
+                        pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest database chunks of each token chunk (searched by its text), as model neighbours:
+    tokens (n, k, r) (chunk + continuation, padded with pad_id) and chunk ids (n, k), -1 where missing."""
+    tokens = np.full((len(chunks), k, r), pad_id, dtype=np.int64)
+    ids = np.full((len(chunks), k), -1, dtype=np.int64)
+    if not chunks:
+        return tokens, ids
+    found, _ = retriever.search([tok.decode(list(c)) for c in chunks], k)
+    for i, row in enumerate(found):
+        for slot, cid in enumerate(row[row >= 0][:k]):
+            toks = neighbour_tokens(store, int(cid), r)
+            tokens[i, slot, : len(toks)] = toks
+            ids[i, slot] = cid
+    return tokens, ids
+
+
 def search_texts(cfg: Config, ws: Workspace, texts: list[str], chunk_docs: np.ndarray,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """One search of free texts (see `Retriever`)."""
@@ -323,9 +341,15 @@ def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
     store = ChunkStore.open(ws, cfg.db.chunk_length)
     tok = open_tokenizer(ws)
     ids, distances = search_texts(cfg, ws, texts, store.chunks["doc"], k)
+    return describe_hits(store, tok, ids, distances)
+
+
+def describe_hits(store: ChunkStore, tok, ids: np.ndarray, distances: np.ndarray) -> list[list[dict[str, Any]]]:
+    """Search results (n, k) as readable hits: rank, distance, chunk and document ids, title, source file,
+    the chunk's text and its continuation."""
     docs = store.doc_info(store.chunks["doc"][ids[ids >= 0]])
     results = []
-    for qi in range(len(texts)):
+    for qi in range(len(ids)):
         hits = []
         for rank, (cid, dist_) in enumerate(zip(ids[qi], distances[qi]), 1):
             if cid < 0:

@@ -1,7 +1,8 @@
 """The RETRO model: a GPT decoder with chunked cross-attention (CCA) to an encoder of retrieved neighbours.
 
 Architecture only: no I/O, no tokenizer, no distributed code. The file reads top to bottom: norms, rotary
-embeddings, attention, MLP, decoder layer, chunked cross-attention, retrieval encoder, model, loss.
+embeddings, attention, MLP, decoder layer, chunked cross-attention, retrieval encoder, model, the decoding
+cache (KV cache and retrieval state for one-token steps), loss.
 
 Axis legend used in every shape comment and einops pattern:
     b batch            l chunks per sequence (ceil(n / m))    k neighbours per chunk
@@ -97,9 +98,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     """Multi-head attention through `scaled_dot_product_attention`.
 
-    Self-attention when `context` is None, else cross-attention from x to `context`. Keys and values are
-    projected in one place (`kv_proj`) and attended in another, which is where a KV cache would plug in:
-    concatenate past (k, v) after projection and rotation, and pass an explicit mask instead of `causal`.
+    Self-attention when `context` is None, else cross-attention from x to `context`. With a decoding cache
+    (`kv`), new keys and values are stored after projection and rotation, and the queries attend to every
+    stored one (a key mask instead of `causal` when one new token per row is decoded).
     `key_mask` (b, t) is True for keys that may be attended; a row with no such key outputs exactly zero
     (instead of the NaN a softmax over nothing gives).
     """
@@ -120,14 +121,19 @@ class Attention(nn.Module):
         rope_k: tuple[Tensor, Tensor] | None = None,
         causal: bool = False,
         key_mask: Tensor | None = None,
+        kv: "LayerCache | None" = None,
     ) -> Tensor:
-        """x (b, s, d), context (b, t, d) or None -> (b, s, d). `rope` rotates the queries (cos, sin (s, rot))
-        and, unless `rope_k` (cos, sin (t, rot)) is given, the keys too."""
+        """x (b, s, d), context (b, t, d) or None -> (b, s, d). `rope` rotates the queries (cos, sin (s, rot),
+        or (b, 1, s, rot) for per-row positions) and, unless `rope_k` (cos, sin (t, rot)) is given, the keys too.
+        `kv`: this layer's decoding cache; the new keys and values are stored and all cached ones attended."""
         context = x if context is None else context
         q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
         k, v = rearrange(self.kv_proj(context), "b t (two h e) -> two b h t e", two=2, h=self.heads)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *(rope if rope_k is None else rope_k))
+        if kv is not None:
+            k, v, key_mask = kv.append(k, v)  # (b, h, t, e) every key so far; key_mask (b, t) or None
+            causal = causal and q.shape[-2] > 1  # one new query per row sees every cached key
         attn_mask, has_key = None, None
         if key_mask is not None:
             has_key = key_mask.any(dim=-1)  # (b,)
@@ -189,7 +195,13 @@ class ChunkedCrossAttention(nn.Module):
         self, x: Tensor, encoded: Tensor, encoded_mask: Tensor, rope: tuple[Tensor, Tensor, Tensor, Tensor] | None
     ) -> Tensor:
         """x (b, n, d) normed decoder states; encoded (b, l, k, r, d); encoded_mask (b, l, k, r);
-        rope: cos, sin of the query positions (m, rot) and of the key positions (k*r, rot), or None -> (b, n, d)."""
+        rope: cos, sin of the query positions (m, rot) and of the key positions (k*r, rot), or None -> (b, n, d).
+        Decoding (see DecodeCache): x (b, 1, d), encoded (b, k, r, d) and encoded_mask (b, k, r) of the block
+        each row's position is in, query rope (b, 1, 1, rot) -> (b, 1, d)."""
+        rope_q, rope_k = (None, None) if rope is None else (rope[:2], rope[2:])
+        if encoded.dim() == 4:  # decoding: x (b, 1, d), one position per row; encoded (b, k, r, d) of its block
+            kv = rearrange(encoded, "b k r d -> b (k r) d")
+            return self.attn(x, kv, rope=rope_q, rope_k=rope_k, key_mask=rearrange(encoded_mask, "b k r -> b (k r)"))
         b, n, _ = x.shape
         l, m = encoded.shape[1], self.m
         q = x[:, m - 1 :]  # (b, n - m + 1, d): shift left so block i starts at the last token of chunk i
@@ -197,7 +209,6 @@ class ChunkedCrossAttention(nn.Module):
         q = rearrange(q, "b (l m) d -> (b l) m d", m=m)
         kv = rearrange(encoded, "b l k r d -> (b l) (k r) d")
         key_mask = rearrange(encoded_mask, "b l k r -> (b l) (k r)")
-        rope_q, rope_k = (None, None) if rope is None else (rope[:2], rope[2:])
         y = self.attn(q, kv, rope=rope_q, rope_k=rope_k, key_mask=key_mask)  # ((b l), m, d)
         y = rearrange(y, "(b l) m d -> b (l m) d", b=b)
         return F.pad(y, (0, 0, m - 1, 0))[:, :n]  # shift back: (b, n, d), zeros at the first m-1 positions
@@ -227,9 +238,11 @@ class DecoderLayer(nn.Module):
         encoded: Tensor | None = None,
         encoded_mask: Tensor | None = None,
         cca_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        kv: "LayerCache | None" = None,
     ) -> Tensor:
-        """x (b, n, d) -> (b, n, d). Without `encoded` the CCA contributes exactly nothing (the gate is off)."""
-        x = x + self.drop(self.attn(self.norm_attn(x), rope=rope, causal=True))
+        """x (b, n, d) -> (b, n, d). Without `encoded` the CCA contributes exactly nothing (the gate is off).
+        `kv`: this layer's decoding cache (DecodeCache.layer)."""
+        x = x + self.drop(self.attn(self.norm_attn(x), rope=rope, causal=True, kv=kv))
         if self.cca is not None and encoded is not None:
             x = x + self.drop(self.cca(self.norm_cca(x), encoded, encoded_mask, cca_rope))
         return x + self.drop(self.mlp(self.norm_mlp(x)))
@@ -372,10 +385,13 @@ class RetroModel(nn.Module):
         cos_k, sin_k = self.rotary(torch.arange(r, device=device).repeat(k))  # (k*r, rot)
         return cos_q, sin_q, cos_k, sin_k
 
-    def forward(self, tokens: Tensor, neighbours: Tensor | None = None, *, retrieval: bool = True) -> Tensor:
+    def forward(self, tokens: Tensor, neighbours: Tensor | None = None, *, retrieval: bool = True,
+                cache: "DecodeCache | None" = None) -> Tensor:
         """tokens (b, n) and neighbours (b, l, k, r) with l = ceil(n / m), or None -> logits (b, n, v).
 
         n need not be a multiple of m. Neighbours are ignored by a plain GPT and when retrieval is off.
+        With an empty `cache`, this is the prefill of a generator: keys, values and retrieval state are kept
+        for `step`.
         """
         b, n = tokens.shape
         x = self._embed(tokens)  # (b, n, d)
@@ -394,15 +410,67 @@ class RetroModel(nn.Module):
             neighbour_states = self._embed(neighbours)  # (b, l, k, r, d)
             cca_rope = self._cca_rope(*neighbours.shape[2:], tokens.device)
 
-        for layer in self.layers:
+        if cache is not None:
+            cache.begin_prefill(n)
+        for i, layer in enumerate(self.layers):
             if use_retrieval and encoded is None and layer.cca is not None:
                 # first CCA layer: encode the neighbours once, conditioned on the decoder states entering it
                 rope_r = self._rope(neighbours.shape[-1], tokens.device)
                 encoded = self.encoder(neighbour_states, encoded_mask, x, rope_r)  # (b, l, k, r, d)
-            x = layer(x, rope, encoded, encoded_mask, cca_rope)
+                if cache is not None:
+                    cache.keep_retrieval_state(x, encoded, encoded_mask)
+            x = layer(x, rope, encoded, encoded_mask, cca_rope, kv=None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.advance(n)
 
         x = self.norm(x)
         return F.linear(x, self.embed.weight)  # tied LM head: (b, n, v)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, cache: "DecodeCache", neighbours: Tensor | None = None) -> Tensor:
+        """One new token per row, tokens (b,) at positions cache.positions -> logits (b, v), cache advanced.
+
+        neighbours (b, k, r): for the rows whose new token completes a chunk ((position + 1) % m == 0), the
+        neighbours of that chunk (live retrieval); the other rows are not read. The chunk is then encoded,
+        conditioned on its decoder states, and serves CCA for the next m positions, as in `forward`.
+        None, or a model without retrieval: no CCA.
+        """
+        m, pos = self.chunk_length, cache.positions  # (b,)
+        x = self.embed(tokens)[:, None]  # (b, 1, d)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(pos)[:, None]
+        rope = None if self.rotary is None else tuple(t[:, None, None] for t in self.rotary(pos))  # (b, 1, 1, rot)
+        use_retrieval = not self.cca_gate_off and self.encoder is not None and neighbours is not None
+        cca_rope = None
+        if use_retrieval and self.rotary is not None:
+            # the query sits at m + j in its neighbours' frame, j its offset in the CCA block (see CCA)
+            cos_q, sin_q = self.rotary(m + (pos - (m - 1)) % m)  # (b, rot)
+            cos_k, sin_k = self._cca_rope(*neighbours.shape[1:], x.device)[2:]  # (k*r, rot)
+            cca_rope = (cos_q[:, None, None], sin_q[:, None, None], cos_k, sin_k)
+        cache.open_slot()
+        for i, layer in enumerate(self.layers):
+            if use_retrieval and i + 1 == self.retro_layers[0]:
+                self._encode_completed_chunks(x, cache, neighbours)
+            encoded = cache.encoded if use_retrieval and layer.cca is not None else None
+            x = layer(x, rope, encoded, cache.encoded_mask, cca_rope, kv=cache.layer(i))
+        cache.advance(1)
+        return F.linear(self.norm(x[:, 0]), self.embed.weight)  # (b, v)
+
+    def _encode_completed_chunks(self, x: Tensor, cache: "DecodeCache", neighbours: Tensor) -> None:
+        """x (b, 1, d) entering the first CCA layer. Keep it as its row's chunk state; where it is the chunk's
+        last position, encode that chunk's neighbours (b', k, r) against the chunk's m states."""
+        m, pos = self.chunk_length, cache.positions
+        rows = torch.arange(x.shape[0], device=x.device)
+        cache.chunk_states[rows, pos % m] = x[:, 0].to(cache.chunk_states.dtype)
+        done = torch.nonzero((pos + 1) % m == 0).flatten()
+        if len(done) == 0:
+            return
+        chosen = neighbours[done]  # (b', k, r)
+        mask = chosen != self.pad_id
+        encoded = self.encoder(self._embed(chosen)[:, None], mask[:, None], cache.chunk_states[done].to(x.dtype),
+                               self._rope(chosen.shape[-1], x.device))  # (b', 1, k, r, d)
+        cache.encoded[done] = encoded[:, 0].to(cache.encoded.dtype)
+        cache.encoded_mask[done] = mask
 
     def flops_per_sequence(self, n: int, retrieval: bool = True, causal_full: bool = True) -> int:
         """Forward matmul FLOPs (2 per multiply-add) for one sequence of n tokens; x3 for forward + backward.
@@ -435,6 +503,106 @@ class RetroModel(nn.Module):
             total += attention(t, l * m, t * m)  # the first encoder layer's cross-attention to its chunk
             total += len(self.retro_layers) * attention(l * m, t, l * m * k * r)
         return total
+
+
+# ---------------------------------------------------------------------------------- incremental decoding
+
+
+class LayerCache:
+    """One decoder layer's view of a DecodeCache."""
+
+    def __init__(self, cache: "DecodeCache", index: int):
+        self.cache, self.index = cache, index
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store new keys and values k, v (b, h, s, e) in the open slots -> every key and value so far
+        (b, h, t, e) and the key mask (b, t) (None in a prefill, where every slot is a real token)."""
+        c = self.cache
+        s, end = k.shape[-2], c.length + k.shape[-2]
+        if s > 1 and c.length:
+            raise ValueError("a decoding cache takes several tokens only as its first (prefill) call")
+        c.keys[self.index, :, :, c.length : end] = k.to(c.keys.dtype)
+        c.values[self.index, :, :, c.length : end] = v.to(c.values.dtype)
+        keys, values = c.keys[self.index, :, :, :end].to(k.dtype), c.values[self.index, :, :, :end].to(v.dtype)
+        return keys, values, (None if s > 1 else c.valid[:, :end])
+
+
+class DecodeCache:
+    """What a generator keeps between decoding steps for a batch of b rows, left-padded to a common length.
+
+    keys, values (layers, b, h, capacity, e): every decoder layer's self-attention keys and values, filled in
+    slots [0, length); valid (b, capacity): the slots that hold a row's tokens (row i's tokens fill
+    [length - its length, length)); positions (b,): the position the next token of each row takes.
+    Retrieval: chunk_states (b, m, d) the first CCA layer's inputs at the positions of each row's current
+    chunk; encoded (b, k, r, d) and encoded_mask (b, k, r) the encoded neighbours of the chunk whose CCA block
+    the next position is in (all masked before the first chunk completes).
+
+    Filled by `model(tokens, neighbours, cache=DecodeCache(model, b, capacity))` (the prefill of b rows of
+    equal length), rows of different lengths joined by `DecodeCache.left_padded`, then one `model.step` per
+    new token.
+    """
+
+    def __init__(self, model: RetroModel, batch: int, capacity: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        cfg = model.cfg
+        h, e = cfg.heads, cfg.hidden // cfg.heads
+        m, k, r = model.chunk_length, cfg.num_neighbors, model.retrieved_length
+        self.capacity, self.length = capacity, 0
+        self.keys = torch.zeros(cfg.layers, batch, h, capacity, e, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.chunk_states = torch.zeros(batch, m, cfg.hidden, device=device, dtype=dtype)
+        self.encoded = torch.zeros(batch, k, r, cfg.hidden, device=device, dtype=dtype)
+        self.encoded_mask = torch.zeros(batch, k, r, dtype=torch.bool, device=device)
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self, index)
+
+    def begin_prefill(self, n: int) -> None:
+        if self.length:
+            raise ValueError("the prefill needs an empty cache")
+        if n > self.capacity:
+            raise ValueError(f"{n} prompt tokens exceed the cache's capacity of {self.capacity}")
+        self.valid[:, :n] = True
+
+    def open_slot(self) -> None:
+        if self.length >= self.capacity:
+            raise ValueError(f"the decoding cache is full ({self.capacity} tokens)")
+        self.valid[:, self.length] = True
+
+    def advance(self, n: int) -> None:
+        self.length += n
+        self.positions += n
+
+    def keep_retrieval_state(self, x: Tensor, encoded: Tensor, encoded_mask: Tensor) -> None:
+        """In a prefill of n tokens: x (b, n, d) entering the first CCA layer, encoded (b, l, k, r, d).
+        Keep the states of the chunk position n falls in, and the encoded chunk whose block position n is in
+        (chunk (n - m) // m; a chunk completed by position n itself is encoded by that step)."""
+        n, m = x.shape[1], self.chunk_states.shape[1]
+        start = n // m * m
+        self.chunk_states[:, : n - start] = x[:, start:].to(self.chunk_states.dtype)
+        if n >= m:
+            self.encoded[:] = encoded[:, (n - m) // m].to(self.encoded.dtype)
+            self.encoded_mask[:] = encoded_mask[:, (n - m) // m]
+
+    @classmethod
+    def left_padded(cls, model: RetroModel, rows: list["DecodeCache"], capacity: int) -> "DecodeCache":
+        """One cache for the rows (each a one-row prefilled cache), their slots right-aligned."""
+        first = rows[0]
+        out = cls(model, len(rows), capacity, first.keys.device, first.keys.dtype)
+        out.length = max(r.length for r in rows)
+        if out.length > capacity:
+            raise ValueError(f"{out.length} prompt tokens exceed the cache's capacity of {capacity}")
+        for i, r in enumerate(rows):
+            lo = out.length - r.length
+            out.keys[:, i, :, lo : out.length] = r.keys[:, 0, :, : r.length]
+            out.values[:, i, :, lo : out.length] = r.values[:, 0, :, : r.length]
+            out.valid[i, lo : out.length] = True
+            out.positions[i] = r.positions[0]
+            out.chunk_states[i], out.encoded[i] = r.chunk_states[0], r.encoded[0]
+            out.encoded_mask[i] = r.encoded_mask[0]
+        return out
 
 
 def lm_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> Tensor:

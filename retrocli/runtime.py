@@ -126,6 +126,10 @@ class Bar:
         if t.speed:
             self.p.update(self.task, rate=f"{t.speed:,.0f} {self.unit}/s")
 
+    def set_rate(self, text: str) -> None:
+        """Show this instead of the items-per-second rate (e.g. several rates at once)."""
+        self.p.update(self.task, rate=text)
+
 
 # --------------------------------------------------------------------------------------- fault injection
 

@@ -62,6 +62,16 @@ def f1(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def regex_match(pred: str, pattern: str) -> float:
+    """CuratedTREC's rule (as DPR scores it): 1.0 if the pattern matches at the start of the prediction,
+    ignoring case. An invalid pattern is a UserError."""
+    try:
+        compiled = re.compile(pattern, flags=re.IGNORECASE | re.UNICODE | re.MULTILINE)
+    except re.error as e:
+        raise UserError(f"gold answer pattern {pattern!r} is not a valid regular expression: {e}") from None
+    return float(compiled.match(pred.strip()) is not None)
+
+
 def max_over_gold(metric: Metric, pred: str, golds: list[str]) -> float:
     """The best score of `pred` against any gold answer (0.0 with no gold answer)."""
     return max((metric(pred, g) for g in golds), default=0.0)
@@ -162,6 +172,9 @@ def _jsonl_record(obj: object, where: str) -> dict:
     record = {"id": str(qid), "prediction": obj["prediction"], "source": where}
     if obj.get("gold") is not None:
         record["gold"] = _gold_list(obj["gold"], where)
+    if obj.get("gold_regex") is not None:  # CuratedTREC-style answers: patterns, scored by regex_match
+        record["gold"] = _gold_list(obj["gold_regex"], where)
+        record["regex"] = True
     if obj.get("question") is not None:
         if not isinstance(obj["question"], str):
             raise UserError(f"{where}: 'question' is a {type(obj['question']).__name__}, not a string")
@@ -223,14 +236,16 @@ def load_gold(path: Path | str, fmt: str) -> dict[str, list[str]]:
 
 
 def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None, first_gold: bool = False,
-          rouge: bool = False) -> dict:
+          rouge: bool = False, regex: bool = False) -> dict:
     """EM and F1 (and ROUGE with rouge=True) as percentages, plus count / missing / unknown.
 
     gold=None: each prediction's own "gold" answers are used (a UserError when one has none). Otherwise every
     gold question is scored (0 when it has no prediction: `missing`); predictions not in gold are `unknown`.
+    Regex answers (regex=True for every gold answer, or a prediction record's "gold_regex"): EM is
+    `regex_match` and F1 equals it (a pattern has no tokens to overlap); counted in `regex`.
     """
     pick = _first_gold_fn if first_gold else max_over_gold
-    pairs: list[tuple[str | None, list[str]]] = []  # (prediction or None when missing, golds)
+    pairs: list[tuple[str | None, list[str], bool]] = []  # (prediction or None when missing, golds, regex)
     missing = unknown = 0
     if gold is None:
         for qid, rec in predictions.items():
@@ -238,15 +253,15 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
             if not rec.get("gold"):
                 where = rec.get("source", f"prediction {qid!r}")
                 raise UserError(f"{where}: no 'gold' answers; give a gold file to score against")
-            pairs.append((rec["prediction"], list(rec["gold"])))
+            pairs.append((rec["prediction"], list(rec["gold"]), regex or bool(rec.get("regex"))))
     else:
         for qid, golds in gold.items():
             rec = predictions.get(qid)
             if rec is None:
                 missing += 1
-                pairs.append((None, list(golds)))
+                pairs.append((None, list(golds), regex))
             else:
-                pairs.append((_as_record(qid, rec)["prediction"], list(golds)))
+                pairs.append((_as_record(qid, rec)["prediction"], list(golds), regex))
         unknown = sum(1 for qid in predictions if qid not in gold)
     if not pairs:
         raise UserError("nothing to score: no predictions" + ("" if gold is None else " and no gold questions"))
@@ -256,17 +271,17 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
         metrics.update({"rouge1": lambda p, g: rouge_n(p, g, 1), "rouge2": lambda p, g: rouge_n(p, g, 2),
                         "rougeL": rouge_l})
     totals = dict.fromkeys(metrics, 0.0)
-    for pred, golds in pairs:
+    for pred, golds, is_regex in pairs:
         if pred is None:
             continue
         for name, metric in metrics.items():
-            totals[name] += pick(metric, pred, golds)
+            totals[name] += pick(regex_match if is_regex else metric, pred, golds)
     n = len(pairs)
     result: dict = {name: 100.0 * total / n for name, total in totals.items()}
     if rouge:
         r1, r2, rl = (result[k] / 100.0 for k in ("rouge1", "rouge2", "rougeL"))
         result["rouge_gm"] = 100.0 * (r1 * r2 * rl) ** (1 / 3)
-    result.update(count=n, missing=missing, unknown=unknown)
+    result.update(count=n, missing=missing, unknown=unknown, regex=sum(1 for _, _, is_regex in pairs if is_regex))
     return result
 
 

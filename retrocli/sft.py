@@ -24,14 +24,13 @@ import torch
 from . import checkpoint
 from .chunks import ChunkStore
 from .config import Config, to_commented_toml
-from .db import Retriever, open_tokenizer, workspace_of
+from .db import Retriever, open_tokenizer, retrieve_neighbours, workspace_of
 from .errors import UserError
 from .model import RetroModel
 from .ppl import load_model as load_checkpoint_model
 from .ppl import resolve_checkpoint
 from .pretrain import is_cca_or_encoder, run_dir
 from .runtime import console, dist, log
-from .samples import neighbour_tokens
 from .sft_data import Blend, PromptTemplate, Record, encode_sample, load_blend, split_records
 from .train import Job, TrainSettings, find_resume, train
 
@@ -61,12 +60,9 @@ class Neighbours:
         else:
             chunks = [tokens[j * self.m : (j + 1) * self.m] for j in range(self.l)]
             real = [j for j, c in enumerate(chunks) if (c != self.pad_id).any()]
-            if real:
-                ids, _ = self.retriever.search([self.tok.decode(chunks[j].tolist()) for j in real], self.k)
-                for j, row in zip(real, ids):
-                    for slot, cid in enumerate(row[row >= 0][: self.k]):
-                        toks = neighbour_tokens(self.store, int(cid), self.r)
-                        out[j, slot, : len(toks)] = toks
+            found, _ = retrieve_neighbours(self.retriever, self.store, self.tok, [chunks[j].tolist() for j in real],
+                                           self.k, self.r, self.pad_id)
+            out[real] = found
         return out
 
 

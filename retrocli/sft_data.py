@@ -106,6 +106,35 @@ def read_records(path: Path, fmt: str, on_bad_record: str = "error") -> tuple[li
     return out.records, out.skipped
 
 
+def detect_format(path: Path) -> str:
+    """The format of a QA / instruction file, from its name and first record: a JSON object with "data" is
+    SQuAD, a JSON list InstructRetro's; JSON lines by their keys (question_text: qed, text or messages: chat,
+    instruction: self_instruct, question: qa)."""
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            if name.endswith(".json"):
+                head = f.read(4096).lstrip()
+                if head.startswith("["):
+                    return "instructretro"
+                if head.startswith("{"):
+                    return "squad"
+            else:
+                line = next((ln for ln in f if ln.strip()), "")
+                obj = json.loads(line) if line else None
+                if isinstance(obj, dict):
+                    for key, fmt in (("question_text", "qed"), ("instances", "self_instruct"), ("messages", "chat"),
+                                     ("question", "qa"), ("text", "chat")):
+                        if key in obj:
+                            return fmt
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot tell its format ({e}): pass --format") from None
+    raise UserError(f"{path}: cannot tell its format from its first record: pass --format "
+                    f"({', '.join(FORMATS)})")
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
@@ -448,7 +477,7 @@ def encode_sample(record: Record, template: PromptTemplate, tok: Tokenizer, seq_
     stats = {"context_tokens_cut": 0, "contexts_dropped": 0, "skipped_too_long": 0}
     answer_ids = list(tok.encode([" " + record.answers[0]])[0])
     budget = seq_length - len(answer_ids)  # prompt tokens that fit: prompt + answer + EOS <= seq_length + 1
-    fitted = _fit_prompt(record, template, tok, record.contexts[: max(num_contexts, 0)], budget, stats)
+    fitted = fit_prompt(record, template, tok, record.contexts[: max(num_contexts, 0)], budget, stats)
     if fitted is None:
         stats["skipped_too_long"] = 1
         return None, stats
@@ -463,7 +492,7 @@ def encode_sample(record: Record, template: PromptTemplate, tok: Tokenizer, seq_
     return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "contexts": used}, stats
 
 
-def _fit_prompt(record: Record, template: PromptTemplate, tok: Tokenizer, contexts: list[dict], budget: int,
+def fit_prompt(record: Record, template: PromptTemplate, tok: Tokenizer, contexts: list[dict], budget: int,
                 stats: dict) -> tuple[list[int], list[dict]] | None:
     """The prompt ids (at most `budget`) and the contexts in them: all of them when they fit, else the most
     leading contexts with the last one's text cut by tokens. None when the prompt without contexts is too long.

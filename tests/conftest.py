@@ -87,10 +87,12 @@ def small_workspace(tmp_path: Path):
     return make
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """`python -m retrocli ARGS` in a subprocess (real exit codes, real process death)."""
+def run_cli(*args: str, env: dict | None = None, check: bool = False, stdin: str | None = None
+            ) -> subprocess.CompletedProcess:
+    """`python -m retrocli ARGS` in a subprocess (real exit codes, real process death); `stdin`: its input."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "retrocli", *args], capture_output=True, text=True, env=full_env)
+    proc = subprocess.run([sys.executable, "-m", "retrocli", *args], capture_output=True, text=True, env=full_env,
+                          input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"retro {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

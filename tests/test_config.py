@@ -88,8 +88,8 @@ def test_cli_exit_codes(tmp_path: Path):
     proc = run_cli("db", "info", "-c", str(toml))
     assert proc.returncode == 2
     assert "db.bogus" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("generate", "-c", str(write_toml(tmp_path / "ok.toml", {})))
-    assert proc.returncode == 2 and "not built yet" in proc.stderr
+    proc = run_cli("generate", "-c", str(write_toml(tmp_path / "ok.toml", {})))  # nothing to answer
+    assert proc.returncode == 2 and "--prompt" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("db", "build", "-c", str(tmp_path / "nope.toml"))
     assert proc.returncode == 2 and "nope.toml" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -17,6 +17,7 @@ from retrocli.score import (
     max_over_gold,
     normalize_answer,
     read_predictions,
+    regex_match,
     rouge_geometric_mean,
     rouge_l,
     rouge_n,
@@ -187,3 +188,37 @@ def test_errors_name_the_file_and_line(tmp_path):
         score(read_predictions(nogold))
     with pytest.raises(UserError, match="not found"):
         load_gold(tmp_path / "missing.json", "squad")
+
+
+def test_regex_answers_match_the_start_of_the_prediction_ignoring_case(tmp_path):
+    assert regex_match("1,000 feet high", r"1,?000\s*(ft|feet)") == 1.0
+    assert regex_match("  Mount Everest", r"mount everest|everest") == 1.0  # case and leading space ignored
+    assert regex_match("about 1000 feet", r"1,?000") == 0.0  # not at the start
+    with pytest.raises(UserError, match="not a valid regular expression"):
+        regex_match("x", "(")
+    preds = tmp_path / "trec.jsonl"
+    preds.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "prediction": "Everest", "gold_regex": ["(mount )?everest"]},
+        {"id": "b", "prediction": "K2", "gold_regex": "(mount )?everest"},
+        {"id": "c", "prediction": "the Nile river", "gold": ["Nile"]},  # ordinary SQuAD rules
+    ]))
+    result = score(read_predictions(preds))
+    assert result["regex"] == 2
+    assert result["exact_match"] == pytest.approx(100 / 3)  # a by regex; c's normalised "nile river" != "nile"
+    assert result["f1"] == pytest.approx(100 * (1 + 0 + 2 / 3) / 3)  # regex F1 = EM; c: P 1/2, R 1
+
+
+def test_several_prediction_files_are_several_tasks(tmp_path):
+    from .conftest import run_cli
+
+    files = []
+    for name, pred in [("nq.jsonl", "Paris"), ("squad.jsonl", "Lyon")]:
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps({"id": "q", "prediction": pred, "gold": ["Paris"]}) + "\n")
+    proc = run_cli("score", *map(str, files), "--json")
+    assert proc.returncode == 0, proc.stderr
+    both = json.loads(proc.stdout)
+    assert both[str(files[0])]["exact_match"] == 100.0 and both[str(files[1])]["exact_match"] == 0.0
+    table = run_cli("score", *map(str, files))
+    assert table.returncode == 0 and "nq.jsonl" in table.stderr and "squad.jsonl" in table.stderr
+    assert run_cli("score", *map(str, files), "--out", str(tmp_path / "x.json")).returncode == 2

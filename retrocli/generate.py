@@ -1,0 +1,417 @@
+"""`retro generate`: answers for a QA / instruction file (or free prompts), retrieving as it writes.
+
+    task file --read_records--> questions --contexts (file | database | none)--> prompts: the SFT template,
+      contexts cut so that max_new_tokens still fit in the model's sequence
+      --batches of generate.batch_size--> prefill: each prompt once through the model, the neighbours of
+      its complete chunks retrieved, keys and values kept (model.DecodeCache), rows left-padded together
+      --step--> one token per row from the cache; when a row's text completes a chunk, that chunk's
+      neighbours are retrieved and encoded (live retrieval, as RETRO samples) for the next m positions
+      --> one JSON line per question: prediction, gold answers, the contexts and neighbour chunks used
+
+`generate.cache = false` recomputes the whole sequence for every token instead (the old tools' way; the
+same tokens, for comparison). Under torchrun each rank answers every world-th question and rank 0 merges
+the answers in input order. Finished batches go to a partial file beside the output at once, so a killed
+run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .chunks import ChunkStore
+from .config import Config
+from .db import Retriever, describe_hits, open_tokenizer, retrieve_neighbours, workspace_of
+from .errors import UserError
+from .model import DecodeCache, RetroModel
+from .ppl import load_model, resolve_checkpoint
+from .pretrain import run_dir
+from .runtime import dist, fault_point, log, progress
+from .sft import template_of
+from .sft_data import Record, detect_format, fit_prompt, read_records
+from .train import autocast, device_for_rank
+from .workspace import hash_obj, write_text_atomic
+
+# rows, chunks (token lists) -> neighbour tokens (n, k, r) and their database chunk ids (n, k), -1: none
+NeighbourFn = Callable[[list[int], list[list[int]]], tuple[np.ndarray, np.ndarray]]
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Answer:
+    tokens: list[int]  # generated, without the EOS
+    stopped: str  # "eos", "stop" (a stop string), "length" (max_new_tokens)
+    neighbour_ids: list[list[int]]  # database chunk ids retrieved for each complete chunk of prompt + answer
+    text: str | None = None  # the tokens as text, cut before a stop string (when `decode` was given)
+
+
+def pick_next(logits: torch.Tensor, d: Decoding, generators: list[torch.Generator]) -> torch.Tensor:
+    """logits (b, v) -> next tokens (b,): argmax when greedy, else a sample after temperature, top-k and
+    top-p, drawn with each row's own generator (so a row's tokens do not depend on its batch)."""
+    if d.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / d.temperature
+    if 0 < d.top_k < logits.shape[-1]:
+        kth = logits.topk(d.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if d.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # probability mass ranked above each token
+        sorted_p = sorted_p.masked_fill(before >= d.top_p, 0.0)  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    probs = probs.cpu()
+    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]).to(
+        logits.device)
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
+
+
+def generate(model: RetroModel, prompts: list[list[int]], d: Decoding, eos_id: int,
+             neighbours_of: NeighbourFn | None = None, decode: Callable[[list[int]], str] | None = None,
+             seeds: list[int] | None = None, use_cache: bool = True, precision: str = "fp32") -> list[Answer]:
+    """Continue each prompt (token ids, none empty) until EOS, a stop string or max_new_tokens.
+
+    neighbours_of: retrieval for the model's CCA (None: CCA off). It is asked once for each chunk of a row
+    as soon as the chunk is complete, prompt chunks first. `decode` turns tokens into text (needed for stop
+    strings). use_cache=False recomputes the full sequences for every token: the reference for the cache."""
+    if not prompts:
+        return []
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if d.stop and decode is None:
+        raise ValueError("stop strings need `decode`")
+    model.eval()
+    device = next(model.parameters()).device
+    m, k, r, pad = model.chunk_length, model.cfg.num_neighbors, model.retrieved_length, model.pad_id
+    retrieval = neighbours_of is not None and bool(model.retro_layers) and not model.cca_gate_off
+    b = len(prompts)
+    seqs = [list(p) for p in prompts]
+    chunk_nbrs: list[list[np.ndarray]] = [[] for _ in range(b)]  # (k, r) per complete chunk of each row
+    chunk_ids: list[list[list[int]]] = [[] for _ in range(b)]
+
+    def retrieve(rows: list[int]) -> None:
+        """Neighbours for every chunk of these rows that is complete and not yet retrieved for."""
+        wanted = [(i, c) for i in rows for c in range(len(chunk_nbrs[i]), len(seqs[i]) // m)]
+        if not retrieval or not wanted:
+            return
+        toks, ids = neighbours_of([i for i, _ in wanted], [seqs[i][c * m : (c + 1) * m] for i, c in wanted])
+        for (i, _), t, row_ids in zip(wanted, toks, ids):
+            chunk_nbrs[i].append(t)
+            chunk_ids[i].append([int(x) for x in row_ids])
+
+    def neighbours_tensor(i: int, length: int) -> np.ndarray:
+        """(ceil(length / m), k, r): the row's retrieved chunks, padding after them."""
+        out = np.full((-(-length // m), k, r), pad, dtype=np.int64)
+        if chunk_nbrs[i]:
+            out[: len(chunk_nbrs[i])] = np.stack(chunk_nbrs[i])[: len(out)]
+        return out
+
+    def full_logits() -> torch.Tensor:
+        """Uncached: the whole sequences (right-padded) through the model, the logits at each row's end."""
+        lengths = [len(s) for s in seqs]
+        n = max(lengths)
+        tokens = torch.full((b, n), pad, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s)
+        nbrs = torch.from_numpy(np.stack([neighbours_tensor(i, n) for i in range(b)])).to(device) if retrieval else None
+        logits = model(tokens.to(device), nbrs)  # (b, n, v)
+        return logits[torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1]
+
+    generators = [torch.Generator().manual_seed(int(s)) for s in (seeds or range(b))]
+    out: list[list[int]] = [[] for _ in range(b)]
+    stopped: list[str | None] = [None] * b
+    with torch.no_grad(), autocast(device, precision):
+        retrieve(list(range(b)))
+        if use_cache:
+            capacity = max(len(s) for s in seqs) + d.max_new_tokens
+            rows, first = [], []
+            for i, s in enumerate(seqs):
+                row = DecodeCache(model, 1, len(s), device)
+                nbrs = torch.from_numpy(neighbours_tensor(i, len(s)))[None].to(device) if retrieval else None
+                first.append(model(torch.tensor(s, device=device)[None], nbrs, cache=row)[0, -1])
+                rows.append(row)
+            cache = DecodeCache.left_padded(model, rows, capacity)
+            logits = torch.stack(first)
+        else:
+            logits = full_logits()
+        for t in range(d.max_new_tokens):
+            nxt = pick_next(logits, d, generators)
+            for i, tok in enumerate(nxt.tolist()):
+                if stopped[i] is not None:
+                    continue
+                if tok == eos_id:
+                    stopped[i] = "eos"
+                    continue
+                out[i].append(tok)
+                seqs[i].append(tok)
+                if d.stop:
+                    cut = _stop_at(decode(out[i]), d.stop)
+                    if cut is not None:
+                        stopped[i] = "stop"
+            live = [i for i in range(b) if stopped[i] is None]
+            if not live or t == d.max_new_tokens - 1:
+                break
+            retrieve(live)
+            if use_cache:
+                nbrs = None
+                if retrieval:
+                    # the rows whose new token completed a chunk get its neighbours; the rest are not read
+                    step_nbrs = np.full((b, k, r), pad, dtype=np.int64)
+                    for i in live:
+                        if len(seqs[i]) % m == 0:
+                            step_nbrs[i] = chunk_nbrs[i][len(seqs[i]) // m - 1]
+                    nbrs = torch.from_numpy(step_nbrs).to(device)
+                last = torch.tensor([s[-1] for s in seqs], device=device)
+                logits = model.step(last, cache, nbrs)
+            else:
+                logits = full_logits()
+    answers = []
+    for i in range(b):
+        text = None
+        if decode is not None:
+            text = decode(out[i])
+            text = text[: _stop_at(text, d.stop)] if stopped[i] == "stop" else text
+        answers.append(Answer(out[i], stopped[i] or "length", chunk_ids[i], text))
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------- the verb
+
+
+@dataclass
+class Question:
+    index: int  # position in the input, for the merge
+    record: Record
+
+
+def resolve_generate_checkpoint(cfg: Config, ws, given: Path | None) -> Path:
+    """--checkpoint, else generate.checkpoint, else the latest SFT checkpoint, else the latest pretraining one."""
+    if given is None and cfg.generate.checkpoint:
+        given = cfg.resolve(cfg.generate.checkpoint)
+    if given is None and run_dir(ws, cfg.sft.run).is_dir():
+        from . import checkpoint
+
+        if checkpoint.latest(run_dir(ws, cfg.sft.run), announce=False) is not None:
+            given = run_dir(ws, cfg.sft.run)
+    return resolve_checkpoint(ws, given, cfg.pretrain.run, what="--checkpoint")
+
+
+def neighbour_mode(cfg: Config, model: RetroModel, meta: dict[str, Any], path: Path) -> str:
+    """generate.neighbors, with "auto" read as the checkpoint was trained: an SFT checkpoint as its
+    sft.neighbors, a pretrained Retro with database neighbours, a GPT with none."""
+    mode = cfg.generate.neighbors
+    if mode == "auto":
+        mode = (meta.get("sft") or {}).get("neighbors") or ("database" if model.retro_layers else "none")
+    if mode != "none" and not model.retro_layers:
+        raise UserError(f"generate.neighbors = {mode!r} needs a Retro checkpoint, but {path} is a plain GPT: set "
+                        f"generate.neighbors = \"none\"")
+    return mode
+
+
+def read_questions(task: Path | None, prompts: list[str] | None, fmt: str, skip_bad: bool,
+                   limit: int = 0) -> list[Question]:
+    """The questions to answer, numbered in input order; `limit` > 0: the first `limit` only."""
+    if prompts is not None:
+        return [Question(i, Record(f"prompt-{i + 1}", p, [], [], f"prompt {i + 1}")) for i, p in enumerate(prompts)]
+    assert task is not None
+    if not task.is_file():
+        raise UserError(f"task file {task} not found")
+    fmt = detect_format(task) if fmt == "auto" else fmt
+    records, skipped = read_records(task, fmt, "skip" if skip_bad else "error")
+    if skipped:
+        log(f"{task}: {skipped:,} records skipped (malformed, or questions without an answer)")
+    return [Question(i, rec) for i, rec in enumerate(records[: limit or None])]
+
+
+class Prompter:
+    """Questions -> prompt token ids, with the contexts of generate.contexts, cut to leave room for the
+    answer; and the sources of those contexts, for tracing."""
+
+    def __init__(self, cfg: Config, ws, tok, model: RetroModel, store: ChunkStore | None,
+                 retriever: Retriever | None):
+        g = cfg.generate
+        template = template_of(cfg)
+        self.template = dataclasses.replace(template, user=g.user_template) if g.user_template else template
+        self.cfg, self.tok, self.store, self.retriever = cfg, tok, store, retriever
+        self.budget = model.cfg.seq_length - g.max_new_tokens
+        if self.budget < 1:
+            raise UserError(f"generate.max_new_tokens ({g.max_new_tokens}) leaves no room for a prompt in the "
+                            f"model's {model.cfg.seq_length} tokens (model.seq_length of the checkpoint)")
+
+    def contexts(self, questions: list[Question]) -> list[list[dict]]:
+        g = self.cfg.generate
+        if g.contexts == "none" or g.num_contexts == 0:
+            return [[] for _ in questions]
+        if g.contexts == "file":
+            return [[{**c, "source": "file"} for c in q.record.contexts[: g.num_contexts]] for q in questions]
+        ids, distances = self.retriever.search([q.record.question for q in questions], g.num_contexts)
+        return [[{"title": h["title"], "text": (h["text"] + " " + h["continuation"]).strip(), "source": "database",
+                  "chunk_id": h["chunk_id"], "doc_id": h["doc_id"]} for h in hits]
+                for hits in describe_hits(self.store, self.tok, ids, distances)]
+
+    def __call__(self, question: Question, contexts: list[dict]) -> tuple[list[int] | None, list[dict]]:
+        """Prompt ids (None when even the bare question does not fit) and the contexts in it."""
+        stats = {"context_tokens_cut": 0, "contexts_dropped": 0}
+        fitted = fit_prompt(question.record, self.template, self.tok, contexts, self.budget, stats)
+        return (None, []) if fitted is None else fitted
+
+
+def neighbour_source(mode: str, contexts: list[list[dict]], tok, retriever: Retriever | None,
+                     store: ChunkStore | None, model: RetroModel) -> NeighbourFn | None:
+    """The CCA's neighbours for the rows of one batch (row i has `contexts[i]` in its prompt): "database"
+    retrieves each completed chunk's nearest chunks; "context" gives every chunk the row's contexts, each cut
+    to r tokens; "none": no retrieval."""
+    k, r, pad = model.cfg.num_neighbors, model.retrieved_length, model.pad_id
+    if mode == "none":
+        return None
+    if mode == "database":
+        return lambda rows, chunks: retrieve_neighbours(retriever, store, tok, chunks, k, r, pad)
+    per_row = np.full((len(contexts), k, r), pad, dtype=np.int64)
+    for i, ctxs in enumerate(contexts):
+        texts = [c["text"] for c in ctxs[:k]]
+        for slot, ids in enumerate(tok.encode(texts) if texts else []):
+            per_row[i, slot, : min(len(ids), r)] = ids[:r]
+    return lambda rows, chunks: (per_row[rows], np.full((len(rows), k), -1, dtype=np.int64))
+
+
+def _settings_hash(cfg: Config, path: Path, mode: str, task: Path | None) -> str:
+    g = dataclasses.asdict(cfg.generate)
+    g.pop("batch_size")  # batching does not change what is answered
+    return hash_obj({"generate": g, "checkpoint": str(path.resolve()), "neighbors": mode,
+                     "task": str(task.resolve()) if task else None, "seed": cfg.workspace.seed,
+                     "template": dataclasses.asdict(template_of(cfg))})[:10]
+
+
+def _read_partial(paths: list[Path]) -> dict[int, dict]:
+    """Answers already written by an earlier (killed) run; a torn last line is ignored."""
+    done = {}
+    for p in paths:
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[rec["index"]] = rec
+    return done
+
+
+def run(cfg: Config, task: Path | None = None, prompts: list[str] | None = None, fmt: str = "auto",
+        out: Path | None = None, checkpoint_path: Path | None = None, skip_bad: bool = False,
+        limit: int = 0) -> dict[str, Any]:
+    g = cfg.generate
+    ws = workspace_of(cfg)
+    tok = open_tokenizer(ws)
+    path = resolve_generate_checkpoint(cfg, ws, checkpoint_path)
+    model, meta = load_model(ws, path)
+    mode = neighbour_mode(cfg, model, meta, path)
+    model.cca_gate_off = mode == "none"
+    device = device_for_rank()
+    model.to(device)
+    questions = read_questions(task, prompts, fmt, skip_bad, limit)
+
+    store = retriever = None
+    if g.contexts == "database" or mode == "database":
+        ws.require("index")
+        store = ChunkStore.open(ws, model.chunk_length)
+        retriever = Retriever(cfg, ws, store.chunks["doc"])
+    prompter = Prompter(cfg, ws, tok, model, store, retriever)
+    eos_id = meta.get("eos_id", tok.eos_id)
+
+    if out is None and task is not None:
+        out = ws.root / "generate" / f"{task.name.split('.')[0]}.{g.contexts}.jsonl"
+    D = dist()
+    done: dict[int, dict] = {}
+    mine = pattern = None
+    if out is not None:  # answers go to this rank's partial file as they are made; a rerun skips them
+        pattern = f"{out.name}.{_settings_hash(cfg, path, mode, task)}.rank*.partial"
+        done = _read_partial(sorted(out.parent.glob(pattern)))
+        mine = out.parent / pattern.replace("*", str(D.rank))
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        if done:
+            log(f"resuming: {len(done):,} of {len(questions):,} questions were answered by an earlier run")
+    todo = D.shard([q for q in questions if q.index not in done])
+    decoding = Decoding(g.max_new_tokens, g.temperature, g.top_k, g.top_p, tuple(g.stop))
+
+    answered: list[dict] = []
+    started, new_tokens = time.time(), 0
+    with progress("generate", total=len(todo), unit="questions") as bar, ExitStack() as stack:
+        sink = stack.enter_context(open(mine, "a", encoding="utf-8")) if mine is not None else None
+        for s in range(0, len(todo), g.batch_size):
+            batch = todo[s : s + g.batch_size]
+            t0 = time.time()
+            contexts = prompter.contexts(batch)
+            fitted = [prompter(q, c) for q, c in zip(batch, contexts)]
+            live = [j for j, (ids, _) in enumerate(fitted) if ids]
+            source = neighbour_source(mode, [fitted[j][1] for j in live], tok, retriever, store, model)
+            answers = generate(model, [fitted[j][0] for j in live], decoding, eos_id,
+                               source, tok.decode,
+                               seeds=[cfg.workspace.seed * 1_000_003 + batch[j].index for j in live],
+                               use_cache=g.cache, precision=g.precision)
+            seconds = time.time() - t0
+            by_row = dict(zip(live, answers))
+            for j, q in enumerate(batch):
+                a = by_row.get(j)
+                rec = {"index": q.index, "id": q.record.id, "question": q.record.question,
+                       "prediction": a.text.strip() if a else "",
+                       "gold": q.record.answers,
+                       "contexts": [{key: c[key] for key in ("title", "source", "chunk_id", "doc_id") if key in c}
+                                    for c in fitted[j][1]],
+                       "neighbour_chunks": a.neighbour_ids if a else [],
+                       "tokens": len(a.tokens) if a else 0, "stopped": a.stopped if a else "prompt too long",
+                       "seconds": round(seconds / len(batch), 4)}
+                answered.append(rec)
+                new_tokens += rec["tokens"]
+                if sink is not None:
+                    sink.write(json.dumps(rec) + "\n")
+            if sink is not None:
+                sink.flush()
+            fault_point("generate:batch")
+            bar.advance(len(batch))
+            elapsed = max(time.time() - started, 1e-9)
+            bar.set_rate(f"{len(answered) / elapsed:.2f} questions/s, {new_tokens / elapsed:,.0f} tokens/s")
+
+    elapsed = time.time() - started
+    summary = {"questions": len(questions), "answered_now": len(answered), "resumed": len(done),
+               "tokens": new_tokens, "seconds": round(elapsed, 2), "checkpoint": str(path), "neighbors": mode,
+               "contexts": g.contexts, "cache": g.cache,
+               "too_long": sum(1 for a in answered if a["stopped"] == "prompt too long")}
+    if out is None:
+        summary["answers"] = answered
+        return summary
+    D.barrier()
+    if D.main:
+        merged = _read_partial(sorted(out.parent.glob(pattern)))
+        missing = [q.index for q in questions if q.index not in merged]
+        if missing:
+            raise UserError(f"{len(missing)} answers are missing from the partial files {out.parent / pattern}: "
+                            "rerun the same command")
+        lines = [json.dumps({key: v for key, v in merged[q.index].items() if key != "index"}) for q in questions]
+        write_text_atomic(out, "\n".join(lines) + "\n")
+        for p in out.parent.glob(pattern):
+            p.unlink()
+    D.barrier()
+    summary["out"] = str(out)
+    return summary

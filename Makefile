@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.toml
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test test-fast demo lint bench bench-db bench-train bench-generate clean
+.PHONY: install test test-fast demo reproduce lint bench bench-db bench-train bench-generate clean
 
 install: $(VENV)/.installed
 
@@ -23,10 +23,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The whole chain on the embedded default (no download, no GPU, < 10 minutes on 2 cores), ending with a table.
 demo: install
-	$(BIN)/retro db build -c $(RECIPE)
-	$(BIN)/retro db query -c $(RECIPE) -k 3 "How does Python choose which branch of a conditional to run?"
-	$(BIN)/retro db info -c $(RECIPE)
+	$(BIN)/retro reproduce -c recipes/tiny.toml
+
+# Any recipe end to end, each finished stage skipped: make reproduce RECIPE=recipes/sft-cpu.toml DATA_DIR=...
+reproduce: install
+	DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/retro reproduce -c $(RECIPE)
 
 lint: install
 	$(BIN)/ruff check retrocli tests benchmarks

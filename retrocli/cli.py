@@ -228,8 +228,8 @@ def sft(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
 @app.command()
 def generate(
     task: Optional[str] = typer.Argument(None, help="questions: a SQuAD JSON, NQ-open / QED / qa JSONL, "
-                                         "InstructRetro JSON (with ctxs) or chat file; '-': prompts on stdin, "
-                                         "one per line"),
+                                         "InstructRetro JSON (with ctxs) or chat file, or builtin:tiny-cloze-test; "
+                                         "'-': prompts on stdin, one per line"),
     config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="answer this prompt (repeatable) and print "
                                                "the answer"),
@@ -263,8 +263,7 @@ def generate(
         raise UserError("give a task file, '-' for prompts on stdin, or --prompt TEXT")
     if prompts is None:
         relaunch_under_torchrun(cfg.launch, _ARGV)
-    task_path = Path(task) if task not in (None, "-") else None
-    summary = gen.run(cfg, task_path, prompts, fmt, out, checkpoint, skip_bad, limit)
+    summary = gen.run(cfg, task if task != "-" else None, prompts, fmt, out, checkpoint, skip_bad, limit)
     if not dist().main:
         return
     if "answers" in summary:
@@ -327,7 +326,7 @@ def score(
     table = Table(title="retro score" + (f" (gold: {gold.name})" if gold else ""))
     rouge_cols = ("ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE gm") if rouge else ()
     for col in ("task", "questions", "EM", "F1", "missing", "unknown", "regex") + rouge_cols:
-        table.add_column(col, justify="left" if col == "task" else "right")
+        table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
     for path, result in results.items():
         row = [Path(path).name, f"{result['count']:,}", f"{result['exact_match']:.2f}", f"{result['f1']:.2f}",
                f"{result['missing']:,}", f"{result['unknown']:,}", f"{result['regex']:,}"]
@@ -337,6 +336,23 @@ def score(
     console.print(table)
     console.print("written to " + ", ".join(str(out or Path(p).with_name(Path(p).name + ".scores.json"))
                                             for p in results))
+
+
+# ------------------------------------------------------------------------------------------- reproduce
+
+
+@app.command()
+def reproduce(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Run a recipe end to end: db build, pretrain (and the GPT baseline), ppl, sft, generate, score; then
+    WORKSPACE/report.md with every figure and the command that produced it (and loss.png with matplotlib).
+
+    Each stage is skipped when its outputs are complete, so rerunning after a failure continues. What runs
+    is set in [reproduce] (baseline, sft, qa_task, qa_limit, contexts, ppl_data)."""
+    from . import reproduce as reproduce_mod
+
+    path = config or Path("retro.toml")
+    _config(config, set_)  # report a bad TOML before anything runs
+    reproduce_mod.run(path, list(set_ or []))
 
 
 # ----------------------------------------------------------------------------------------------- main

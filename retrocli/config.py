@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import typing
@@ -214,6 +215,18 @@ class ScoreConfig:
 
 
 @dataclass
+class ReproduceConfig:
+    baseline: bool = opt(True, "also train and instruction-tune the GPT of the identical decoder (runs 'gpt' and "
+                               "'sft-gpt', model.retro_layers = []): every claim is measured against it")
+    sft: bool = opt(True, "run instruction tuning ([[sft.blend]]) and the QA stages after pretraining")
+    qa_task: str = opt("", "the QA file answered and scored after SFT (relative to this file, or "
+                           "'builtin:tiny-cloze-test'); empty: no QA stages")
+    qa_limit: int = opt(0, "answer the first qa_limit questions of qa_task; 0: all")
+    contexts: list[str] = opt(["file", "database", "none"], "generate.contexts modes answered and scored")
+    ppl_data: list[str] = opt([], "more held-out text files for `retro ppl --data` (relative to this file)")
+
+
+@dataclass
 class LaunchConfig:
     nproc_per_node: int = opt(1, "processes per machine; > 1 (or nnodes > 1): `retro pretrain` starts itself "
                                  "through torchrun (one per GPU; gloo on CPU)")
@@ -235,6 +248,7 @@ SECTIONS: dict[str, type] = {
     "sft": SFTConfig,
     "generate": GenerateConfig,
     "score": ScoreConfig,
+    "reproduce": ReproduceConfig,
     "launch": LaunchConfig,
 }
 
@@ -250,6 +264,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: Path = Path("retro.toml")
     """The TOML file this came from; relative paths in it are relative to its folder."""
@@ -349,7 +364,30 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if not source.is_file():
         how = "pass -c/--config PATH" if path is None else "check the path"
         raise UserError(f"workspace file {source} not found: {how}, or create one with `retro init DIR`")
-    return config_from_dict(_read_with_extends(source, []), overrides, source)
+    return config_from_dict(_expand_env(_read_with_extends(source, []), source), overrides, source)
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(data: Any, source: Path, where: str = "") -> Any:
+    """`${NAME}` and `${NAME:-default}` in string values, from the environment (e.g. a recipe's
+    `${DATA_DIR:-../../shared/data}/corpus/...`, so that `DATA_DIR=/my/copy retro ...` points it elsewhere)."""
+    if isinstance(data, dict):
+        return {k: _expand_env(v, source, f"{where}.{k}" if where else k) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_expand_env(v, source, f"{where}[{i}]") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def value(m: re.Match) -> str:
+        found = os.environ.get(m.group(1))
+        if found is None and m.group(2) is None:
+            raise UserError(f"{source}: {where} uses ${{{m.group(1)}}}, which is not set in the environment (set it, "
+                            f"or write ${{{m.group(1)}:-default}})")
+        return found if found is not None else m.group(2)
+
+    return _ENV_VAR.sub(value, data)
 
 
 def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
@@ -452,6 +490,7 @@ def validate(cfg: Config) -> None:
     _validate_training("sft", cfg.sft, p)
     _validate_sft(cfg.sft, p)
     _validate_generate(cfg.generate, p)
+    _validate_reproduce(cfg.reproduce, p)
     lc = cfg.launch
     for key in ("nproc_per_node", "nnodes"):
         if getattr(lc, key) < 1:
@@ -461,6 +500,14 @@ def validate(cfg: Config) -> None:
     if not 1 <= lc.master_port <= 65535:
         p.append(f"launch.master_port must be a TCP port (1..65535), got {lc.master_port}")
     check(p, f"invalid values in {cfg.source}")
+
+
+def _validate_reproduce(r: ReproduceConfig, p: list[str]) -> None:
+    bad = [c for c in r.contexts if c not in GENERATE_CONTEXTS]
+    if bad:
+        p.append(f"reproduce.contexts: {bad} not among {', '.join(GENERATE_CONTEXTS)}")
+    if r.qa_limit < 0:
+        p.append(f"reproduce.qa_limit must be >= 0 (0: all), got {r.qa_limit}")
 
 
 def _validate_generate(g: GenerateConfig, p: list[str]) -> None:

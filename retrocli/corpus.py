@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,3 +281,89 @@ def stdlib_docs_corpus() -> Iterator[Document]:
         if text:
             name = mod.replace("/__init__", "").replace("/", ".")
             yield Document(id=f"stdlib:{name}", text=text, title=name, source=f"{BUILTIN_STDLIB}/{name}")
+
+
+# ------------------------------------------------------------------------------ builtin QA: tiny cloze
+
+BUILTIN_QA = ("builtin:tiny-cloze-train", "builtin:tiny-cloze-test")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"])")
+_WORD = re.compile(r"(?<![\w-])[A-Za-z][A-Za-z-]{3,}(?![\w-])")  # a whole word of 4+ letters (hyphens inside)
+CLOZE_BLANK = "_____"
+
+
+def _prose_paragraphs(text: str) -> list[str]:
+    """Paragraphs of running text: no headings (underlined with * = -), no indented code or grammar."""
+    out = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.split("\n")
+        code = any(ln.startswith((" ", "\t", ">>>")) for ln in lines)
+        if code or any(set(ln.strip()) <= set("*=-~") for ln in lines):
+            continue
+        para = " ".join(ln.strip() for ln in lines).strip()
+        if len(para.split()) >= 12:
+            out.append(para)
+    return out
+
+
+def tiny_cloze() -> dict[str, dict]:
+    """Fill-in-the-blank questions over `builtin:tiny`, as two SQuAD files (train and test, disjoint
+    sentences of the same topics). Each question is a sentence of the corpus with its rarest word (4+
+    letters, by how many topics use it) blanked; the answer is that word; the context is the paragraph.
+    With the paragraph (from the file or retrieved from the database) the answer can be read; closed book
+    it must be remembered from pretraining. Deterministic for a given Python version."""
+    docs = list(tiny_corpus())
+    paragraphs = {d.title: _prose_paragraphs(d.text) for d in docs}
+    df: dict[str, int] = {}
+    for paras in paragraphs.values():
+        for w in {w.lower() for p in paras for w in _WORD.findall(p)}:
+            df[w] = df.get(w, 0) + 1
+    splits: dict[str, list] = {"train": [], "test": []}
+    n = 0
+    for title, paras in paragraphs.items():
+        articles = {"train": [], "test": []}
+        for para in paras:
+            qas = {"train": [], "test": []}
+            for sentence in _SENTENCE_END.split(para):
+                words = sentence.split()
+                if not 8 <= len(words) <= 40:
+                    continue
+                candidates = [m for m in _WORD.finditer(sentence) if df.get(m.group().lower(), 0) <= 3]
+                if not candidates:
+                    continue
+                pick = min(candidates, key=lambda m: (df[m.group().lower()], m.start()))
+                question = sentence[: pick.start()] + CLOZE_BLANK + sentence[pick.end() :]
+                split = "test" if n % 5 == 4 else "train"
+                start = para.find(sentence) + pick.start()
+                qas[split].append({"id": f"tiny-cloze-{n}", "question": f"Fill in the blank: {question}",
+                                   "answers": [{"text": pick.group(), "answer_start": start}]})
+                n += 1
+            for split in qas:
+                if qas[split]:
+                    articles[split].append({"context": para, "qas": qas[split]})
+        for split in articles:
+            if articles[split]:
+                splits[split].append({"title": title, "paragraphs": articles[split]})
+    return {split: {"version": "builtin:tiny-cloze", "data": data} for split, data in splits.items()}
+
+
+def builtin_qa_file(name: str, folder: Path) -> Path:
+    """The file of a builtin QA set (`builtin:tiny-cloze-train` / `-test`), written into `folder` once."""
+    if name not in BUILTIN_QA:
+        raise UserError(f"unknown builtin QA set {name!r} (known: {', '.join(BUILTIN_QA)})")
+    split = name.rsplit("-", 1)[1]
+    path = folder / f"tiny-cloze-{split}.json"
+    if not path.is_file():
+        from .workspace import write_text_atomic
+
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(tiny_cloze()[split]))
+    return path
+
+
+def data_file(path: str, base_dir: Path, workspace_root: Path) -> Path:
+    """A dataset path as written in a TOML or on the command line: a builtin QA set's name (its file is
+    written into WORKSPACE/builtin/), else a path relative to `base_dir` (the TOML's folder)."""
+    if path.startswith("builtin:"):
+        return builtin_qa_file(path, workspace_root / "builtin")
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p

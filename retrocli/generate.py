@@ -29,6 +29,7 @@ import torch
 
 from .chunks import ChunkStore
 from .config import Config
+from .corpus import data_file
 from .db import Retriever, describe_hits, open_tokenizer, retrieve_neighbours, workspace_of
 from .errors import UserError
 from .model import DecodeCache, RetroModel
@@ -318,7 +319,7 @@ def _read_partial(paths: list[Path]) -> dict[int, dict]:
     return done
 
 
-def run(cfg: Config, task: Path | None = None, prompts: list[str] | None = None, fmt: str = "auto",
+def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, fmt: str = "auto",
         out: Path | None = None, checkpoint_path: Path | None = None, skip_bad: bool = False,
         limit: int = 0) -> dict[str, Any]:
     g = cfg.generate
@@ -330,6 +331,7 @@ def run(cfg: Config, task: Path | None = None, prompts: list[str] | None = None,
     model.cca_gate_off = mode == "none"
     device = device_for_rank()
     model.to(device)
+    task = None if task is None else data_file(task, Path.cwd(), ws.root)  # a path, or builtin:tiny-cloze-test
     questions = read_questions(task, prompts, fmt, skip_bad, limit)
 
     store = retriever = None

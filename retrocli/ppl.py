@@ -119,7 +119,7 @@ def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True
               "bytes": nbytes, "data": what, "seq_length": model_cfg.seq_length, "step": meta.get("step"),
               "seconds": round(time.time() - started, 2)}
     mode = "retrieval" if use_retrieval else "no-retrieval"
-    name = f"{path.name}-{'valid' if data is None else Path(data).name}-{mode}"
+    name = f"{path.parent.name}-{path.name}-{'valid' if data is None else Path(data).name}-{mode}"  # run-step-...
     result["json_path"] = str(ws.root / "ppl" / f"{name}.json")
     if D.main:
         write_json_atomic(Path(result["json_path"]), result)

@@ -24,6 +24,7 @@ import torch
 from . import checkpoint
 from .chunks import ChunkStore
 from .config import Config, to_commented_toml
+from .corpus import data_file
 from .db import Retriever, open_tokenizer, retrieve_neighbours, workspace_of
 from .errors import UserError
 from .model import RetroModel
@@ -134,7 +135,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     seq = model.cfg.seq_length
     settings = TrainSettings.from_section(s, cfg.workspace.seed, seq, cfg.launch.fsdp)
 
-    entries = [dataclasses.replace(e, path=str(cfg.resolve(e.path))) for e in s.blend]
+    entries = [dataclasses.replace(e, path=str(data_file(e.path, cfg.base_dir, ws.root))) for e in s.blend]
     for e in entries:
         if not Path(e.path).is_file():
             raise UserError(f"sft.blend {e.name!r}: no such file {e.path} (paths are relative to {cfg.source})")

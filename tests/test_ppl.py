@@ -57,7 +57,7 @@ def test_ppl_json_with_and_without_retrieval(trained: Path, capsys) -> None:
     assert with_r["tokens"] == without["tokens"] == int(valid["num_tokens"].sum()) + len(valid) - 1
     assert with_r["perplexity"] != without["perplexity"]  # the trained CCA changes the predictions
     assert 1.0 < with_r["perplexity"] < 400  # below the 300-token vocabulary's uniform guess, roughly
-    full = json.loads((ws.root / "ppl" / "step-000002-valid-retrieval.json").read_text())
+    full = json.loads((ws.root / "ppl" / "pretrain-step-000002-valid-retrieval.json").read_text())
     assert full["perplexity"] == pytest.approx(math.exp(full["nll"] / full["tokens"]))
     assert full["bits_per_byte"] == pytest.approx(full["nll"] / math.log(2) / full["bytes"])
 

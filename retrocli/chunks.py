@@ -11,7 +11,7 @@ Chunk rows are the ids the index and the neighbour files use.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -48,17 +48,21 @@ def _batched(docs: Iterable[Document], n: int) -> Iterator[list[Document]]:
         yield batch
 
 
-def build_chunks(ws: Workspace, docs: Iterable[Document], tok: Tokenizer, chunk_length: int,
+STORE_FILES = ("tokens.npy", "docs.npy", "chunks.npy", "docs.jsonl")
+
+
+def build_chunks(folder: Path, docs: Iterable[Document], tok: Tokenizer, chunk_length: int,
                  seed: int, valid_fraction: float, bar=None) -> dict[str, int]:
-    """Stream documents into the chunk store. Returns the counts recorded in the stage's metadata."""
+    """Stream documents into a chunk store in `folder` (the chunks stage, or a segment added by `retro db
+    add`). Returns the counts recorded in the stage's metadata."""
     dtype = token_dtype(tok.vocab_size)
-    writers = [NpyWriter(ws.chunk_tokens, dtype), NpyWriter(ws.chunk_docs, DOC_DTYPE),
-               NpyWriter(ws.chunk_table, CHUNK_DTYPE)]
+    tokens_path, docs_path, chunks_path, info_path = (folder / name for name in STORE_FILES)
+    writers = [NpyWriter(tokens_path, dtype), NpyWriter(docs_path, DOC_DTYPE), NpyWriter(chunks_path, CHUNK_DTYPE)]
     tokens_w, docs_w, chunks_w = writers
     counts = {"documents": 0, "valid_documents": 0, "chunks": 0, "train_chunks": 0, "tokens": 0,
               "empty_after_tokenizing": 0}
     try:
-        with atomic_path(ws.doc_info) as info_tmp, open(info_tmp, "w", encoding="utf-8") as info:
+        with atomic_path(info_path) as info_tmp, open(info_tmp, "w", encoding="utf-8") as info:
             for batch in _batched(docs, 64):
                 for doc, ids in zip(batch, tok.encode([d.text for d in batch])):
                     if not ids:
@@ -98,20 +102,47 @@ def build_chunks(ws: Workspace, docs: Iterable[Document], tok: Tokenizer, chunk_
     return counts
 
 
+class JoinedTokens:
+    """Token arrays laid end to end (the base store, then each added segment), sliced as one array. A slice
+    never crosses two parts: it always lies inside one document, and a document lives in one part."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        i = int(np.searchsorted(self.starts, sl.start, side="right")) - 1
+        return self.parts[i][sl.start - self.starts[i] : sl.stop - self.starts[i]]
+
+
 @dataclass
 class ChunkStore:
-    """Read access to the chunk store (memory-mapped)."""
+    """Read access to the chunk store (memory-mapped), with the documents `retro db add` added after it
+    (global rows continue the base store's) and the documents `retro db remove` removed (`removed_docs`:
+    their chunks are never retrieved)."""
 
-    tokens: np.ndarray
+    tokens: np.ndarray | JoinedTokens
     docs: np.ndarray
     chunks: np.ndarray
-    doc_info_path: Path
+    doc_info_paths: list[tuple[Path, int]]  # (docs.jsonl, global row of its first document)
     chunk_length: int
+    removed_docs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
-    def open(cls, ws: Workspace, chunk_length: int) -> "ChunkStore":
-        return cls(load_npy(ws.chunk_tokens), load_npy(ws.chunk_docs), load_npy(ws.chunk_table), ws.doc_info,
-                   chunk_length)
+    def open(cls, ws: Workspace, chunk_length: int, edits: bool = True) -> "ChunkStore":
+        """The store as built by `retro db build`, and with edits=True (what every reader wants) the
+        documents added and removed since."""
+        base = cls(load_npy(ws.chunk_tokens), load_npy(ws.chunk_docs), load_npy(ws.chunk_table),
+                   [(ws.doc_info, 0)], chunk_length)
+        if not edits:
+            return base
+        from .edits import with_edits
+
+        return with_edits(ws, base)
 
     @property
     def num_chunks(self) -> int:
@@ -133,13 +164,21 @@ class ChunkStore:
         return ~self.docs["valid"][self.chunks["doc"]]
 
     def doc_info(self, rows: Iterable[int]) -> dict[int, dict]:
-        """{"id", "title", "source"} of the given document rows (one pass over docs.jsonl)."""
+        """{"id", "title", "source"} of the given document rows (one pass over the docs.jsonl files)."""
         wanted = set(int(r) for r in rows)
         out: dict[int, dict] = {}
-        with open(self.doc_info_path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if i in wanted:
-                    out[i] = json.loads(line)
-                    if len(out) == len(wanted):
-                        break
+        for path, first in self.doc_info_paths:
+            if not wanted - out.keys():
+                break
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, first):
+                    if i in wanted:
+                        out[i] = json.loads(line)
         return out
+
+    def iter_doc_info(self) -> Iterator[tuple[int, dict]]:
+        """(global row, {"id", "title", "source"}) of every document."""
+        for path, first in self.doc_info_paths:
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, first):
+                    yield i, json.loads(line)

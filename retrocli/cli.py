@@ -144,6 +144,45 @@ def db_info(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetO
         settings = ", ".join(f"{k}={v}" for k, v in s["settings"].items() if k not in ("corpus", "trained_on"))
         table.add_row(stage, s["state"], counts, settings, f"{s['bytes'] / 2**20:.1f} MiB")
     console.print(table)
+    edits = info.get("edits") or {}
+    if edits.get("sources") or edits.get("removed"):
+        table = Table(title="edits (`retro db add` / `retro db remove`)")
+        for col in ("when", "what", "source", "documents"):
+            table.add_column(col, overflow="fold")
+        for src in edits["sources"]:
+            table.add_row(src["added"], f"added ({src['segment']})", src["source"], f"{len(src['documents']):,}")
+        for rem in edits["removed"]:
+            table.add_row(rem["removed"], "removed", ", ".join(rem["sources"]) or ", ".join(rem["ids"][:5]),
+                          f"{rem['documents']:,}")
+        console.print(table)
+
+
+@db_app.command("add")
+def db_add(files: List[str] = typer.Argument(..., help="files or globs to add (.txt, .jsonl, .json, .gz), "
+                                             "read like corpus.train"),
+           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Add documents to the built database without rebuilding it: tokenized, chunked and embedded as the
+    corpus was, added to the trained index, with their neighbours. A document already present (same id or
+    same text) is not added again. Killed halfway, the database stays as it was."""
+    from . import edits
+
+    s = edits.add(_config(config, set_), list(files))
+    if "segment" in s:
+        console.print(f"added {s['documents']:,} document(s), {s['chunks']:,} chunks ({s['indexed']:,} indexed) as "
+                      f"{s['segment']} in {s['seconds']:.1f} s; {len(s['duplicates']):,} already present")
+
+
+@db_app.command("remove")
+def db_remove(doc: Optional[List[str]] = typer.Option(None, "--doc", help="a document id (repeatable)"),
+              source: Optional[List[str]] = typer.Option(None, "--source", help="every document of this source "
+                                                         "file (repeatable)"),
+              config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Remove documents from the database: their chunks are never retrieved again (by `db query`, ppl,
+    generate, or as pretraining neighbours). Nothing is rebuilt; chunk ids keep their meaning."""
+    from . import edits
+
+    s = edits.remove(_config(config, set_), list(doc or []), list(source or []))
+    console.print(f"removed {s['removed_documents']:,} document(s), {s['removed_chunks']:,} chunks")
 
 
 # ------------------------------------------------------------------------------------ pretrain, ppl

@@ -92,8 +92,9 @@ def stage_chunks(cfg: Config, ws: Workspace, files: list[str], tok_meta: dict, r
     tok = open_tokenizer(ws)
     stats = CorpusStats()
     with progress("chunks", None, "docs") as bar:
-        counts = build_chunks(ws, iter_documents(c, cfg.base_dir, files, stats), tok, cfg.db.chunk_length,
-                              cfg.workspace.seed, c.valid_fraction, bar)
+        docs = iter_documents(c, cfg.base_dir, files, stats)
+        counts = build_chunks(ws.stage_dir("chunks"), docs, tok, cfg.db.chunk_length, cfg.workspace.seed,
+                              c.valid_fraction, bar)
     for why, n in stats.skipped.items():
         warn(f"skipped {n} input(s): {why}")
     counts.update(skipped=stats.skipped, seconds=round(time.time() - started, 2))
@@ -150,7 +151,7 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
         return done
     D = dist()
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length)
+    store = ChunkStore.open(ws, d.chunk_length, edits=False)
     tok = open_tokenizer(ws)
     if d.embedder == LEXICAL and D.main:
         vocab = tok.vocab_size
@@ -197,7 +198,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
     if done:
         return done
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length)
+    store = ChunkStore.open(ws, d.chunk_length, edits=False)
     emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
     train_rows = np.flatnonzero(store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(d)))
     if len(train_rows) == 0:
@@ -232,9 +233,9 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
         return done
     D = dist()
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length)
+    store = ChunkStore.open(ws, d.chunk_length, edits=False)
     emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
-    index = open_index(ws, d)
+    index = open_index(ws, d, edits=False)
     chunk_docs = np.ascontiguousarray(store.chunks["doc"])
     k = d.num_neighbors_query
     spans = blocks(store.num_chunks, d.block_size)
@@ -252,10 +253,16 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
                                     "seconds": round(time.time() - started, 2)})
 
 
-def open_index(ws: Workspace, d: DBConfig):
+def open_index(ws: Workspace, d: DBConfig, edits: bool = True):
+    """The trained index; with edits=True also the segments `retro db add` added and without the chunks
+    `retro db remove` removed (edits.EditedIndex)."""
     index = faiss_index.load(ws.index_file)
     faiss_index.set_search_params(index, d.nprobe, d.ef_search)
-    return index
+    if not edits:
+        return index
+    from .edits import with_edited_index
+
+    return with_edited_index(ws, d, index)
 
 
 def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
@@ -304,9 +311,13 @@ class Retriever:
         self.index = open_index(ws, d)
         self.chunk_docs = np.ascontiguousarray(chunk_docs)
 
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(n, dim) float32 vectors of the texts, as the database's chunks were embedded."""
+        return np.concatenate([self.embedder.forward(self.embedder.prepare(texts[s : s + 1024]))
+                               for s in range(0, len(texts), 1024)]).astype(np.float32)
+
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        vectors = np.concatenate([self.embedder.forward(self.embedder.prepare(texts[s : s + 1024]))
-                                  for s in range(0, len(texts), 1024)])
+        vectors = self.embed(texts)
         none = np.full(len(texts), -1, dtype=np.int64)
         return search_excluding(self.index, vectors, none, self.chunk_docs, k)
 
@@ -380,5 +391,9 @@ def info(cfg: Config) -> dict[str, Any]:
             "settings": meta["settings"] if meta else {}, "counts": (meta or {}).get("counts", {}),
             "bytes": size,
         }
+    if (ws.read_meta("chunks") or {}).get("complete"):
+        from .edits import describe
+
+        out["edits"] = describe(ws)
     return out
 

@@ -145,6 +145,8 @@ class Reproduction:
             if stage.result_key:
                 self.results["results"][stage.result_key] = json.loads(proc.stdout.strip().splitlines()[-1])
             write_json_atomic(self.results_path, self.results)
+        order = [st.name for st in stages]  # report the stages in the order they run
+        self.results["stages"] = {n: self.results["stages"][n] for n in order if n in self.results["stages"]}
         self.score()
         write_json_atomic(self.results_path, self.results)
         report = self.report()

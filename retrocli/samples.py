@@ -83,18 +83,26 @@ class NeighbourBlocks:
     """The database's neighbour files read as one (num_chunks, num_neighbors_query) int64 table."""
 
     def __init__(self, ws: Workspace, block_size: int):
+        from .edits import segment_neighbours
+
         self.ws, self.block_size = ws, block_size
         self._blocks: dict[int, np.ndarray] = {}
+        self._segments = segment_neighbours(ws)  # rows of the chunks `retro db add` added after the build
 
     def _block(self, b: int) -> np.ndarray:
         if b not in self._blocks:
             self._blocks[b] = load_npy(self.ws.neighbour_block(b))  # memory-mapped: cheap to keep open
         return self._blocks[b]
 
+    def _row(self, r: int) -> np.ndarray:
+        for first, table in reversed(self._segments):
+            if r >= first:
+                return table[r - first]
+        return self._block(r // self.block_size)[r % self.block_size]
+
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        return np.stack([self._block(int(r) // self.block_size)[int(r) % self.block_size] for r in rows]) \
-            if len(rows) else np.zeros((0, 0), dtype=np.int64)
+        return np.stack([self._row(int(r)) for r in rows]) if len(rows) else np.zeros((0, 0), dtype=np.int64)
 
 
 class Samples:
@@ -179,6 +187,8 @@ class Samples:
         keys = self.docs.key_start[d[js]] + local[js]
         rows = self.table[keys]  # (len(js), num_neighbors_query)
         excluded = np.fromiter(in_sample, dtype=np.int64, count=len(in_sample))
+        if self.store is not None and len(self.store.removed_docs):  # `retro db remove`d: never a neighbour
+            excluded = np.concatenate([excluded, self.store.removed_docs])
         for j, row in zip(js, rows):
             ids = row[row >= 0]
             if len(excluded):

@@ -40,7 +40,7 @@ def test_store_round_trip(tmp_path: Path):
     ws = Workspace(tmp_path)
     ws.stage_dir("chunks").mkdir(parents=True)
     docs = [doc(0, 10), doc(1, 3), Document(id="empty", text=" "), doc(2, 8)]
-    counts = build_chunks(ws, docs, WordTokenizer(), 4, seed=0, valid_fraction=0.0)
+    counts = build_chunks(ws.stage_dir("chunks"), docs, WordTokenizer(), 4, seed=0, valid_fraction=0.0)
     assert counts["documents"] == 3 and counts["empty_after_tokenizing"] == 1
     assert counts["chunks"] == 3 + 1 + 2 and counts["tokens"] == 21
     store = ChunkStore.open(ws, 4)
@@ -58,5 +58,5 @@ def test_store_round_trip(tmp_path: Path):
 def test_no_documents_is_an_error_and_leaves_nothing(tmp_path: Path):
     ws = Workspace(tmp_path)
     with pytest.raises(UserError, match="no documents"):
-        build_chunks(ws, [Document(id="e", text="")], WordTokenizer(), 4, seed=0, valid_fraction=0.0)
+        build_chunks(ws.stage_dir("chunks"), [Document(id="e", text="")], WordTokenizer(), 4, seed=0, valid_fraction=0.0)
     assert not ws.chunk_tokens.exists() and not list(tmp_path.rglob("*.tmp-*"))

@@ -1,0 +1,109 @@
+"""`retro db add | remove`: new documents are retrieved at once, a document already there is not added twice,
+removed documents are never retrieved (nor given to pretraining as neighbours), a kill between writing a
+segment and switching the manifest leaves the database as it was, and `db info` lists the edits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrocli import db
+from retrocli.chunks import ChunkStore
+from retrocli.config import load_config
+from retrocli.pretrain import open_samples
+
+from .conftest import run_cli, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ZEBRA = ("The zebra crossing has stripes painted white and black across the road, so that pedestrians may cross "
+         "while the traffic waits. ") * 6
+QUERY = "stripes painted white and black across the road for pedestrians"
+
+
+@pytest.fixture
+def built(small_workspace) -> Path:
+    toml = small_workspace(n_docs=30, words=200)
+    db.build(load_config(toml))
+    return toml
+
+
+def hits(toml: Path, text: str = QUERY, k: int = 3) -> list[str]:
+    return [h["doc_id"] for h in db.query(load_config(toml), [text], k)[0]]
+
+
+def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
+    before = hits(built)
+    assert "zebra" not in before
+    new = write_jsonl(built.parent / "new.jsonl", [{"id": "zebra", "title": "zebras", "text": ZEBRA}])
+    proc = run_cli("db", "add", str(new), "-c", str(built), env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert hits(built)[0] == "zebra"
+    found = db.query(load_config(built), [QUERY], 1)[0][0]
+    assert found["source"].endswith("new.jsonl") and found["text"] in ZEBRA
+    again = run_cli("db", "add", str(new), "-c", str(built))  # the same id
+    same_text = write_jsonl(built.parent / "copy.jsonl", [{"id": "zebra-copy", "text": ZEBRA}])
+    copy = run_cli("db", "add", str(same_text), "-c", str(built))  # the same text under another id
+    for p in (again, copy):
+        assert p.returncode == 0 and "already in the database" in p.stderr.replace("\n", " ")
+    store = ChunkStore.open(db.workspace_of(load_config(built)), 16)
+    ids = [info["id"] for _, info in store.iter_doc_info()]
+    assert ids.count("zebra") == 1 and "zebra-copy" not in ids
+    # pretraining reads the added document and its chunks' neighbours, which exist and are not its own
+    cfg = load_config(built)
+    samples = open_samples(cfg, db.workspace_of(cfg), "train", 0, 2, retrieval=True)
+    zebra_row = ids.index("zebra")
+    assert zebra_row in samples.docs.doc_keys
+    first = int(store.docs["chunk_start"][zebra_row])
+    table = samples.table[np.arange(first, first + int(store.docs["num_chunks"][zebra_row]))]
+    assert (table >= 0).all() and not np.isin(store.chunks["doc"][table], [zebra_row]).any()
+    info = json.loads(run_cli("db", "info", "-c", str(built), "--json").stdout)
+    assert [s["documents"] for s in info["edits"]["sources"]] == [["zebra"]]
+
+
+def test_removed_documents_are_never_retrieved_again(built: Path) -> None:
+    cfg = load_config(built)
+    top = hits(built, "the", k=5)
+    victim = top[0]
+    proc = run_cli("db", "remove", "--doc", victim, "-c", str(built))
+    assert proc.returncode == 0, proc.stderr
+    for text in ["the", QUERY, "star planet orbit telescope", "flour butter oven"]:
+        assert victim not in hits(built, text, k=10)
+    # neither as a pretraining neighbour
+    ws = db.workspace_of(cfg)
+    store = ChunkStore.open(ws, 16)
+    samples = open_samples(cfg, ws, "train", 0, 2, retrieval=True)
+    row = [r for r, info in store.iter_doc_info() if info["id"] == victim][0]
+    for i in range(len(samples)):
+        got = samples.get(i)["neighbour_ids"]
+        assert not np.isin(store.chunks["doc"][got[got >= 0]], [row]).any()
+    # by source: every document of the corpus file
+    gone = run_cli("db", "remove", "--source", "corpus/docs.jsonl", "-c", str(built))
+    assert gone.returncode == 0, gone.stderr
+    assert hits(built, "the") == []
+    unknown = run_cli("db", "remove", "--doc", "no-such-doc", "-c", str(built))
+    assert unknown.returncode == 2 and "no-such-doc" in unknown.stderr
+
+
+def test_a_kill_before_the_manifest_switch_leaves_the_database_as_it_was(built: Path) -> None:
+    before = hits(built)
+    new = write_jsonl(built.parent / "new.jsonl", [{"id": "zebra", "text": ZEBRA}])
+    killed = run_cli("db", "add", str(new), "-c", str(built), env={"RETRO_FAULT": "add:segment"})
+    assert killed.returncode == 137
+    assert hits(built) == before  # the half-written segment is not read
+    ok = run_cli("db", "add", str(new), "-c", str(built))
+    assert ok.returncode == 0, ok.stderr
+    edits = built.parent / "ws" / "db" / "edits"
+    assert not list(edits.glob(".tmp-*")) and hits(built)[0] == "zebra"
+    # a completed database build is not disturbed by the edits
+    rebuilt = run_cli("db", "build", "-c", str(built))
+    assert rebuilt.returncode == 0 and hits(built)[0] == "zebra"
+
+
+def test_edits_need_a_built_database(small_workspace) -> None:
+    toml = small_workspace()
+    proc = run_cli("db", "add", "x.jsonl", "-c", str(toml))
+    assert proc.returncode == 2 and "retro db build" in proc.stderr

@@ -15,7 +15,6 @@ to the previous complete checkpoint and says so.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 from .runtime import fault_point, warn
+from .workspace import sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.pt", "config.toml", "meta.json"
@@ -36,14 +36,6 @@ FORMAT = 1
 
 def step_dir(run: Path, step: int) -> Path:
     return run / f"step-{step:06d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_ref(ws) -> dict[str, Any]:
@@ -69,7 +61,7 @@ def save(run: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: 
         torch.save(trainer_state, tmp / TRAINER)
         fault_point(fault)  # tests die here: what is left is a temporary folder, never a step folder
         (tmp / CONFIG).write_text(config_toml, encoding="utf-8")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                  for name in (WEIGHTS, TRAINER, CONFIG)}
         full = {**meta, "format": FORMAT, "step": step, "files": files}
         (tmp / META).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -102,7 +94,7 @@ def problem(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != info["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, meta.json says {info['bytes']}"
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

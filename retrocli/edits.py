@@ -39,7 +39,7 @@ from .corpus import CorpusStats, corpus_files, iter_documents
 from .errors import UserError
 from .neighbours import search_excluding
 from .runtime import fault_point, log
-from .workspace import DB_STAGES, Workspace, load_npy, save_npy_atomic, write_json_atomic
+from .workspace import DB_STAGES, Workspace, load_npy, save_npy_atomic, sha256_file, write_json_atomic
 
 MANIFEST_VERSION = 1
 
@@ -179,14 +179,6 @@ def _token_hash(ids: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _trained_empty(ws: Workspace) -> faiss.Index:
     """The base index's trained, empty copy (written once, so later adds do not read the whole index)."""
     path = edits_dir(ws) / "trained.faiss"
@@ -276,7 +268,7 @@ def add(cfg: Config, files: list[str]) -> dict[str, Any]:
     for source, ids_ in by_source.items():
         path = next((p for p in paths if os.path.abspath(p).endswith(source) or p == source), None)
         manifest["sources"].append({"source": source, "segment": name, "documents": ids_, "added": now,
-                                    "sha256": _file_hash(path) if path and os.path.isfile(path) else None})
+                                    "sha256": sha256_file(path) if path and os.path.isfile(path) else None})
     write_json_atomic(folder / "manifest.json", manifest)
     summary.update(segment=name, chunks=counts["chunks"], tokens=counts["tokens"], indexed=int(len(eligible)),
                    seconds=round(time.time() - started, 2))

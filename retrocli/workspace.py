@@ -129,6 +129,15 @@ class NpyWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def sha256_file(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def hash_obj(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -87,7 +87,7 @@ def fingerprint(files: list[str]) -> list[list]:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-        out.append([f, os.path.getsize(f), digest.hexdigest()])
+        out.append([os.path.basename(f), os.path.getsize(f), digest.hexdigest()])
     return out
 
 

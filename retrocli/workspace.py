@@ -225,7 +225,7 @@ class Workspace:
         if rebuild and self.stage_dir(stage).exists():
             shutil.rmtree(self.stage_dir(stage))
         meta = self.read_meta(stage)
-        if meta is not None and meta["settings"] != settings:
+        if meta is not None and _comparable(meta["settings"]) != _comparable(settings):
             produced = [p for p in self.stage_dir(stage).iterdir() if p.name != "meta.json"]
             if meta.get("complete") or produced:
                 raise UserError(mismatch_message(stage, self.meta_path(stage), meta["settings"], settings))
@@ -244,6 +244,18 @@ class Workspace:
         meta["fingerprint"] = hash_obj([meta["settings"], counts])
         write_json_atomic(self.meta_path(stage), meta)
         return meta
+
+
+def _comparable(value: Any) -> Any:
+    """Settings as compared: a corpus file's [name, size, sha256] by its file name alone, so a corpus moved
+    to another folder (DATA_DIR) still matches (workspaces before this recorded full paths)."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        if len(value) == 3 and isinstance(value[0], str) and isinstance(value[1], int) and isinstance(value[2], str):
+            return [os.path.basename(value[0]), value[1], value[2]]
+        return [_comparable(v) for v in value]
+    return value
 
 
 def mismatch_message(stage: str, path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -84,6 +84,21 @@ def test_changed_settings_are_refused_not_reused(small_workspace):
     assert all(after[k] == v for k, v in before.items() if k.startswith(("db/chunks", "db/embed")))
 
 
+def test_a_corpus_moved_elsewhere_still_matches_its_database(small_workspace):
+    toml = small_workspace()
+    run_cli("db", "build", "-c", str(toml), check=True)
+    ws_root = workspace_of(load_config(toml)).root
+    before = stage_files(ws_root)
+    moved = toml.parent / "elsewhere"
+    (toml.parent / "corpus").rename(moved)
+    proc = run_cli("db", "build", "-c", str(toml), "--set", f'corpus.train=["{moved}/*.jsonl"]')
+    assert proc.returncode == 0, proc.stderr
+    assert stage_files(ws_root) == before  # same files by name, size and content: nothing rebuilt
+    (moved / "docs.jsonl").write_text((moved / "docs.jsonl").read_text().replace("the", "a"))
+    changed = run_cli("db", "build", "-c", str(toml), "--set", f'corpus.train=["{moved}/*.jsonl"]')
+    assert changed.returncode == 2 and "other settings" in changed.stderr
+
+
 @pytest.mark.faults
 def test_resume_after_kill_in_embed_stage(small_workspace, tmp_path):
     toml = small_workspace(n_docs=60)

@@ -6,9 +6,13 @@
 2. Index and query: on a workspace's real embeddings (or on synthetic clustered vectors when none is
    built), for several Faiss index types: train and add time, queries/s and recall@10 against exact
    search for the same queries, index bytes per chunk.
-3. Peak memory (max RSS) of this process.
+3. `retro db add`: 1,000 new documents added to synthetic databases of 10,000 and 100,000 chunks (lexical
+   embedder, IVF,SQ8): seconds per 1,000 added chunks for each size. Target (issue 7): proportional to the
+   new documents, not to the database (the two figures about equal).
+4. Peak memory (max RSS) of this process.
 
     python benchmarks/bench_db.py [--config recipes/books-qa-db.toml] [--chunks 512] [--queries 2000]
+    python benchmarks/bench_db.py --only-edits
 """
 
 from __future__ import annotations
@@ -130,6 +134,60 @@ def bench_paraphrases(cfg, path: Path, k: int = 5) -> None:
     print(f"  found {found}/{len(rows)} in the top {k}")
 
 
+def _synthetic_corpus(path: Path, n_docs: int, words: int, seed: int) -> None:
+    import json
+
+    rng = np.random.default_rng(seed)
+    syllables = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"]
+    vocab = np.array(["".join(syllables[(i // 80**j) % 80] for j in range(1 + i % 3)) for i in range(5000)])
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n_docs):
+            zipf = np.minimum(rng.zipf(1.3, words), len(vocab)) - 1
+            f.write(json.dumps({"id": f"{path.stem}-{i}", "text": " ".join(vocab[zipf])}) + "\n")
+
+
+def bench_edits(sizes: tuple[int, ...] = (10_000, 100_000), new_docs: int = 1000) -> list[dict]:
+    """Seconds of `edits.add` for `new_docs` short documents into databases of each size (in chunks)."""
+    from retrocli import db, edits
+    from retrocli.config import config_from_dict
+
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            # made-up words of 1-3 syllables; ~960 make about 16 chunks of 64 tokens with 2,000 pieces
+            _synthetic_corpus(root / "base.jsonl", max(size // 16, 1), 960, 0)
+            _synthetic_corpus(root / "new.jsonl", new_docs, 40, 1)  # about one chunk each
+            data = {"workspace": {"dir": str(root / "ws"), "seed": 1},
+                    "corpus": {"train": [str(root / "base.jsonl")], "valid_fraction": 0.0},
+                    "tokenizer": {"vocab_size": 2000},
+                    "db": {"chunk_length": 64, "embedder": "lexical", "index": "auto", "block_size": 20000}}
+            cfg = config_from_dict(data, source=root / "retro.toml")
+            start = time.perf_counter()
+            metas = db.build(cfg)
+            build_s = time.perf_counter() - start
+            start = time.perf_counter()
+            added = edits.add(cfg, [str(root / "new.jsonl")])
+            add_s = time.perf_counter() - start
+            rows.append({"database_chunks": metas["chunks"]["counts"]["chunks"], "build_s": build_s,
+                         "added_documents": added["documents"], "added_chunks": added["chunks"], "add_s": add_s,
+                         "s_per_1000_chunks": add_s / max(added["chunks"], 1) * 1000,
+                         "embed_s": added["seconds_embed"], "neighbours_s": added["seconds_neighbours"]})
+    return rows
+
+
+def print_edits(rows: list[dict]) -> None:
+    print("\n== retro db add (1,000 new documents; lexical embedder, index auto)")
+    print(f"  {'database chunks':>16}{'build s':>10}{'added docs':>12}{'added chunks':>14}{'add s':>8}"
+          f"{'s / 1k chunks':>15}{'embed s':>9}{'search s':>10}")
+    for r in rows:
+        print(f"  {r['database_chunks']:>16,}{r['build_s']:>10.1f}{r['added_documents']:>12,}{r['added_chunks']:>14,}"
+              f"{r['add_s']:>8.2f}{r['s_per_1000_chunks']:>15.2f}{r['embed_s']:>9.2f}{r['neighbours_s']:>10.2f}")
+    if len(rows) > 1:
+        print(f"  add time, largest / smallest database: {rows[-1]['add_s'] / rows[0]['add_s']:.2f}x "
+              f"for {rows[-1]['database_chunks'] / rows[0]['database_chunks']:.0f}x the chunks (target ~1x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "recipes/books-qa-db.toml"))
@@ -142,7 +200,11 @@ def main() -> None:
                     help="index factory strings separated by ';' ('auto' = what db.index=auto picks)")
     ap.add_argument("--paraphrases", default=str(REPO / "benchmarks/paraphrases.tsv"),
                     help="expected doc id <TAB> paraphrase, checked on the books-qa workspace")
+    ap.add_argument("--only-edits", action="store_true", help="only the `retro db add` measurement")
     args = ap.parse_args()
+    if args.only_edits:
+        print_edits(bench_edits())
+        return
 
     cfg = load_config(args.config)
     ws = workspace_of(cfg)
@@ -184,6 +246,7 @@ def main() -> None:
               f"{r['bytes_per_chunk']:9.0f}")
     if args.paraphrases and Path(args.paraphrases).exists() and "books-qa" in str(ws.root):
         bench_paraphrases(cfg, Path(args.paraphrases))
+    print_edits(bench_edits())
     print(f"\npeak memory (max RSS): {peak_rss_mib():.0f} MiB")
 
 

@@ -244,7 +244,9 @@ def add(cfg: Config, files: list[str]) -> dict[str, Any]:
     first_chunk, first_doc = store.num_chunks, len(store.docs)
     retriever = Retriever(cfg, ws, store.chunks["doc"])
     texts = [tok.decode(seg.chunk_ids(i).tolist()) for i in range(seg.num_chunks)]
+    t_embed = time.time()
     vectors = retriever.embed(texts)
+    t_embed = time.time() - t_embed
     save_npy_atomic(tmp / "embeddings.npy", vectors)
     index = _trained_empty(ws)
     eligible = np.flatnonzero(np.asarray(seg.chunks["length"]) >= min_chunk_tokens(d))
@@ -255,7 +257,9 @@ def add(cfg: Config, files: list[str]) -> dict[str, Any]:
     faiss_index.set_search_params(index, d.nprobe, d.ef_search)
     searched = EditedIndex([*_parts(retriever.index), index], removed_chunks(store))
     chunk_docs = np.concatenate([store.chunks["doc"], np.asarray(seg.chunks["doc"]) + first_doc])
+    t_search = time.time()
     ids, _ = search_excluding(searched, vectors, chunk_docs[first_chunk:], chunk_docs, d.num_neighbors_query)
+    t_search = time.time() - t_search
     save_npy_atomic(tmp / "neighbours.npy", ids)
     fault_point("add:segment")
     tmp.rename(folder / name)
@@ -271,7 +275,8 @@ def add(cfg: Config, files: list[str]) -> dict[str, Any]:
                                     "sha256": sha256_file(path) if path and os.path.isfile(path) else None})
     write_json_atomic(folder / "manifest.json", manifest)
     summary.update(segment=name, chunks=counts["chunks"], tokens=counts["tokens"], indexed=int(len(eligible)),
-                   seconds=round(time.time() - started, 2))
+                   seconds=round(time.time() - started, 2), seconds_embed=round(t_embed, 2),
+                   seconds_neighbours=round(t_search, 2))
     return summary
 
 

@@ -107,3 +107,43 @@ def test_edits_need_a_built_database(small_workspace) -> None:
     toml = small_workspace()
     proc = run_cli("db", "add", "x.jsonl", "-c", str(toml))
     assert proc.returncode == 2 and "retro db build" in proc.stderr
+
+
+def test_answers_cite_what_the_database_holds_after_each_edit(tmp_path: Path) -> None:
+    """Knowledge updates without training: a question's retrieved context (and the chunks the CCA reads
+    while answering) follow `db add` and `db remove`; the answers say where they came from."""
+    from .test_sft import sft_workspace
+
+    toml = sft_workspace(tmp_path)  # a pretrained tiny Retro over the synthetic topics
+    task = write_jsonl(tmp_path / "q.jsonl", [{"id": "q1", "question": "The zebra crossing has stripes painted "
+                                               "in which colours across the road?", "answer": ["white"]}])
+    args = ["generate", str(task), "-c", str(toml), "--set", 'generate.contexts="database"', "--set",
+            "generate.num_contexts=1", "--set", "generate.max_new_tokens=4", "--set", 'generate.neighbors="database"']
+
+    def cited(name: str) -> tuple[str, set[int]]:
+        out = tmp_path / f"{name}.jsonl"
+        proc = run_cli(*args, "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answer = json.loads(out.read_text())
+        return answer["contexts"][0]["doc_id"], {c for ids in answer["neighbour_chunks"] for c in ids}
+
+    store = lambda: ChunkStore.open(db.workspace_of(load_config(toml)), 16)  # noqa: E731
+    before, _ = cited("before")
+    assert not before.startswith("zebra")
+    white = write_jsonl(tmp_path / "white.jsonl", [{"id": "zebra-white", "text": ZEBRA}])
+    assert run_cli("db", "add", str(white), "-c", str(toml)).returncode == 0
+    doc, chunks = cited("added")
+    assert doc == "zebra-white"
+    s = store()
+    rows = {r for r, info in s.iter_doc_info() if info["id"] == "zebra-white"}
+    assert any(int(s.chunks["doc"][c]) in rows for c in chunks if c >= 0)  # the CCA read the new document too
+    assert run_cli("db", "remove", "--doc", "zebra-white", "-c", str(toml)).returncode == 0
+    assert cited("removed")[0] == before
+    green = write_jsonl(tmp_path / "green.jsonl",
+                        [{"id": "zebra-green", "text": ZEBRA.replace("white and black", "green and gold")}])
+    assert run_cli("db", "add", str(green), "-c", str(toml)).returncode == 0
+    doc, chunks = cited("changed")
+    assert doc == "zebra-green"
+    s = store()
+    removed = {r for r, info in s.iter_doc_info() if info["id"] == "zebra-white"}
+    assert not any(int(s.chunks["doc"][c]) in removed for c in chunks if c >= 0)

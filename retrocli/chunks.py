@@ -131,6 +131,7 @@ class ChunkStore:
     doc_info_paths: list[tuple[Path, int]]  # (docs.jsonl, global row of its first document)
     chunk_length: int
     removed_docs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    manifest: dict | None = None  # the edits (edits.read_manifest) this view was opened with
 
     @classmethod
     def open(cls, ws: Workspace, chunk_length: int, edits: bool = True) -> "ChunkStore":

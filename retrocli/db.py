@@ -253,16 +253,16 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
                                     "seconds": round(time.time() - started, 2)})
 
 
-def open_index(ws: Workspace, d: DBConfig, edits: bool = True):
+def open_index(ws: Workspace, d: DBConfig, edits: bool = True, store: ChunkStore | None = None):
     """The trained index; with edits=True also the segments `retro db add` added and without the chunks
-    `retro db remove` removed (edits.EditedIndex)."""
+    `retro db remove` removed (edits.EditedIndex), as of the edits `store` was opened with (default: now)."""
     index = faiss_index.load(ws.index_file)
     faiss_index.set_search_params(index, d.nprobe, d.ef_search)
     if not edits:
         return index
     from .edits import with_edited_index
 
-    return with_edited_index(ws, d, index)
+    return with_edited_index(ws, d, index, store or ChunkStore.open(ws, d.chunk_length))
 
 
 def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
@@ -299,7 +299,9 @@ class Retriever:
 
     The texts belong to no database document, so nothing is excluded. Embedded 1,024 at a time."""
 
-    def __init__(self, cfg: Config, ws: Workspace, chunk_docs: np.ndarray):
+    def __init__(self, cfg: Config, ws: Workspace, store: ChunkStore):
+        """`store`: the chunk store the results refer to (ChunkStore.open); the index is opened with the same
+        edits (one read of the edit manifest), so ids and documents always agree."""
         d = cfg.db
         embed_meta = ws.require("embed")
         ws.require("index")
@@ -308,8 +310,8 @@ class Retriever:
                             f"but db.embedder is now {d.embedder!r}: queries must use the same embedder")
         self.embedder: Embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision,
                                                 ws.lexical_idf(), open_tokenizer(ws).encode)
-        self.index = open_index(ws, d)
-        self.chunk_docs = np.ascontiguousarray(chunk_docs)
+        self.index = open_index(ws, d, store=store)
+        self.chunk_docs = np.ascontiguousarray(store.chunks["doc"])
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(n, dim) float32 vectors of the texts, as the database's chunks were embedded."""
@@ -339,10 +341,10 @@ def retrieve_neighbours(retriever: Retriever, store: ChunkStore, tok, chunks: li
     return tokens, ids
 
 
-def search_texts(cfg: Config, ws: Workspace, texts: list[str], chunk_docs: np.ndarray,
+def search_texts(cfg: Config, ws: Workspace, texts: list[str], store: ChunkStore,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """One search of free texts (see `Retriever`)."""
-    return Retriever(cfg, ws, chunk_docs).search(texts, k)
+    return Retriever(cfg, ws, store).search(texts, k)
 
 
 def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
@@ -351,7 +353,7 @@ def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
     ws.require("index")  # before reading the chunk store: "run `retro db build` first", not a missing file
     store = ChunkStore.open(ws, cfg.db.chunk_length)
     tok = open_tokenizer(ws)
-    ids, distances = search_texts(cfg, ws, texts, store.chunks["doc"], k)
+    ids, distances = search_texts(cfg, ws, texts, store, k)
     return describe_hits(store, tok, ids, distances)
 
 

@@ -86,7 +86,7 @@ def with_edits(ws: Workspace, base: ChunkStore) -> ChunkStore:
     manifest = read_manifest(ws)
     removed = np.array(sorted({r for entry in manifest["removed"] for r in entry["rows"]}), dtype=np.int64)
     if not manifest["segments"]:
-        return dataclasses.replace(base, removed_docs=removed)
+        return dataclasses.replace(base, removed_docs=removed, manifest=manifest)
     tokens, docs, chunks, infos = [base.tokens], [base.docs], [base.chunks], list(base.doc_info_paths)
     n_tok, n_doc, n_chunk = len(base.tokens), len(base.docs), len(base.chunks)
     for seg in manifest["segments"]:
@@ -103,7 +103,7 @@ def with_edits(ws: Workspace, base: ChunkStore) -> ChunkStore:
         infos.append((part.doc_info_paths[0][0], n_doc))
         n_tok, n_doc, n_chunk = n_tok + len(part.tokens), n_doc + len(d), n_chunk + len(c)
     return ChunkStore(JoinedTokens(tokens), np.concatenate(docs), np.concatenate(chunks), infos, base.chunk_length,
-                      removed)
+                      removed, manifest)
 
 
 def removed_chunks(store: ChunkStore) -> np.ndarray:
@@ -152,8 +152,10 @@ class EditedIndex:
         return D, I
 
 
-def with_edited_index(ws: Workspace, d: DBConfig, base: faiss.Index) -> faiss.Index | EditedIndex:
-    manifest = read_manifest(ws)
+def with_edited_index(ws: Workspace, d: DBConfig, base: faiss.Index, store: ChunkStore) -> faiss.Index | EditedIndex:
+    """The index as of the edits `store` was opened with (one manifest read for both: a `db add` finishing
+    in between cannot pair a store without a segment with an index that has it)."""
+    manifest = store.manifest or empty_manifest(ws)
     if not manifest["segments"] and not manifest["removed"]:
         return base
     parts = [base]
@@ -161,7 +163,6 @@ def with_edited_index(ws: Workspace, d: DBConfig, base: faiss.Index) -> faiss.In
         part = faiss_index.load(edits_dir(ws) / seg["name"] / "index.faiss")
         faiss_index.set_search_params(part, d.nprobe, d.ef_search)
         parts.append(part)
-    store = with_edits(ws, ChunkStore.open(ws, d.chunk_length, edits=False))
     return EditedIndex(parts, removed_chunks(store))
 
 
@@ -242,7 +243,7 @@ def add(cfg: Config, files: list[str]) -> dict[str, Any]:
     counts = build_chunks(tmp, new, tok, m, cfg.workspace.seed, valid_fraction=0.0)
     seg = _segment_store(tmp, m)
     first_chunk, first_doc = store.num_chunks, len(store.docs)
-    retriever = Retriever(cfg, ws, store.chunks["doc"])
+    retriever = Retriever(cfg, ws, store)
     texts = [tok.decode(seg.chunk_ids(i).tolist()) for i in range(seg.num_chunks)]
     t_embed = time.time()
     vectors = retriever.embed(texts)

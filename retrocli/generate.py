@@ -338,7 +338,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     if g.contexts == "database" or mode == "database":
         ws.require("index")
         store = ChunkStore.open(ws, model.chunk_length)
-        retriever = Retriever(cfg, ws, store.chunks["doc"])
+        retriever = Retriever(cfg, ws, store)
     prompter = Prompter(cfg, ws, tok, model, store, retriever)
     eos_id = meta.get("eos_id", tok.eos_id)
 

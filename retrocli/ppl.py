@@ -69,7 +69,7 @@ def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int
     table = None
     if retrieval:
         chunk_texts = [tok.decode(ids[s : s + n]) for ids in docs for s, n in chunk_spans(len(ids), m)]
-        table, _ = search_texts(cfg, ws, chunk_texts, store.chunks["doc"], model_cfg.num_neighbors)
+        table, _ = search_texts(cfg, ws, chunk_texts, store, model_cfg.num_neighbors)
     samples = Samples(StreamDocs.from_token_lists(docs, m), store, table, model_cfg.seq_length, m,
                       model_cfg.num_neighbors, model_cfg.retrieved_length or 2 * m, pad_id, eos_id, drop_last=False)
     return samples, nbytes

@@ -155,7 +155,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     retriever = store = None
     if s.neighbors == "database":
         store = ChunkStore.open(ws, model.chunk_length)
-        retriever = Retriever(cfg, ws, store.chunks["doc"])
+        retriever = Retriever(cfg, ws, store)
     neighbours = Neighbours(s.neighbors, model, tok, retriever, store) if s.neighbors != "none" else None
     valid = {}
     for entry, (_, held_out) in zip(entries, splits):

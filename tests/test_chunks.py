@@ -58,5 +58,6 @@ def test_store_round_trip(tmp_path: Path):
 def test_no_documents_is_an_error_and_leaves_nothing(tmp_path: Path):
     ws = Workspace(tmp_path)
     with pytest.raises(UserError, match="no documents"):
-        build_chunks(ws.stage_dir("chunks"), [Document(id="e", text="")], WordTokenizer(), 4, seed=0, valid_fraction=0.0)
+        build_chunks(ws.stage_dir("chunks"), [Document(id="e", text="")], WordTokenizer(), 4, seed=0,
+                     valid_fraction=0.0)
     assert not ws.chunk_tokens.exists() and not list(tmp_path.rglob("*.tmp-*"))

@@ -147,3 +147,23 @@ def test_answers_cite_what_the_database_holds_after_each_edit(tmp_path: Path) ->
     s = store()
     removed = {r for r, info in s.iter_doc_info() if info["id"] == "zebra-white"}
     assert not any(int(s.chunks["doc"][c]) in removed for c in chunks if c >= 0)
+
+
+def test_queries_during_an_add_see_the_database_before_or_after_it(built: Path) -> None:
+    """A reader opens the manifest once: while `db add` runs, every query answers from one whole state."""
+    import subprocess
+    import sys
+
+    before = hits(built)
+    new = write_jsonl(built.parent / "new.jsonl", [{"id": f"zebra-{i}", "text": ZEBRA + f" Crossing {i}."}
+                                                  for i in range(40)])
+    adding = subprocess.Popen([sys.executable, "-m", "retrocli", "db", "add", str(new), "-c", str(built)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    while adding.poll() is None:
+        seen.append(hits(built))
+    assert adding.wait() == 0, adding.stderr.read()
+    assert len(seen) >= 3  # queries ran while the add did
+    after = hits(built)
+    assert after != before and all(h[0].startswith("zebra-") for h in [after])
+    assert all(h == before or h == after for h in seen), seen

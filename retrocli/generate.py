@@ -36,7 +36,7 @@ from .model import DecodeCache, RetroModel
 from .ppl import load_model, resolve_checkpoint
 from .pretrain import run_dir
 from .runtime import dist, fault_point, log, progress
-from .sft import template_of
+from .sft import context_neighbours, template_of
 from .sft_data import Record, detect_format, fit_prompt, read_records
 from .train import autocast, device_for_rank
 from .workspace import hash_obj, write_text_atomic
@@ -283,18 +283,15 @@ class Prompter:
 def neighbour_source(mode: str, contexts: list[list[dict]], tok, retriever: Retriever | None,
                      store: ChunkStore | None, model: RetroModel) -> NeighbourFn | None:
     """The CCA's neighbours for the rows of one batch (row i has `contexts[i]` in its prompt): "database"
-    retrieves each completed chunk's nearest chunks; "context" gives every chunk the row's contexts, each cut
-    to r tokens; "none": no retrieval."""
+    retrieves each completed chunk's nearest chunks; "context" gives every chunk the row's contexts, as SFT
+    does (sft.context_neighbours); "none": no retrieval."""
     k, r, pad = model.cfg.num_neighbors, model.retrieved_length, model.pad_id
     if mode == "none":
         return None
     if mode == "database":
         return lambda rows, chunks: retrieve_neighbours(retriever, store, tok, chunks, k, r, pad)
-    per_row = np.full((len(contexts), k, r), pad, dtype=np.int64)
-    for i, ctxs in enumerate(contexts):
-        texts = [c["text"] for c in ctxs[:k]]
-        for slot, ids in enumerate(tok.encode(texts) if texts else []):
-            per_row[i, slot, : min(len(ids), r)] = ids[:r]
+    per_row = np.stack([context_neighbours(tok, ctxs, k, r, pad) for ctxs in contexts]) if contexts else \
+        np.zeros((0, k, r), dtype=np.int64)
     return lambda rows, chunks: (per_row[rows], np.full((len(rows), k), -1, dtype=np.int64))
 
 

@@ -38,6 +38,17 @@ from .train import Job, TrainSettings, find_resume, train
 EVAL_RECORDS_PER_SET = 256  # held-out records evaluated per dataset (the first ones, in file order)
 
 
+def context_neighbours(tok, contexts: list[dict], k: int, r: int, pad_id: int) -> np.ndarray:
+    """(k, r): the first k contexts ("title: text", or the text alone), each cut to r tokens, padded: the
+    neighbours of every chunk in `context` mode, in SFT and in generation alike."""
+    out = np.full((k, r), pad_id, dtype=np.int64)
+    texts = [f"{c.get('title', '')}: {c['text']}" if c.get("title") else c["text"] for c in contexts[:k]]
+    for slot, ids in enumerate(tok.encode(texts) if texts else []):
+        ids = ids[:r]
+        out[slot, : len(ids)] = ids
+    return out
+
+
 class Neighbours:
     """The (l, k, r) neighbour tokens of one SFT sample, by `sft.neighbors`:
 
@@ -54,10 +65,7 @@ class Neighbours:
     def __call__(self, tokens: np.ndarray, contexts: list[dict]) -> np.ndarray:
         out = np.full((self.l, self.k, self.r), self.pad_id, dtype=np.int64)
         if self.mode == "context":
-            texts = [f"{c.get('title', '')}: {c['text']}" if c.get("title") else c["text"] for c in contexts[: self.k]]
-            for slot, ids in enumerate(self.tok.encode(texts) if texts else []):
-                ids = ids[: self.r]
-                out[:, slot, : len(ids)] = ids
+            out[:] = context_neighbours(self.tok, contexts, self.k, self.r, self.pad_id)
         else:
             chunks = [tokens[j * self.m : (j + 1) * self.m] for j in range(self.l)]
             real = [j for j, c in enumerate(chunks) if (c != self.pad_id).any()]

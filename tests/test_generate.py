@@ -242,3 +242,23 @@ def test_generate_errors_name_the_problem(workspace: Path) -> None:
     assert bad.returncode == 2 and "generate.contexts" in bad.stderr
     nothing = run_cli("generate", "-c", str(workspace), env=env)
     assert nothing.returncode == 2 and "--prompt" in nothing.stderr
+
+
+def test_context_neighbours_are_the_prompt_contexts_as_in_sft() -> None:
+    from retrocli.generate import neighbour_source
+    from retrocli.sft import context_neighbours
+
+    class Chars:  # a tokenizer of characters
+        def encode(self, texts):
+            return [[ord(ch) % (V - 2) + 1 for ch in t] for t in texts]
+
+    model = tiny_model()
+    contexts = [[{"title": "fruit", "text": "the apple is red"}, {"text": "a second context, long enough to be cut"}],
+                []]
+    source = neighbour_source("context", contexts, Chars(), None, None, model)
+    toks, ids = source([1, 0, 0], [[1, 2, 3, 4]] * 3)
+    assert toks.shape == (3, K, R) and (ids == -1).all()
+    first = context_neighbours(Chars(), contexts[0], K, R, model.pad_id)
+    assert (toks[1] == first).all() and (toks[2] == first).all() and (toks[0] == model.pad_id).all()
+    assert first[0].tolist() == Chars().encode(["fruit: the apple is red"])[0][:R]  # titled, cut to r
+    assert neighbour_source("none", contexts, Chars(), None, None, model) is None

@@ -349,6 +349,9 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
         done = _read_partial(sorted(out.parent.glob(pattern)))
         mine = out.parent / pattern.replace("*", str(D.rank))
         mine.parent.mkdir(parents=True, exist_ok=True)
+        if mine.is_file() and not mine.read_bytes().endswith(b"\n"):  # a line torn by a kill: end it
+            with open(mine, "a", encoding="utf-8") as f:
+                f.write("\n")
         if done:
             log(f"resuming: {len(done):,} of {len(questions):,} questions were answered by an earlier run")
     todo = D.shard([q for q in questions if q.index not in done])

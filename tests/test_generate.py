@@ -203,6 +203,8 @@ def test_a_killed_generate_resumes_and_writes_what_an_uninterrupted_run_writes(w
     assert killed.returncode == 137 and not resumed.exists()
     partial = list(resumed.parent.glob(resumed.name + ".*.partial"))
     assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 8  # two batches of 4 kept
+    with open(partial[0], "a", encoding="utf-8") as f:  # and a record torn by the kill mid-write
+        f.write('{"index": 8, "id": "q1-')
     again = run_cli(*args, "--out", str(resumed), env=env)
     assert again.returncode == 0 and "8 of 12 questions were answered" in again.stderr.replace("\n", " ")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731

@@ -114,11 +114,12 @@ def removed_chunks(store: ChunkStore) -> np.ndarray:
     return np.sort(np.concatenate([np.arange(s, s + n) for s, n in zip(d["chunk_start"], d["num_chunks"])]))
 
 
-def segment_neighbours(ws: Workspace) -> list[tuple[int, np.ndarray]]:
-    """(first global chunk row, neighbour ids (n, num_neighbors_query)) of each added segment."""
-    manifest = read_manifest(ws)
-    out, first = [], int((ws.read_meta("chunks") or {}).get("counts", {}).get("chunks", 0))
-    for seg in manifest["segments"]:
+def segment_neighbours(ws: Workspace, store: ChunkStore) -> list[tuple[int, np.ndarray]]:
+    """(first global chunk row, neighbour ids (n, num_neighbors_query)) of each segment `store` was opened
+    with (the same manifest read as its rows)."""
+    segments = (store.manifest or {}).get("segments", [])
+    out, first = [], store.num_chunks - sum(seg["chunks"] for seg in segments)
+    for seg in segments:
         table = load_npy(edits_dir(ws) / seg["name"] / "neighbours.npy")
         out.append((first, table))
         first += len(table)

@@ -72,7 +72,7 @@ def open_samples(cfg: Config, ws: Workspace, split: str, pad_id: int, eos_id: in
         if cfg.model.num_neighbors > stored:
             raise UserError(f"model.num_neighbors ({cfg.model.num_neighbors}) exceeds the {stored} neighbours "
                             f"stored per chunk in {ws.stage_dir('neighbours')} (db.num_neighbors_query when built)")
-        table = NeighbourBlocks(ws, nmeta["settings"]["block_size"])
+        table = NeighbourBlocks(ws, nmeta["settings"]["block_size"], store)
     return Samples(StreamDocs.from_store(store, split), store, table, cfg.model.seq_length, cfg.db.chunk_length,
                    cfg.model.num_neighbors, retrieved_length(cfg), pad_id, eos_id, drop_last)
 

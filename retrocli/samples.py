@@ -82,12 +82,14 @@ class StreamDocs:
 class NeighbourBlocks:
     """The database's neighbour files read as one (num_chunks, num_neighbors_query) int64 table."""
 
-    def __init__(self, ws: Workspace, block_size: int):
+    def __init__(self, ws: Workspace, block_size: int, store: ChunkStore):
+        """`store`: the chunk store the rows refer to; the rows of chunks `retro db add` added after the
+        build come from the segments it was opened with."""
         from .edits import segment_neighbours
 
         self.ws, self.block_size = ws, block_size
         self._blocks: dict[int, np.ndarray] = {}
-        self._segments = segment_neighbours(ws)  # rows of the chunks `retro db add` added after the build
+        self._segments = segment_neighbours(ws, store)
 
     def _block(self, b: int) -> np.ndarray:
         if b not in self._blocks:

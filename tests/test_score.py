@@ -162,22 +162,17 @@ def test_jsonl_predictions_with_gold_and_rouge(tmp_path):
 def test_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(UserError, match="not found"):
         read_predictions(tmp_path / "nope.jsonl")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a", "prediction": "x"}\n{"id": "b", "prediction": \n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: not JSON"):
-        read_predictions(bad)
-    nopred = tmp_path / "nopred.jsonl"
-    nopred.write_text('{"id": "a", "prediction": "x"}\n{"id": "b", "answer": "y"}\n')
-    with pytest.raises(UserError, match=r"nopred\.jsonl:2: no 'prediction'"):
-        read_predictions(nopred)
-    dup = tmp_path / "dup.jsonl"
-    dup.write_text('{"id": "a", "prediction": "x"}\n{"id": "a", "prediction": "y"}\n')
-    with pytest.raises(UserError, match=r"dup\.jsonl:2: id 'a' again \(first at .*dup\.jsonl:1\)"):
-        read_predictions(dup)
-    shape = tmp_path / "list.json"
-    shape.write_text('["a", "b"]')
-    with pytest.raises(UserError, match="got a JSON list"):
-        read_predictions(shape)
+    first = '{"id": "a", "prediction": "x"}\n'
+    for name, text, message in [
+        ("bad.jsonl", first + '{"id": "b", "prediction": \n', r"bad\.jsonl:2: not JSON"),
+        ("nopred.jsonl", first + '{"id": "b", "answer": "y"}\n', r"nopred\.jsonl:2: no 'prediction'"),
+        ("dup.jsonl", first + '{"id": "a", "prediction": "y"}\n',
+         r"dup\.jsonl:2: id 'a' again \(first at .*dup\.jsonl:1\)"),
+        ("list.json", '["a", "b"]', "got a JSON list"),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=message):
+            read_predictions(tmp_path / name)
     squad_bad = tmp_path / "preds.json"
     squad_bad.write_text(json.dumps({"q1": ["not", "a", "string"]}))
     with pytest.raises(UserError, match="question 'q1'"):

@@ -154,22 +154,37 @@ def db_info(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetO
         for rem in edits["removed"]:
             table.add_row(rem["removed"], "removed", ", ".join(rem["sources"]) or ", ".join(rem["ids"][:5]),
                           f"{rem['documents']:,}")
+        if edits.get("index"):
+            ix = edits["index"]
+            table.add_row(ix["trained"], f"index retrained ({ix['name']})", ix["spec"], f"{ix['ntotal']:,} chunks")
+        if edits.get("refresh"):
+            rf = edits["refresh"]
+            table.add_row(rf["refreshed"], f"neighbours refreshed ({rf['name']})", "`retro db build`",
+                          f"{rf['rows']:,} chunk rows")
         console.print(table)
 
 
 @db_app.command("add")
 def db_add(files: List[str] = typer.Argument(..., help="files or globs to add (.txt, .jsonl, .json, .gz), "
                                              "read like corpus.train"),
-           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+           config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+           retrain: bool = typer.Option(False, "--retrain", help="also train the index afresh on every chunk now "
+                                        "in the database (time grows with the database; searches then use it)")):
     """Add documents to the built database without rebuilding it: tokenized, chunked and embedded as the
     corpus was, added to the trained index, with their neighbours. A document already present (same id or
-    same text) is not added again. Killed halfway, the database stays as it was."""
+    same text) is not added again. Killed halfway, the database stays as it was.
+
+    The index keeps the quantizer it was trained with unless `--retrain`: right when the new text is like the
+    old; retrain when much of the database is new text of another kind."""
     from . import edits
 
-    s = edits.add(_config(config, set_), list(files))
+    s = edits.add(_config(config, set_), list(files), retrain)
     if "segment" in s:
         console.print(f"added {s['documents']:,} document(s), {s['chunks']:,} chunks ({s['indexed']:,} indexed) as "
                       f"{s['segment']} in {s['seconds']:.1f} s; {len(s['duplicates']):,} already present")
+    if s.get("retrained"):
+        console.print(f"retrained the index on {s['retrained']['train_samples']:,} chunks and added all "
+                      f"{s['retrained']['ntotal']:,} in {s['seconds_retrain']:.1f} s ({s['retrained']['name']})")
 
 
 @db_app.command("remove")

@@ -256,13 +256,13 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
 def open_index(ws: Workspace, d: DBConfig, edits: bool = True, store: ChunkStore | None = None):
     """The trained index; with edits=True also the segments `retro db add` added and without the chunks
     `retro db remove` removed (edits.EditedIndex), as of the edits `store` was opened with (default: now)."""
+    if edits:
+        from .edits import edited_index
+
+        return edited_index(ws, d, store or ChunkStore.open(ws, d.chunk_length))
     index = faiss_index.load(ws.index_file)
     faiss_index.set_search_params(index, d.nprobe, d.ef_search)
-    if not edits:
-        return index
-    from .edits import with_edited_index
-
-    return with_edited_index(ws, d, index, store or ChunkStore.open(ws, d.chunk_length))
+    return index
 
 
 def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
@@ -287,6 +287,10 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
     D.barrier()
     metas["index"] = ws.require("index")
     metas["neighbours"] = stage_neighbours(cfg, ws, metas["index"], again["neighbours"])
+    if D.main and (ws.db / "edits").is_dir() and rebuild is None:
+        from .edits import refresh_neighbours
+
+        refresh_neighbours(cfg, ws)  # after `db remove`: the neighbour rows that named a removed chunk
     return metas
 
 

@@ -7,6 +7,10 @@ Beside the stages `retro db build` writes:
     db/edits/add-000001/     one segment per `db add`: a chunk store of the new documents (as chunks.py
                              writes it), their embeddings, a Faiss index of the base's trained type holding
                              their chunks, and their chunks' neighbours (for pretraining on them)
+    db/edits/index-000002/   `db add --retrain`: an index trained afresh on every live chunk and holding them
+                             all (base and segments so far); searches use it instead of the base index
+    db/edits/refresh-000003/ `db build` after removals: the precomputed neighbour rows that named a removed
+                             chunk, searched again (rows.npy, ids.npy); pretraining reads them over the blocks
 
 Rows continue the base store's: segment i's first document row is the base's document count plus those
 of the segments before it; the same for chunks and tokens, so every id in the base index and in the
@@ -14,8 +18,8 @@ precomputed neighbours keeps its meaning. A removed document stays in the store 
 its chunks are filtered out of every search (`EditedIndex`) and of the neighbours pretraining reads.
 
 Crash safety: a segment is written under a temporary name and renamed, then the manifest is replaced
-atomically, so a kill leaves the database as before the command or as after it (a half-written segment
-is ignored, and cleared by the next edit). Readers read the manifest once: a `db query` during a
+atomically, so a kill leaves the database as before the command or as after it (a folder the manifest does
+not list is ignored, and cleared by the next edit). Readers read the manifest once: a `db query` during a
 `db add` sees one of the two states.
 """
 
@@ -27,7 +31,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -38,8 +42,8 @@ from .config import Config, DBConfig, min_chunk_tokens
 from .corpus import CorpusStats, corpus_files, iter_documents
 from .errors import UserError
 from .neighbours import search_excluding
-from .runtime import fault_point, log
-from .workspace import DB_STAGES, Workspace, load_npy, save_npy_atomic, sha256_file, write_json_atomic
+from .runtime import fault_point, log, progress
+from .workspace import DB_STAGES, Workspace, blocks, load_npy, save_npy_atomic, sha256_file, write_json_atomic
 
 MANIFEST_VERSION = 1
 
@@ -81,9 +85,10 @@ def _segment_store(folder: Path, chunk_length: int) -> ChunkStore:
     return ChunkStore(load_npy(tokens), load_npy(docs), load_npy(chunks), [(info, 0)], chunk_length)
 
 
-def with_edits(ws: Workspace, base: ChunkStore) -> ChunkStore:
-    """The base store followed by every added segment, with the removed documents listed."""
-    manifest = read_manifest(ws)
+def with_edits(ws: Workspace, base: ChunkStore, manifest: dict[str, Any] | None = None) -> ChunkStore:
+    """The base store followed by every added segment, with the removed documents listed (as of `manifest`,
+    default: the one in force)."""
+    manifest = manifest if manifest is not None else read_manifest(ws)
     removed = np.array(sorted({r for entry in manifest["removed"] for r in entry["rows"]}), dtype=np.int64)
     if not manifest["segments"]:
         return dataclasses.replace(base, removed_docs=removed, manifest=manifest)
@@ -112,6 +117,16 @@ def removed_chunks(store: ChunkStore) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     d = store.docs[store.removed_docs]
     return np.sort(np.concatenate([np.arange(s, s + n) for s, n in zip(d["chunk_start"], d["num_chunks"])]))
+
+
+def refreshed_rows(ws: Workspace, store: ChunkStore) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbour rows `db build` searched again after removals, as of `store`'s edits: (rows (n,) sorted
+    global chunk rows, ids (n, num_neighbors_query)); empty when there are none."""
+    refresh = (store.manifest or {}).get("refresh")
+    if not refresh:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int64)
+    folder = edits_dir(ws) / refresh["name"]
+    return load_npy(folder / "rows.npy"), load_npy(folder / "ids.npy")
 
 
 def segment_neighbours(ws: Workspace, store: ChunkStore) -> list[tuple[int, np.ndarray]]:
@@ -153,14 +168,20 @@ class EditedIndex:
         return D, I
 
 
-def with_edited_index(ws: Workspace, d: DBConfig, base: faiss.Index, store: ChunkStore) -> faiss.Index | EditedIndex:
+def edited_index(ws: Workspace, d: DBConfig, store: ChunkStore) -> faiss.Index | EditedIndex:
     """The index as of the edits `store` was opened with (one manifest read for both: a `db add` finishing
-    in between cannot pair a store without a segment with an index that has it)."""
+    in between cannot pair a store without a segment with an index that has it): the base index (or the one
+    `db add --retrain` trained) and the segments it does not hold, removed chunks left out."""
     manifest = store.manifest or empty_manifest(ws)
-    if not manifest["segments"] and not manifest["removed"]:
+    retrained = manifest.get("index")
+    base = faiss_index.load(edits_dir(ws) / retrained["name"] / "index.faiss" if retrained else ws.index_file)
+    faiss_index.set_search_params(base, d.nprobe, d.ef_search)
+    covered = set(retrained["segments"]) if retrained else set()
+    segments = [seg for seg in manifest["segments"] if seg["name"] not in covered]
+    if not segments and not manifest["removed"]:
         return base
     parts = [base]
-    for seg in manifest["segments"]:
+    for seg in segments:
         part = faiss_index.load(edits_dir(ws) / seg["name"] / "index.faiss")
         faiss_index.set_search_params(part, d.nprobe, d.ef_search)
         parts.append(part)
@@ -181,8 +202,11 @@ def _token_hash(ids: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _trained_empty(ws: Workspace) -> faiss.Index:
-    """The base index's trained, empty copy (written once, so later adds do not read the whole index)."""
+def _trained_empty(ws: Workspace, manifest: dict[str, Any]) -> faiss.Index:
+    """The index in force (the base, or the one `--retrain` trained), trained and empty (written once, so later
+    adds do not read the whole index)."""
+    if manifest.get("index"):
+        return faiss_index.load(edits_dir(ws) / manifest["index"]["name"] / "trained.faiss")
     path = edits_dir(ws) / "trained.faiss"
     if not path.is_file():
         index = faiss_index.load(ws.index_file)
@@ -191,10 +215,11 @@ def _trained_empty(ws: Workspace) -> faiss.Index:
     return faiss_index.load(path)
 
 
-def add(cfg: Config, files: list[str]) -> dict[str, Any]:
+def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     """Tokenize, chunk, embed, index and find the neighbours of the documents of `files` (paths or globs,
     relative to the current folder), as a new segment. Documents already present (same id, or the same
-    tokens) are skipped and counted."""
+    tokens) are skipped and counted. `retrain`: train the index afresh on every chunk now in the database
+    (base and added), for when the added text differs from what the index was trained on."""
     from .db import Retriever, open_tokenizer, workspace_of
 
     ws = workspace_of(cfg)
@@ -205,8 +230,7 @@ def add(cfg: Config, files: list[str]) -> dict[str, Any]:
     manifest = read_manifest(ws)
     folder = edits_dir(ws)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-*"):  # a segment a killed `db add` left unfinished
-        shutil.rmtree(stale, ignore_errors=True)
+    _clear_unlisted(folder, manifest)
     store = ChunkStore.open(ws, m)
     live = np.ones(len(store.docs), dtype=bool)
     live[store.removed_docs] = False
@@ -237,53 +261,198 @@ def add(cfg: Config, files: list[str]) -> dict[str, Any]:
         log("nothing new to add")
         return summary
 
-    number = max([int(s["name"].split("-")[1]) for s in manifest["segments"]], default=0) + 1
-    name = f"add-{number:06d}"
+    name = f"add-{_next_number(manifest):06d}"
     tmp = folder / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir(parents=True)
     counts = build_chunks(tmp, new, tok, m, cfg.workspace.seed, valid_fraction=0.0)
     seg = _segment_store(tmp, m)
-    first_chunk, first_doc = store.num_chunks, len(store.docs)
+    first_chunk = store.num_chunks
     retriever = Retriever(cfg, ws, store)
     texts = [tok.decode(seg.chunk_ids(i).tolist()) for i in range(seg.num_chunks)]
     t_embed = time.time()
     vectors = retriever.embed(texts)
     t_embed = time.time() - t_embed
     save_npy_atomic(tmp / "embeddings.npy", vectors)
-    index = _trained_empty(ws)
+    index = _trained_empty(ws, manifest)
     eligible = np.flatnonzero(np.asarray(seg.chunks["length"]) >= min_chunk_tokens(d))
     if len(eligible):
         index.add_with_ids(vectors[eligible], (eligible + first_chunk).astype(np.int64))
     faiss_index.save(index, tmp / "index.faiss")
-    # the new chunks' neighbours, over the database as it will be (base, earlier segments, this one)
-    faiss_index.set_search_params(index, d.nprobe, d.ef_search)
-    searched = EditedIndex([*_parts(retriever.index), index], removed_chunks(store))
-    chunk_docs = np.concatenate([store.chunks["doc"], np.asarray(seg.chunks["doc"]) + first_doc])
-    t_search = time.time()
-    ids, _ = search_excluding(searched, vectors, chunk_docs[first_chunk:], chunk_docs, d.num_neighbors_query)
-    t_search = time.time() - t_search
-    save_npy_atomic(tmp / "neighbours.npy", ids)
     fault_point("add:segment")
-    tmp.rename(folder / name)
+    tmp.rename(folder / name)  # not live until the manifest lists it
+
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    manifest["segments"].append({"name": name, "documents": counts["documents"], "chunks": counts["chunks"],
-                                 "tokens": counts["tokens"], "added": now})
+    pending = {**manifest, "segments": [*manifest["segments"], {
+        "name": name, "documents": counts["documents"], "chunks": counts["chunks"], "tokens": counts["tokens"],
+        "added": now}]}
+    t_retrain = 0.0
+    if retrain:
+        t_retrain = time.time()
+        pending["index"] = _retrain(cfg, ws, with_edits(ws, ChunkStore.open(ws, m, edits=False), pending),
+                                    f"index-{_next_number(pending):06d}")
+        t_retrain = time.time() - t_retrain
+    # the new chunks' neighbours, over the database as it will be (base, earlier segments, this one)
+    after = with_edits(ws, ChunkStore.open(ws, m, edits=False), pending)
+    chunk_docs = np.ascontiguousarray(after.chunks["doc"])
+    t_search = time.time()
+    ids, _ = search_excluding(edited_index(ws, d, after), vectors, chunk_docs[first_chunk:], chunk_docs,
+                              d.num_neighbors_query)
+    t_search = time.time() - t_search
+    save_npy_atomic(folder / name / "neighbours.npy", ids)
     by_source: dict[str, list[str]] = {}
     for doc in new:
         by_source.setdefault(doc.source, []).append(doc.id)
     for source, ids_ in by_source.items():
         path = next((p for p in paths if os.path.abspath(p).endswith(source) or p == source), None)
-        manifest["sources"].append({"source": source, "segment": name, "documents": ids_, "added": now,
-                                    "sha256": sha256_file(path) if path and os.path.isfile(path) else None})
-    write_json_atomic(folder / "manifest.json", manifest)
+        pending["sources"].append({"source": source, "segment": name, "documents": ids_, "added": now,
+                                   "sha256": sha256_file(path) if path and os.path.isfile(path) else None})
+    fault_point("add:manifest")
+    write_json_atomic(folder / "manifest.json", pending)
     summary.update(segment=name, chunks=counts["chunks"], tokens=counts["tokens"], indexed=int(len(eligible)),
                    seconds=round(time.time() - started, 2), seconds_embed=round(t_embed, 2),
-                   seconds_neighbours=round(t_search, 2))
+                   seconds_neighbours=round(t_search, 2), retrained=pending.get("index") if retrain else None,
+                   seconds_retrain=round(t_retrain, 2))
     return summary
 
 
-def _parts(index: faiss.Index | EditedIndex) -> list[faiss.Index]:
-    return list(index.parts) if isinstance(index, EditedIndex) else [index]
+def _next_number(manifest: dict[str, Any]) -> int:
+    """Edit folders are numbered in one sequence (add-, index-, refresh-): the next number."""
+    names = [seg["name"] for seg in manifest["segments"]]
+    names += [manifest[key]["name"] for key in ("index", "refresh") if manifest.get(key)]
+    return max([int(n.rsplit("-", 1)[1]) for n in names], default=0) + 1
+
+
+def _clear_unlisted(folder: Path, manifest: dict[str, Any]) -> None:
+    """Remove what a killed edit left (temporary folders, a renamed folder the manifest never listed) and
+    what later edits superseded (an older retrained index or refresh)."""
+    listed = {seg["name"] for seg in manifest["segments"]}
+    listed |= {manifest[key]["name"] for key in ("index", "refresh") if manifest.get(key)}
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if path.is_dir() and path.name not in listed and (
+                path.name.startswith(".tmp-") or path.name.split("-")[0] in ("add", "index", "refresh")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _live_rows(ws: Workspace, d: DBConfig, store: ChunkStore) -> Iterator[tuple[np.ndarray, Callable]]:
+    """The indexable chunks of `store` (training split, at least db.min_chunk_tokens tokens, not removed),
+    block by block: (global rows, a function giving their (n, dim) float32 embeddings)."""
+    ok = store.train_mask() & (np.asarray(store.chunks["length"]) >= min_chunk_tokens(d))
+    ok[removed_chunks(store)] = False
+    return _rows_where(ws, d, store, ok)
+
+
+def _all_rows(ws: Workspace, d: DBConfig, store: ChunkStore) -> Iterator[tuple[np.ndarray, Callable]]:
+    """Every chunk of `store`, block by block, as `_live_rows` gives them."""
+    return _rows_where(ws, d, store, np.ones(store.num_chunks, dtype=bool))
+
+
+def _rows_where(ws: Workspace, d: DBConfig, store: ChunkStore, ok: np.ndarray) -> Iterator[tuple[np.ndarray, Callable]]:
+    from .db import EmbeddingStore
+
+    base_n = store.num_chunks - sum(seg["chunks"] for seg in (store.manifest or {}).get("segments", []))
+    emb = EmbeddingStore(ws, base_n, d.block_size)
+    for _, s, e in blocks(base_n, d.block_size):
+        rows = s + np.flatnonzero(ok[s:e])
+        yield rows, (lambda s=s, e=e, rows=rows: emb.rows(s, e)[rows - s])
+    first = base_n
+    for seg in (store.manifest or {}).get("segments", []):
+        n = seg["chunks"]
+        rows = first + np.flatnonzero(ok[first : first + n])
+        path = edits_dir(ws) / seg["name"] / "embeddings.npy"
+        yield rows, (lambda path=path, rows=rows, first=first: np.asarray(load_npy(path)[rows - first],
+                                                                          dtype=np.float32))
+        first += n
+
+
+def _retrain(cfg: Config, ws: Workspace, store: ChunkStore, name: str) -> dict[str, Any]:
+    """`db add --retrain`: an index of the base's type trained afresh on a seeded sample of every live chunk
+    of `store` and holding them all, written as edits/<name>/ (the manifest makes it live)."""
+    d = cfg.db
+    spec = ws.require("index")["counts"]["spec"]
+    parts = list(_live_rows(ws, d, store))
+    every = np.concatenate([rows for rows, _ in parts])
+    rng = np.random.default_rng(cfg.workspace.seed)
+    chosen = np.sort(rng.choice(every, size=min(d.index_train_samples, len(every)), replace=False))
+    sample = np.concatenate([vecs()[np.isin(rows, chosen)] for rows, vecs in parts if np.isin(rows, chosen).any()])
+    log(f"retraining index {spec!r} on {len(sample):,} of the {len(every):,} chunks now in the database")
+    index = faiss_index.train(spec, sample, cfg.workspace.seed)
+    with progress("index add", len(every), "chunks") as bar:
+        for rows, vecs in parts:
+            if len(rows):
+                index.add_with_ids(vecs(), rows.astype(np.int64))
+                bar.advance(len(rows))
+    tmp = edits_dir(ws) / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    faiss_index.save(index, tmp / "index.faiss")
+    index.reset()
+    faiss_index.save(index, tmp / "trained.faiss")
+    tmp.rename(edits_dir(ws) / name)
+    return {"name": name, "spec": spec, "ntotal": int(len(every)), "train_samples": int(len(sample)),
+            "segments": [seg["name"] for seg in (store.manifest or {}).get("segments", [])],
+            "trained": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
+    """`retro db build` on an edited database: search again, over the database as it is now, the precomputed
+    neighbour rows (base blocks and segments) that name a chunk removed since the last refresh; the rest stay
+    valid and are not touched. Written as edits/refresh-N/ (rows.npy, ids.npy: earlier refreshed rows
+    included) and made live by the manifest. Returns the refresh record, or None without removals."""
+    from .samples import NeighbourBlocks
+
+    _require_database(ws)
+    manifest = read_manifest(ws)
+    if not manifest["removed"]:
+        return None
+    if (manifest.get("refresh") or {}).get("removals") == len(manifest["removed"]):
+        return manifest["refresh"]  # up to date
+    d = cfg.db
+    started = time.time()
+    store = ChunkStore.open(ws, d.chunk_length)
+    nmeta = ws.require("neighbours")
+    table = NeighbourBlocks(ws, nmeta["settings"]["block_size"], store)
+    gone = removed_chunks(store)
+    gone_docs = np.zeros(len(store.docs), dtype=bool)
+    gone_docs[store.removed_docs] = True
+    stale = []
+    for _, s, e in blocks(store.num_chunks, d.block_size):
+        rows = np.arange(s, e)
+        ids = table[rows]
+        hit = np.isin(ids, gone).any(1) & ~gone_docs[store.chunks["doc"][s:e]]
+        stale.append(rows[hit])
+    stale = np.concatenate(stale)
+    old_rows, old_ids = refreshed_rows(ws, store)
+    k = int(nmeta["counts"]["k"])
+    new_ids = np.zeros((0, k), dtype=np.int64)
+    if len(stale):
+        vectors = {}
+        for rows, vecs in _all_rows(ws, d, store):
+            want = rows[np.isin(rows, stale)]
+            if len(want):
+                got = vecs()
+                for r, v in zip(want, got[np.searchsorted(rows, want)]):
+                    vectors[int(r)] = v
+        chunk_docs = np.ascontiguousarray(store.chunks["doc"])
+        x = np.stack([vectors[int(r)] for r in stale])
+        with progress("refresh neighbours", len(stale), "chunks") as bar:
+            new_ids, _ = search_excluding(edited_index(ws, d, store), x, chunk_docs[stale], chunk_docs, k)
+            bar.advance(len(stale))
+    keep = ~np.isin(old_rows, stale)
+    rows = np.concatenate([np.asarray(old_rows)[keep], stale]).astype(np.int64)
+    ids = np.concatenate([np.asarray(old_ids).reshape(-1, k)[keep], new_ids]).astype(np.int64)
+    order = np.argsort(rows, kind="stable")
+    name = f"refresh-{_next_number(manifest):06d}"
+    tmp = edits_dir(ws) / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    save_npy_atomic(tmp / "rows.npy", rows[order])
+    save_npy_atomic(tmp / "ids.npy", ids[order])
+    tmp.rename(edits_dir(ws) / name)
+    manifest["refresh"] = {"name": name, "removals": len(manifest["removed"]), "rows": int(len(rows)),
+                           "searched_now": int(len(stale)), "seconds": round(time.time() - started, 2),
+                           "refreshed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    fault_point("refresh:manifest")
+    write_json_atomic(edits_dir(ws) / "manifest.json", manifest)
+    log(f"neighbours: searched again the {len(stale):,} chunk rows that named a removed chunk")
+    return manifest["refresh"]
 
 
 def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any]:
@@ -326,8 +495,10 @@ def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any
 
 
 def describe(ws: Workspace) -> dict[str, Any]:
-    """For `retro db info`: the sources added and the documents removed, with their times."""
+    """For `retro db info`: the sources added and the documents removed, with their times; the retrained
+    index and the refreshed neighbours, if any."""
     manifest = read_manifest(ws)
-    return {"segments": manifest["segments"], "sources": manifest["sources"],
+    return {"segments": manifest["segments"], "sources": manifest["sources"], "index": manifest.get("index"),
+            "refresh": manifest.get("refresh"),
             "removed": [{k: e[k] for k in ("ids", "sources", "removed")} | {"documents": len(e["rows"])}
                         for e in manifest["removed"]]}

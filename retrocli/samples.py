@@ -80,16 +80,18 @@ class StreamDocs:
 
 
 class NeighbourBlocks:
-    """The database's neighbour files read as one (num_chunks, num_neighbors_query) int64 table."""
+    """The database's neighbour files read as one (num_chunks, num_neighbors_query) int64 table: the blocks
+    `db build` wrote, the segments `db add` wrote, and over both the rows searched again after removals."""
 
     def __init__(self, ws: Workspace, block_size: int, store: ChunkStore):
         """`store`: the chunk store the rows refer to; the rows of chunks `retro db add` added after the
         build come from the segments it was opened with."""
-        from .edits import segment_neighbours
+        from .edits import refreshed_rows, segment_neighbours
 
         self.ws, self.block_size = ws, block_size
         self._blocks: dict[int, np.ndarray] = {}
         self._segments = segment_neighbours(ws, store)
+        self._refreshed = refreshed_rows(ws, store)  # rows `db build` searched again after removals
 
     def _block(self, b: int) -> np.ndarray:
         if b not in self._blocks:
@@ -97,6 +99,10 @@ class NeighbourBlocks:
         return self._blocks[b]
 
     def _row(self, r: int) -> np.ndarray:
+        rows, ids = self._refreshed
+        at = int(np.searchsorted(rows, r))
+        if at < len(rows) and rows[at] == r:
+            return ids[at]
         for first, table in reversed(self._segments):
             if r >= first:
                 return table[r - first]

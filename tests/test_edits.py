@@ -12,7 +12,7 @@ import pytest
 
 from retrocli import db
 from retrocli.chunks import ChunkStore
-from retrocli.config import load_config
+from retrocli.config import load_config, min_chunk_tokens
 from retrocli.pretrain import open_samples
 
 from .conftest import run_cli, write_jsonl
@@ -167,3 +167,72 @@ def test_queries_during_an_add_see_the_database_before_or_after_it(built: Path) 
     after = hits(built)
     assert after != before and all(h[0].startswith("zebra-") for h in [after])
     assert all(h == before or h == after for h in seen), seen
+
+
+def test_a_kill_after_the_segment_is_in_place_but_not_listed_is_cleared_by_the_next_add(built: Path) -> None:
+    before = hits(built)
+    new = write_jsonl(built.parent / "new.jsonl", [{"id": "zebra", "text": ZEBRA}])
+    killed = run_cli("db", "add", str(new), "-c", str(built), env={"RETRO_FAULT": "add:manifest"})
+    assert killed.returncode == 137
+    edits = built.parent / "ws" / "db" / "edits"
+    assert (edits / "add-000001").is_dir() and hits(built) == before  # in place, but not live
+    ok = run_cli("db", "add", str(new), "-c", str(built))
+    assert ok.returncode == 0, ok.stderr
+    assert hits(built)[0] == "zebra"
+    assert [s["name"] for s in json.loads((edits / "manifest.json").read_text())["segments"]] == ["add-000001"]
+
+
+def test_retrain_trains_one_index_over_every_live_chunk(small_workspace) -> None:
+    toml = small_workspace(n_docs=30, words=200, db={"index": "IVF4,Flat", "nprobe": 4})
+    db.build(load_config(toml))
+    cfg = load_config(toml)
+    ws = db.workspace_of(cfg)
+    victim = hits(toml, "the", k=1)[0]
+    assert run_cli("db", "remove", "--doc", victim, "-c", str(toml)).returncode == 0
+    first = write_jsonl(toml.parent / "a.jsonl", [{"id": "zebra", "text": ZEBRA}])
+    assert run_cli("db", "add", str(first), "-c", str(toml)).returncode == 0
+    second = write_jsonl(toml.parent / "b.jsonl", [{"id": "kiwi", "text": ZEBRA.replace("zebra", "kiwi bird")}])
+    proc = run_cli("db", "add", str(second), "--retrain", "-c", str(toml))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((ws.db / "edits" / "manifest.json").read_text())
+    retrained = manifest["index"]
+    assert retrained["segments"] == ["add-000001", "add-000002"]
+    store = ChunkStore.open(ws, 16)
+    index = db.open_index(ws, cfg.db, store=store)
+    assert not hasattr(index, "parts") or len(index.parts) == 1  # one index, no segment searched beside it
+    live = store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(cfg.db))
+    live[np.isin(store.chunks["doc"], store.removed_docs)] = False
+    assert retrained["ntotal"] == int(live.sum())
+    assert {"zebra", "kiwi"} <= set(hits(toml, k=3))
+    assert victim not in hits(toml, "the", k=20)
+    # a later add goes into the retrained quantizer, and is searched beside it
+    third = write_jsonl(toml.parent / "c.jsonl", [{"id": "late", "text": ZEBRA.replace("zebra", "okapi")}])
+    assert run_cli("db", "add", str(third), "-c", str(toml)).returncode == 0
+    assert "late" in hits(toml, k=5)
+
+
+def test_db_build_searches_again_only_the_neighbour_rows_that_named_a_removed_chunk(built: Path) -> None:
+    from retrocli.samples import NeighbourBlocks
+
+    cfg = load_config(built)
+    ws = db.workspace_of(cfg)
+    store = ChunkStore.open(ws, 16)
+    before = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
+    victim_row = int(store.chunks["doc"][before[0, 0]])  # a document some chunk's first neighbour comes from
+    victim = store.doc_info([victim_row])[victim_row]["id"]
+    assert run_cli("db", "remove", "--doc", victim, "-c", str(built)).returncode == 0
+    store = ChunkStore.open(ws, 16)
+    gone = np.flatnonzero(store.chunks["doc"] == victim_row)
+    named = np.isin(before, gone).any(1) & (store.chunks["doc"] != victim_row)
+    proc = run_cli("db", "build", "-c", str(built))
+    assert proc.returncode == 0, proc.stderr
+    store = ChunkStore.open(ws, 16)
+    after = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
+    refresh = json.loads((ws.db / "edits" / "manifest.json").read_text())["refresh"]
+    assert refresh["searched_now"] == int(named.sum()) > 0
+    assert (after[~named] == before[~named]).all()  # the rest are untouched
+    assert not np.isin(after[named], gone).any()  # and the searched rows are full again, without the victim
+    assert (after[named] >= 0).all() and not (after[named] == before[named]).all()
+    again = run_cli("db", "build", "-c", str(built))  # up to date: nothing searched again
+    assert again.returncode == 0
+    assert json.loads((ws.db / "edits" / "manifest.json").read_text())["refresh"] == refresh

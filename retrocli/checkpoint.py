@@ -27,7 +27,7 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 from .runtime import fault_point, warn
-from .workspace import sha256_file
+from .workspace import sha256_file, write_failed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.pt", "config.toml", "meta.json"
@@ -52,13 +52,16 @@ def save(run: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: 
 
     final = step_dir(run, step)
     tmp = run / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
         state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-        save_file(state, str(tmp / WEIGHTS))
-        torch.save(trainer_state, tmp / TRAINER)
+        try:
+            save_file(state, str(tmp / WEIGHTS))
+            torch.save(trainer_state, tmp / TRAINER)
+        except Exception as e:  # safetensors and torch.save report a full disk in their own error types
+            raise write_failed(final, e) from None
         fault_point(fault)  # tests die here: what is left is a temporary folder, never a step folder
         (tmp / CONFIG).write_text(config_toml, encoding="utf-8")
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
@@ -71,6 +74,9 @@ def save(run: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: 
         if final.exists():  # a rerun of the same step (e.g. after a crash right after this rename)
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(final, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,6 +19,7 @@ import numpy as np
 
 from .corpus import Document, is_valid
 from .errors import UserError
+from .runtime import fault_point
 from .tokenizer import Tokenizer
 from .workspace import NpyWriter, Workspace, atomic_path, load_npy
 
@@ -87,6 +88,7 @@ def build_chunks(folder: Path, docs: Iterable[Document], tok: Tokenizer, chunk_l
                     counts["tokens"] += len(ids)
                 if bar is not None:
                     bar.advance(len(batch))
+                fault_point("chunks:batch")
             if counts["documents"] == 0:
                 raise UserError("the corpus has no documents with text (check corpus.train and corpus.text_key)")
             if counts["train_chunks"] == 0:

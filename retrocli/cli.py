@@ -31,6 +31,13 @@ def _config(config: Optional[Path], sets: Optional[List[str]]):
     return load_config(config, sets or [])
 
 
+def _writing(cfg, command: str):
+    """The workspace's writer lock, held for `command` (one writer at a time; readers never wait)."""
+    from .workspace import writer_lock
+
+    return writer_lock(cfg.resolve(cfg.workspace.dir), command)
+
+
 # ----------------------------------------------------------------------------------------------- init
 
 
@@ -66,8 +73,9 @@ def db_build(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
     from .runtime import relaunch_under_torchrun
 
     cfg = _config(config, set_)
-    relaunch_under_torchrun(cfg.launch, _ARGV)  # [launch] nproc_per_node > 1: ranks share embed + neighbours
-    metas = db.build(cfg, rebuild)
+    with _writing(cfg, "db build"):
+        relaunch_under_torchrun(cfg.launch, _ARGV)  # [launch] nproc_per_node > 1: ranks share embed + neighbours
+        metas = db.build(cfg, rebuild)
     from .runtime import dist
 
     if dist().main:
@@ -164,6 +172,52 @@ def db_info(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetO
         console.print(table)
 
 
+@db_app.command("verify")
+def db_verify(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+              fraction: float = typer.Option(0.05, "--fraction", help="share of the blocks to checksum and to "
+                                             "compute again (at least one of each)"),
+              repair: bool = typer.Option(False, "--repair", help="make the damaged files again (same settings)"),
+              as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Check the finished database: every file's recorded size; the sha256 of each single-file artefact and
+    of a random share of the blocks; and that share of the embedding and neighbour blocks computed again and
+    compared with what is stored. Exit code 2 when something is damaged or differs (`--repair` fixes damage).
+
+    `retro db build` checks sizes on every run and makes truncated or missing files again by itself; a file
+    damaged in place (same size) is found only here."""
+    from . import db
+
+    cfg = _config(config, set_)
+    if repair:
+        with _writing(cfg, "db verify --repair"):
+            report = db.verify(cfg, fraction, repair=True)
+    else:
+        report = db.verify(cfg, fraction)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+    else:
+        from rich.table import Table
+
+        table = Table(title="retro db verify")
+        for col in ("stage", "files", "sha256 checked", "damaged", "computed again"):
+            table.add_column(col)
+        for stage, s in report["stages"].items():
+            again = report["recomputed"].get(stage)
+            redo = "" if again is None else ", ".join(f"{k}={v}" for k, v in again.items())
+            table.add_row(stage, str(s.get("files", "-")), str(s.get("sha256_checked", s.get("note", ""))),
+                          str(s.get("damaged", "-")), redo)
+        console.print(table)
+    if report.get("repaired"):
+        console.print("repaired: " + ", ".join(f"{st} ({len(p)} file(s))" for st, p in report["damaged"].items()))
+        return
+    bad = [f"{st}/{name}: {why}" for st, probs in report["damaged"].items() for name, why in probs.items()]
+    bad += [f"{st} computed again differs ({r})" for st, r in report["recomputed"].items() if not r["ok"]]
+    if bad:
+        raise UserError("the database in " + report.get("workspace", str(cfg.resolve(cfg.workspace.dir))) + " failed "
+                        "verification:\n  " + "\n  ".join(bad[:20]) + "\nRun `retro db verify --repair` to make "
+                        "damaged files again; a block computed again that differs means the embedder or index "
+                        "gives other results now (another model file or library version)")
+
+
 @db_app.command("add")
 def db_add(files: List[str] = typer.Argument(..., help="files or globs to add (.txt, .jsonl, .json, .gz), "
                                              "read like corpus.train"),
@@ -178,7 +232,9 @@ def db_add(files: List[str] = typer.Argument(..., help="files or globs to add (.
     old; retrain when much of the database is new text of another kind."""
     from . import edits
 
-    s = edits.add(_config(config, set_), list(files), retrain)
+    cfg = _config(config, set_)
+    with _writing(cfg, "db add"):
+        s = edits.add(cfg, list(files), retrain)
     if "segment" in s:
         console.print(f"added {s['documents']:,} document(s), {s['chunks']:,} chunks ({s['indexed']:,} indexed) as "
                       f"{s['segment']} in {s['seconds']:.1f} s; {len(s['duplicates']):,} already present")
@@ -196,7 +252,9 @@ def db_remove(doc: Optional[List[str]] = typer.Option(None, "--doc", help="a doc
     generate, or as pretraining neighbours). Nothing is rebuilt; chunk ids keep their meaning."""
     from . import edits
 
-    s = edits.remove(_config(config, set_), list(doc or []), list(source or []))
+    cfg = _config(config, set_)
+    with _writing(cfg, "db remove"):
+        s = edits.remove(cfg, list(doc or []), list(source or []))
     console.print(f"removed {s['removed_documents']:,} document(s), {s['removed_chunks']:,} chunks")
 
 
@@ -220,8 +278,9 @@ def _train(phase: str, run, config: Optional[Path], set_: Optional[List[str]]) -
     from .runtime import dist, relaunch_under_torchrun
 
     cfg = _config(config, set_)
-    relaunch_under_torchrun(cfg.launch, _ARGV)
-    summary = run(cfg)
+    with _writing(cfg, phase):
+        relaunch_under_torchrun(cfg.launch, _ARGV)
+        summary = run(cfg)
     if dist().main:
         eval_part = f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
         loss_part = f", loss {summary['loss']:.4f}" if summary.get("loss") is not None else ""
@@ -405,8 +464,9 @@ def reproduce(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Se
     from . import reproduce as reproduce_mod
 
     path = config or Path("retro.toml")
-    _config(config, set_)  # report a bad TOML before anything runs
-    reproduce_mod.run(path, list(set_ or []))
+    cfg = _config(config, set_)  # report a bad TOML before anything runs
+    with _writing(cfg, "reproduce"):  # its stages run under this lock
+        reproduce_mod.run(path, list(set_ or []))
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -424,6 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: finished blocks are kept; rerun the same command to continue")
         return 130
+    except OSError as e:
+        from .workspace import WRITE_ERRNOS, write_failed
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = Path(e.filename) if e.filename else Path("(a file)")
+        console.print(f"[bold red]error:[/bold red] {write_failed(where, e)}", highlight=False, soft_wrap=True)
+        return 2
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # click's usage errors

@@ -69,6 +69,7 @@ def stage_tokenizer(cfg: Config, ws: Workspace, files: list[str], rebuild: bool)
         stats = CorpusStats()
         train_sentencepiece((d.text for d in iter_documents(cfg.corpus, cfg.base_dir, files, stats)),
                             ws.tokenizer_model, t.vocab_size, t.train_bytes)
+    fault_point("tokenizer:trained")
     tok = open_tokenizer(ws, settings)
     return ws.finish("tokenizer", {"vocab_size": tok.vocab_size, "seconds": round(time.time() - started, 2)})
 
@@ -210,6 +211,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
     spec = faiss_index.auto_spec(len(train_rows)) if d.index == "auto" else d.index
     log(f"training index {spec!r} on {n_sample:,} random training chunks")
     index = faiss_index.train(spec, emb.take(sample_rows), cfg.workspace.seed)
+    fault_point("index:trained")
     train_seconds = time.time() - started
     with progress("index add", len(train_rows), "chunks") as bar:
         for _, s, e in blocks(store.num_chunks, d.block_size):
@@ -266,7 +268,9 @@ def open_index(ws: Workspace, d: DBConfig, edits: bool = True, store: ChunkStore
 
 
 def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
-    """Run every stage in order; returns each stage's metadata."""
+    """Run every stage in order; returns each stage's metadata. A finished stage whose files were damaged
+    since (missing, or of another size than recorded) is made again with the same settings; when the remade
+    files equal the recorded ones nothing after it changes, else the stages after it are rebuilt."""
     if rebuild is not None and rebuild not in DB_STAGES:
         raise UserError(f"--rebuild {rebuild!r}: expected one of {', '.join(DB_STAGES)}")
     first = DB_STAGES.index(rebuild) if rebuild else len(DB_STAGES)
@@ -275,18 +279,49 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
     D = dist()
     files = corpus_files(cfg.corpus, cfg.base_dir)
     metas: dict[str, dict] = {}
+    repairs: dict[str, tuple[dict, set[str] | None]] = {}
+
+    def check(stage: str) -> None:  # rank 0, before the stage
+        meta = ws.read_meta(stage)
+        if not D.main or again[stage] or not meta:
+            return
+        blockwise = stage in ("embed", "neighbours")  # only the damaged blocks are made again
+        if meta.get("repair_of"):  # a repair that was interrupted (or asked for by `db verify --repair`)
+            repairs[stage] = (meta["repair_of"], set(meta["repairing"]) if blockwise else None)
+        elif meta.get("complete") and (problems := ws.damaged(stage)):
+            repairs[stage] = (ws.start_repair(stage, problems), set(problems) if blockwise else None)
+
+    def settle(stage: str) -> None:  # rank 0, after the stage
+        if stage in repairs:
+            old, names = repairs.pop(stage)
+            if not ws.end_repair(stage, old, names):
+                for later in DB_STAGES[DB_STAGES.index(stage) + 1 :]:
+                    again[later] = True
+            metas[stage] = ws.require(stage)
+
     if D.main:
         ws.root.mkdir(parents=True, exist_ok=True)
+        check("tokenizer")
         metas["tokenizer"] = stage_tokenizer(cfg, ws, files, again["tokenizer"])
+        settle("tokenizer")
+        check("chunks")
         metas["chunks"] = stage_chunks(cfg, ws, files, metas["tokenizer"], again["chunks"])
+        settle("chunks")
+        check("embed")
     D.barrier()
     metas["chunks"] = ws.require("chunks")
     metas["embed"] = stage_embed(cfg, ws, metas["chunks"], again["embed"])
     if D.main:
+        settle("embed")
+        check("index")
         metas["index"] = stage_index(cfg, ws, metas["embed"], again["index"])
+        settle("index")
+        check("neighbours")
     D.barrier()
     metas["index"] = ws.require("index")
     metas["neighbours"] = stage_neighbours(cfg, ws, metas["index"], again["neighbours"])
+    if D.main:
+        settle("neighbours")
     if D.main and (ws.db / "edits").is_dir() and rebuild is None:
         from .edits import refresh_neighbours
 
@@ -380,6 +415,78 @@ def describe_hits(store: ChunkStore, tok, ids: np.ndarray, distances: np.ndarray
                          "continuation": tok.decode(store.chunk_ids(nxt).tolist()) if nxt is not None else ""})
         results.append(hits)
     return results
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None = None) -> dict[str, Any]:
+    """`retro db verify`: the size of every file each stage recorded; the sha256 of every single-file artefact
+    and of a random `fraction` of the blocks; and a random `fraction` of the embedding and neighbour blocks
+    computed again and compared with what is stored (as Megatron's --validate did). With `repair`, damaged
+    files are made again (`db build` would find only those whose size changed)."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--fraction {fraction}: expected a number in (0, 1]")
+    ws = workspace_of(cfg)
+    for stage in DB_STAGES:
+        ws.require(stage)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"stages": {}, "recomputed": {}, "damaged": {}}
+    sampled: dict[str, list[int]] = {}
+    for stage in DB_STAGES:
+        recorded = ws.read_meta(stage).get("files") or {}
+        if not recorded:
+            out["stages"][stage] = {"checked": 0, "note": "built before checksums were recorded: rebuild to check"}
+            continue
+        block_names = sorted(n for n in recorded if n.startswith("block-"))
+        picked = sorted(rng.choice(len(block_names), size=max(1, round(fraction * len(block_names))),
+                                   replace=False).tolist()) if block_names else []
+        sampled[stage] = [int(block_names[i][6:12]) for i in picked]
+        deep = {n for n in recorded if not n.startswith("block-")} | {block_names[i] for i in picked}
+        problems = {**ws.damaged(stage), **ws.damaged(stage, deep=True, only=deep)}
+        out["stages"][stage] = {"files": len(recorded), "sha256_checked": len(deep), "damaged": len(problems)}
+        if problems:
+            out["damaged"][stage] = problems
+    if out["damaged"] and repair:
+        for stage, problems in out["damaged"].items():
+            ws.start_repair(stage, problems)
+        build(cfg)
+        out["repaired"] = True
+        return out
+    d = cfg.db
+    store = ChunkStore.open(ws, d.chunk_length, edits=False)
+    spans = blocks(store.num_chunks, d.block_size)
+    emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
+    ok_embed = [b for b in sampled.get("embed", []) if f"block-{b:06d}.npy" not in out["damaged"].get("embed", {})]
+    if ok_embed:
+        tok = open_tokenizer(ws)
+        embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf(),
+                                 tok.encode)
+        worst = 1.0
+        for b in ok_embed:
+            _, s, e = spans[b]
+            again = np.asarray(embedder.forward(embedder.prepare(chunk_texts(store, tok, s, e))), dtype=np.float32)
+            stored = emb.rows(s, e)
+            norms = np.linalg.norm(again, axis=1) * np.linalg.norm(stored, axis=1)
+            cos = np.where(norms > 0, (again * stored).sum(1) / np.maximum(norms, 1e-12), 1.0)
+            worst = min(worst, float(cos.min()))
+        out["recomputed"]["embed"] = {"blocks": len(ok_embed), "min_cosine": round(worst, 6), "ok": worst >= 0.999}
+    ok_nb = [b for b in sampled.get("neighbours", [])
+             if f"block-{b:06d}.npy" not in out["damaged"].get("neighbours", {})]
+    if ok_nb and not out["damaged"].get("embed") and not out["damaged"].get("index"):
+        index = open_index(ws, d, edits=False)
+        chunk_docs = np.ascontiguousarray(store.chunks["doc"])
+        k = ws.read_meta("neighbours")["counts"]["k"]
+        same = total = 0
+        for b in ok_nb:
+            _, s, e = spans[b]
+            ids, _ = search_excluding(index, emb.rows(s, e), chunk_docs[s:e], chunk_docs, k)
+            stored = load_npy(ws.neighbour_block(b))
+            same += int((ids == stored).all(1).sum())
+            total += e - s
+        out["recomputed"]["neighbours"] = {"blocks": len(ok_nb), "rows_identical": round(same / total, 6),
+                                           "ok": same / total >= 0.99}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ info

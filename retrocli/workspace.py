@@ -16,11 +16,14 @@ values, so finished work is never silently reused or destroyed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,18 +43,34 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+# What a full disk, a quota, a read-only mount or a file-size limit make a write fail with.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_failed(path: Path, e: Exception) -> UserError:
+    """The one message for a write the filesystem refused: what, where, and that nothing finished was lost."""
+    why = f"{e.strerror} (errno {e.errno})" if getattr(e, "strerror", None) else str(e)
+    return UserError(f"cannot write {path}: {why}. Nothing finished was lost: what "
+                     f"was being written is discarded and the previous version, if any, is intact. Free space or "
+                     f"fix the permissions of {path.parent}, then rerun the same command to continue")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
-    On any error the temporary file is removed and `path` keeps its previous content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    On any error the temporary file is removed and `path` keeps its previous content; a write the
+    filesystem refuses (full, read-only, ...) is a UserError naming `path`."""
     tmp = _tmp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # every OS error here is about writing `path` (full, read-only, too large, ...)
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -113,19 +132,30 @@ class NpyWriter:
     def append(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         assert rows.shape[1:] == self.row_shape, (rows.shape, self.row_shape)
-        self.file.write(rows.tobytes())
+        try:
+            self.file.write(rows.tobytes())
+        except OSError as e:
+            self.abort()
+            raise write_failed(self.path, e) from None
         self.rows += len(rows)
 
     def close(self) -> None:
-        self.file.seek(0)
-        self.file.write(self._header(self.rows))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.file.seek(0)
+            self.file.write(self._header(self.rows))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise write_failed(self.path, e) from None
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the write that failed already said why
         self.tmp.unlink(missing_ok=True)
 
 
@@ -140,6 +170,107 @@ def sha256_file(path: Path | str) -> str:
 
 def hash_obj(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- one writer at a time
+
+LOCK_FILE = "retro.lock"
+LOCK_ENV = "RETRO_LOCK_TOKEN"  # inherited by the processes a locked command starts (reproduce's stages, torchrun ranks)
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (Linux: /proc/PID/stat field 22), to tell it from a later process that got
+    the same pid; None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    started = _start_time(int(owner["pid"]))
+    return owner.get("started_ticks") is None or started is None or started == owner["started_ticks"]
+
+
+@contextmanager
+def writer_lock(root: Path, command: str) -> Iterator[None]:
+    """Hold `<root>/retro.lock` while `command` writes the workspace: a second writer is refused with who
+    holds it. A lock whose process is dead (killed: no chance to remove it) is cleared with a message.
+    Readers (`db query`, `db info`, `generate`, `ppl`, `score`) never take it.
+
+    The processes a locked command starts (reproduce's stages, the torchrun ranks it relaunches as) inherit
+    its token and go on under its lock; under a torchrun you started yourself, rank 0 takes it."""
+    path = root / LOCK_FILE
+    held = _read_lock(path)
+    if held and held.get("token") and held.get("token") == os.environ.get(LOCK_ENV):
+        # part of the job that holds the lock; the rank 0 of a job relaunched through torchrun releases it
+        mine = "RANK" in os.environ and os.environ["RANK"] == "0" and held.get("pid") == os.getppid()
+        try:
+            yield
+        finally:
+            if mine:
+                path.unlink(missing_ok=True)
+        return
+    if os.environ.get("RANK", "0") != "0":
+        yield  # a rank of a torchrun started by hand: rank 0 holds the lock for the job
+        return
+    token = uuid.uuid4().hex
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "token": token,
+             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "started_ticks": _start_time(os.getpid())}
+    root.mkdir(parents=True, exist_ok=True)
+    unreadable = 0
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _read_lock(path)
+            if held is None:
+                continue  # removed meanwhile: try again
+            if not held and unreadable < 20:  # being written this instant: look again
+                unreadable += 1
+                time.sleep(0.05)
+                continue
+            if held.get("host") == socket.gethostname() and not _alive(held):
+                from .runtime import warn
+
+                warn(f"clearing a stale lock {path}: `retro {held.get('command')}` (pid {held.get('pid')}, since "
+                     f"{held.get('since')}) is no longer running")
+                path.unlink(missing_ok=True)
+                continue
+            raise UserError(f"another command is writing this workspace: `retro {held.get('command')}` (pid "
+                            f"{held.get('pid')} on {held.get('host')}, since {held.get('since')}; lock {path}). "
+                            f"Wait for it to finish; readers (db query, generate, ppl) may run meanwhile. If it "
+                            f"is not running any more, delete {path}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        break
+    previous = os.environ.get(LOCK_ENV)
+    os.environ[LOCK_ENV] = token
+    try:
+        yield
+    finally:
+        if (_read_lock(path) or {}).get("token") == token:
+            path.unlink(missing_ok=True)
+        if previous is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = previous
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+        return held if isinstance(held, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written this instant, or damaged: treated as held by an unknown process
 
 
 # -------------------------------------------------------------------------------------------- the layout
@@ -232,18 +363,85 @@ class Workspace:
             meta = None  # an attempt that failed before producing anything: nothing to keep
         if meta is not None and meta.get("complete"):
             return meta
+        for junk in self.stage_dir(stage).glob(".*.tmp-*"):  # what a killed attempt was writing
+            junk.unlink(missing_ok=True)
         if meta is None:
             write_json_atomic(self.meta_path(stage), {"version": META_VERSION, "stage": stage, "complete": False,
                                                       "settings": settings, "started": time.time()})
         return None
 
     def finish(self, stage: str, counts: dict[str, Any]) -> dict[str, Any]:
+        """Mark a stage complete with its counts and the size and sha256 of every file it made (so damage is
+        found: `damaged`, `retro db verify`)."""
         meta = self.read_meta(stage)
         assert meta is not None, stage
-        meta.update(complete=True, counts=counts, finished=time.time())
+        meta.update(complete=True, counts=counts, finished=time.time(), files=self.file_sums(stage))
+        meta.pop("repairing", None)
+        meta.pop("repair_of", None)
         meta["fingerprint"] = hash_obj([meta["settings"], counts])
         write_json_atomic(self.meta_path(stage), meta)
         return meta
+
+    def stage_files(self, stage: str) -> list[Path]:
+        """The artefacts of a stage (not its meta.json, nor what a writer is writing)."""
+        folder = self.stage_dir(stage)
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.name != "meta.json"
+                      and not p.name.startswith(".")) if folder.is_dir() else []
+
+    def file_sums(self, stage: str, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        paths = self.stage_files(stage) if names is None else [self.stage_dir(stage) / n for n in names]
+        return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths if p.is_file()}
+
+    def damaged(self, stage: str, deep: bool = False, only: set[str] | None = None) -> dict[str, str]:
+        """{file name: what is wrong} for the files a finished stage recorded: missing or of another size, and
+        with `deep` (reads them) of another sha256. `only`: check just these names. Stages finished before
+        files were recorded check nothing."""
+        meta = self.read_meta(stage) or {}
+        problems = {}
+        for name, rec in (meta.get("files") or {}).items():
+            if only is not None and name not in only:
+                continue
+            path = self.stage_dir(stage) / name
+            if not path.is_file():
+                problems[name] = "missing"
+            elif path.stat().st_size != rec["bytes"]:
+                problems[name] = f"{path.stat().st_size:,} bytes where {rec['bytes']:,} were written"
+            elif deep and sha256_file(path) != rec["sha256"]:
+                problems[name] = "its content does not match the sha256 recorded when it was written"
+        return problems
+
+    def start_repair(self, stage: str, problems: dict[str, str]) -> dict[str, Any]:
+        """A finished stage has damaged files: remove them and reopen the stage (same settings), so that the
+        build makes them again. Returns the old metadata for `end_repair`."""
+        from .runtime import warn
+
+        meta = self.read_meta(stage)
+        assert meta is not None and meta.get("complete"), stage
+        listed = "; ".join(f"{self.stage_dir(stage) / n}: {why}" for n, why in sorted(problems.items())[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        warn(f"the finished '{stage}' stage has damaged files: {listed}{more}. Making them again with the same "
+             f"settings")
+        for name in problems:
+            (self.stage_dir(stage) / name).unlink(missing_ok=True)
+        reopened = {k: v for k, v in meta.items() if k not in ("counts", "files", "fingerprint", "finished")}
+        # the old metadata rides along, so a repair that is itself killed still ends in `end_repair`
+        write_json_atomic(self.meta_path(stage), {**reopened, "complete": False, "repairing": sorted(problems),
+                                                  "repair_of": meta})
+        return meta
+
+    def end_repair(self, stage: str, old: dict[str, Any], names: set[str] | None = None) -> bool:
+        """After the stage ran again: True when the remade files (`names`, default all) are identical to those
+        recorded (the old metadata is restored, so nothing built from the stage changes); False when they
+        differ (the stages after it must be rebuilt)."""
+        from .runtime import log, warn
+
+        remade = {n: rec for n, rec in (old.get("files") or {}).items() if names is None or n in names}
+        if self.file_sums(stage, sorted(remade)) == remade:
+            write_json_atomic(self.meta_path(stage), old)
+            log(f"repaired the '{stage}' stage: the remade files are identical to those first written")
+            return True
+        warn(f"the remade '{stage}' files differ from those first written: the stages after it are rebuilt")
+        return False
 
 
 def _comparable(value: Any) -> Any:

@@ -99,27 +99,6 @@ def test_a_corpus_moved_elsewhere_still_matches_its_database(small_workspace):
     assert changed.returncode == 2 and "other settings" in changed.stderr
 
 
-@pytest.mark.faults
-def test_resume_after_kill_in_embed_stage(small_workspace, tmp_path):
-    toml = small_workspace(n_docs=60)
-    ws_root = workspace_of(load_config(toml)).root
-    proc = run_cli("db", "build", "-c", str(toml), env={"RETRO_FAULT": "embed:block:3"})
-    assert proc.returncode == 137, proc.stderr
-    done = sorted(ws_root.glob("db/embed/block-*.npy"))
-    assert len(done) == 3, "the kill came after the third block"
-    stamps = {p: p.stat().st_mtime_ns for p in done}
-    proc = run_cli("db", "build", "-c", str(toml), check=True)
-    assert {p: p.stat().st_mtime_ns for p in done} == stamps, "a finished block was recomputed"
-    meta = json.loads((ws_root / "db/embed/meta.json").read_text())
-    assert meta["counts"]["embedded_now"] == meta["counts"]["chunks"] - 3 * 50
-
-    # identical to an uninterrupted build
-    fresh = tmp_path / "fresh.toml"
-    fresh.write_text(toml.read_text().replace('dir = "ws"', 'dir = "ws-fresh"'))
-    run_cli("db", "build", "-c", str(fresh), check=True)
-    assert stage_files(ws_root) == stage_files(workspace_of(load_config(fresh)).root)
-
-
 @pytest.mark.slow
 def test_two_rank_torchrun_equals_one_process(small_workspace, tmp_path):
     toml = small_workspace(n_docs=50)
@@ -197,19 +176,3 @@ def test_damaged_index_and_changed_tokenizer_are_user_errors(small_workspace, tm
     other.write_bytes(ws.tokenizer_model.read_bytes())
     proc = run_cli("db", "build", "-c", str(toml), "--set", f"tokenizer.path={json.dumps(str(other))}")
     assert proc.returncode == 2 and "'tokenizer' stage" in proc.stderr and "path" in proc.stderr
-
-
-@pytest.mark.faults
-def test_damaged_block_is_recomputed_on_resume(small_workspace, tmp_path):
-    toml = small_workspace(n_docs=60)
-    ws_root = workspace_of(load_config(toml)).root
-    proc = run_cli("db", "build", "-c", str(toml), env={"RETRO_FAULT": "neighbours:block:2"})
-    assert proc.returncode == 137
-    blocks = sorted(ws_root.glob("db/neighbours/block-*.npy"))
-    assert len(blocks) == 2
-    blocks[0].write_bytes(blocks[0].read_bytes()[:200])  # a torn file, as a full disk might leave
-    run_cli("db", "build", "-c", str(toml), check=True)
-    fresh = tmp_path / "fresh.toml"
-    fresh.write_text(toml.read_text().replace('dir = "ws"', 'dir = "ws-fresh"'))
-    run_cli("db", "build", "-c", str(fresh), check=True)
-    assert stage_files(ws_root) == stage_files(workspace_of(load_config(fresh)).root)

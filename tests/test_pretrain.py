@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,32 @@ def test_loss_falls_and_resume_after_kills_reproduces_the_curve(workspace: Path)
     assert not list(run_path.glob(".step-*"))  # temporary folders are cleaned up
 
 
+@pytest.mark.faults
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(workspace: Path) -> None:
+    import resource
+    import signal
+
+    run_path = run_dir(db.workspace_of(load_config(workspace)))
+    if not checkpoint.complete_steps(run_path):
+        run(load_config(workspace))
+    last = checkpoint.latest(run_path)
+    limit = (last / checkpoint.WEIGHTS).stat().st_size // 2  # the weights no longer fit; the metrics still do
+
+    def full_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    step = int(last.name.split("-")[1])
+    proc = subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(workspace), "--set",
+                           f"pretrain.train_steps={step + 2}"], capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD}, preexec_fn=full_disk, timeout=300)
+    said = "".join(proc.stderr.split())
+    assert proc.returncode == 2 and "Traceback" not in said, proc.stderr[-2000:]
+    assert f"cannotwrite{checkpoint.step_dir(run_path, step + 2)}" in said and "Filetoolarge" in said
+    assert checkpoint.latest(run_path) == last and checkpoint.problem(last) is None  # intact, still the latest
+    assert not list(run_path.glob(".step-*"))  # the torn write was cleared
+
+
 def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) -> None:
     toml = make_workspace(tmp_path, pretrain={"train_steps": 2, "save_interval": 2, "eval_interval": 2})
     gpt_cfg = load_config(toml, ["model.retro_layers=[]"])
@@ -232,10 +259,17 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     one = metrics(run_path)
     shutil.rmtree(run_path)
     sets = ["--set", "launch.nproc_per_node=2"] + (["--set", "launch.fsdp=true"] if fsdp else [])
-    proc = subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), *sets],
-                          capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
+    command = [sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), *sets]
+    if not fsdp:  # one rank dies after step 2: the job ends promptly, non-zero, and the rerun resumes
+        started = time.time()
+        died = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **ONE_THREAD, "RETRO_FAULT": "pretrain:step:2", "RETRO_FAULT_RANK": "1"})
+        assert died.returncode != 0 and "dying at pretrain:step" in died.stderr, died.stderr[-3000:]
+        assert time.time() - started < 120  # no hang on the collective the dead rank never joins
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launching 2 process(es)" in proc.stdout + proc.stderr
+    assert not (db.workspace_of(cfg).root / "retro.lock").exists()  # released by the job's rank 0
     two = metrics(run_path)
     assert sorted(two) == [1, 2, 3]
     for step in one:

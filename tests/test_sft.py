@@ -125,9 +125,10 @@ def test_resume_after_a_kill_continues_the_same_curve(tmp_path: Path) -> None:
     args = ["sft", "-c", str(toml), "--set", "sft.train_steps=6", "--set", "sft.save_interval=3",
             "--set", "sft.eval_interval=6"]
     shutil.rmtree(run_dir(ws, "sft"))
-    proc = run_cli(*args, env={"RETRO_FAULT": "sft:step:5", "OMP_NUM_THREADS": "1"})
+    proc = run_cli(*args, env={"RETRO_FAULT": "sft:checkpoint:2", "OMP_NUM_THREADS": "1"})  # writing step 6
     assert proc.returncode == 137, proc.stderr[-2000:]
     assert [p.name for p in checkpoint.complete_steps(run_dir(ws, "sft"))] == ["step-000003"]
+    assert list(run_dir(ws, "sft").glob(".step-000006.tmp-*"))  # the torn write is a temporary folder
     run_cli(*args, env={"OMP_NUM_THREADS": "1"}, check=True)
     resumed = metrics(run_dir(ws, "sft"))
     assert sorted(resumed) == list(range(1, 7))

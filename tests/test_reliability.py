@@ -1,0 +1,149 @@
+"""Issue 8: a kill anywhere in `db build` resumes to the same files; damaged artefacts are found and made again
+(by size on every build, by checksum and recomputation in `db verify`); one writer per workspace, with stale
+locks cleared; a full disk fails cleanly with the previous artefacts intact."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from retrocli.config import load_config
+from retrocli.db import workspace_of
+from retrocli.workspace import DB_STAGES, LOCK_FILE, _start_time
+
+from .conftest import run_cli, write_jsonl
+
+pytestmark = pytest.mark.faults
+
+# Each point is inside a stage: after the tokenizer is trained, after the first batch of chunks, after the
+# third embedding block, after the index is trained, after the second neighbour block.
+KILL_POINTS = ["tokenizer:trained", "chunks:batch", "embed:block:3", "index:trained", "neighbours:block:2"]
+
+
+def artefacts(ws_root: Path) -> dict[str, bytes]:
+    """Every finished database file (not meta.json, which holds timings) by relative path."""
+    return {str(p.relative_to(ws_root)): p.read_bytes() for p in sorted((ws_root / "db").rglob("*"))
+            if p.is_file() and p.name != "meta.json"}
+
+
+@pytest.fixture
+def built(small_workspace, tmp_path) -> tuple[Path, dict[str, bytes]]:
+    """A workspace TOML whose database is built, and its files."""
+    toml = small_workspace(n_docs=60)
+    run_cli("db", "build", "-c", str(toml), check=True)
+    return toml, artefacts(workspace_of(load_config(toml)).root)
+
+
+def test_a_build_killed_in_every_stage_in_turn_ends_with_the_uninterrupted_files(built) -> None:
+    reference, expected = built
+    toml = reference.parent / "killed.toml"
+    toml.write_text(reference.read_text().replace('dir = "ws"', 'dir = "ws-killed"'))
+    ws_root = workspace_of(load_config(toml)).root
+    finished: dict[str, dict] = {}
+    for point in KILL_POINTS:
+        proc = run_cli("db", "build", "-c", str(toml), env={"RETRO_FAULT": point})
+        assert proc.returncode == 137, (point, proc.stderr[-2000:])
+        lock = json.loads((ws_root / LOCK_FILE).read_text())  # a kill leaves its lock behind ...
+        assert lock["command"] == "db build"
+        stage = point.split(":")[0]
+        for done in DB_STAGES[: DB_STAGES.index(stage)]:
+            meta = json.loads((ws_root / "db" / done / "meta.json").read_text())
+            assert meta["complete"]
+            # ... and what a stage finished before the kill is never redone by the reruns
+            assert finished.setdefault(done, meta) == meta, f"{done} was redone after the kill at {point}"
+    done = run_cli("db", "build", "-c", str(toml), check=True)
+    assert "clearing a stale lock" in done.stderr  # the dead writer's lock, cleared with a message
+    assert not (ws_root / LOCK_FILE).exists()
+    assert artefacts(ws_root) == expected
+    embed = json.loads((ws_root / "db" / "embed" / "meta.json").read_text())
+    assert embed["counts"]["embedded_now"] == embed["counts"]["chunks"] - 3 * 50  # three blocks were kept
+
+
+def test_damaged_files_are_found_and_made_again(built) -> None:
+    toml, expected = built
+    ws_root = workspace_of(load_config(toml)).root
+    metas = {s: (ws_root / "db" / s / "meta.json").read_text() for s in DB_STAGES}
+    db_dir = ws_root / "db"
+    # torn and lost files, as a crash of the disk or a careless `rm` leaves them: found by size on every build
+    (db_dir / "index" / "index.faiss").write_bytes((db_dir / "index" / "index.faiss").read_bytes()[:1000])
+    block = db_dir / "embed" / "block-000001.npy"
+    block.write_bytes(block.read_bytes()[:-7])
+    (db_dir / "neighbours" / "block-000000.npy").unlink()
+    proc = run_cli("db", "build", "-c", str(toml), check=True)
+    said = "".join(proc.stderr.split())  # rich wraps long paths anywhere
+    for name in ("index/index.faiss", "embed/block-000001.npy", "neighbours/block-000000.npy"):
+        assert name in said
+    assert said.count("identicaltothosefirstwritten") == 3
+    assert artefacts(ws_root) == expected
+    assert {s: (ws_root / "db" / s / "meta.json").read_text() for s in DB_STAGES} == metas  # nothing downstream moved
+
+    # damage in place (same size) is not seen by a build, but by `db verify`, which also recomputes blocks
+    ok = run_cli("db", "verify", "-c", str(toml), "--fraction", "0.5", "--json", check=True)
+    report = json.loads(ok.stdout)
+    assert report["recomputed"]["embed"]["ok"] and report["recomputed"]["neighbours"]["rows_identical"] == 1.0
+    target = db_dir / "chunks" / "tokens.npy"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0xFF
+    target.write_bytes(bytes(data))
+    bad = run_cli("db", "verify", "-c", str(toml))
+    assert bad.returncode == 2 and "tokens.npy" in bad.stderr and "--repair" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    run_cli("db", "verify", "-c", str(toml), "--repair", check=True)
+    assert artefacts(ws_root) == expected
+    run_cli("db", "verify", "-c", str(toml), "--fraction", "1", check=True)
+
+
+def test_one_writer_at_a_time_and_readers_are_never_blocked(small_workspace) -> None:
+    toml = small_workspace(n_docs=30, words=200)
+    run_cli("db", "build", "-c", str(toml), check=True)
+    ws_root = workspace_of(load_config(toml)).root
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        lock = {"pid": writer.pid, "host": socket.gethostname(), "command": "pretrain", "token": "other-job",
+                "since": "2026-11-27 07:00:00", "started_ticks": _start_time(writer.pid)}
+        (ws_root / LOCK_FILE).write_text(json.dumps(lock))
+        for args in (["db", "build"], ["db", "add", "x.jsonl"], ["db", "remove", "--doc", "doc1"], ["pretrain"]):
+            proc = run_cli(*args, "-c", str(toml))
+            assert proc.returncode == 2, (args, proc.stderr)
+            text = "".join(proc.stderr.split())
+            assert "retropretrain" in text and f"pid{writer.pid}" in text and LOCK_FILE in text
+        query = run_cli("db", "query", "-c", str(toml), "star planet orbit")  # a reader: not blocked
+        assert query.returncode == 0 and "astronomy" in query.stdout + query.stderr
+    finally:
+        writer.kill()
+        writer.wait()
+    proc = run_cli("db", "remove", "--doc", "doc1", "-c", str(toml))  # the holder died: its lock is stale
+    assert proc.returncode == 0 and "stale lock" in proc.stderr
+    assert not (ws_root / LOCK_FILE).exists()
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_fails_cleanly_and_leaves_the_database_as_it_was(small_workspace) -> None:
+    toml = small_workspace(n_docs=30, words=200)
+    run_cli("db", "build", "-c", str(toml), check=True)
+    ws_root = workspace_of(load_config(toml)).root
+    before = artefacts(ws_root)
+    docs = [{"id": f"new{i}", "text": f"new document {i} about harbours and tides. " * 200} for i in range(20)]
+    new = write_jsonl(toml.parent / "new.jsonl", docs)
+    proc = subprocess.run([sys.executable, "-m", "retrocli", "db", "add", str(new), "-c", str(toml)],
+                          capture_output=True, text=True, preexec_fn=_file_size_limit(20_000))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    text = "".join(proc.stderr.split())
+    assert "cannotwrite" in text and "Filetoolarge" in text and "Traceback" not in text
+    assert artefacts(ws_root) == before  # nothing half-written is left where a reader would find it
+    assert run_cli("db", "add", str(new), "-c", str(toml)).returncode == 0  # with room again, it completes

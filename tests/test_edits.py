@@ -101,6 +101,11 @@ def test_a_kill_before_the_manifest_switch_leaves_the_database_as_it_was(built: 
     # a completed database build is not disturbed by the edits
     rebuilt = run_cli("db", "build", "-c", str(built))
     assert rebuilt.returncode == 0 and hits(built)[0] == "zebra"
+    # a remove killed before its manifest switch removed nothing; its rerun removes
+    killed = run_cli("db", "remove", "--doc", "zebra", "-c", str(built), env={"RETRO_FAULT": "remove:manifest"})
+    assert killed.returncode == 137 and hits(built)[0] == "zebra"
+    assert run_cli("db", "remove", "--doc", "zebra", "-c", str(built)).returncode == 0
+    assert "zebra" not in hits(built)
 
 
 def test_edits_need_a_built_database(small_workspace) -> None:

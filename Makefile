@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.toml
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test test-fast demo reproduce lint bench bench-db bench-train bench-generate clean
+.PHONY: install test test-fast demo reproduce lint bench bench-db bench-train bench-generate bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,13 @@ bench-train: install $(PEER)/.installed
 # KV-cached decoding against recomputing the sequence for every token, same model and prompts (issue 5).
 bench-generate: install
 	$(BIN)/python benchmarks/bench_generate.py
+
+# The one prepared script for a lent GPU (issue 9; docs/benchmarks.md says how to run it there): results.json and
+# summary.md in $$OUT or ./bench-gpu-out. No install step: the GPU machine's python3 already holds a CUDA torch
+# (and cannot reach a registry); here it uses the venv. `python benchmarks/bench_gpu.py --tiny` checks it on a CPU.
+BENCH_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+bench-gpu:
+	$(BENCH_PYTHON) benchmarks/bench_gpu.py
 
 clean:
 	rm -rf runs

@@ -348,14 +348,15 @@ def bench_embed(a, device: torch.device, out: dict, save: Callable[[], None]) ->
             embedder.dtype = dtype
             embedder.forward(warm)
             seconds, vectors = timed(lambda: embedder.forward(prepared), device)
-            row = {"chunks_per_s": n / seconds, "seconds": seconds}
-            if reference is None:
+            row = {"chunks_per_s": n / seconds, "seconds": seconds, "min_cosine_vs_fp32": None}
+            if name == "fp32":
                 reference = vectors
-            cosine = np.sum(reference * vectors, axis=1)
-            row.update(min_cosine_vs_fp32=float(cosine.min()), mean_cosine_vs_fp32=float(cosine.mean()))
+            if reference is not None:  # rows are unit vectors: their dot product is the cosine
+                cosine = np.sum(reference * vectors, axis=1)
+                row.update(min_cosine_vs_fp32=float(cosine.min()), mean_cosine_vs_fp32=float(cosine.mean()))
             out["variants"][name] = row
             print(f"embed: {name} {row['chunks_per_s']:,.0f} chunks/s, min cosine vs fp32 "
-                  f"{row['min_cosine_vs_fp32']:.4f}", flush=True)
+                  f"{fmt(row['min_cosine_vs_fp32'], '.4f')}", flush=True)
         except Exception as e:
             out["variants"][name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"embed: {name} failed: {type(e).__name__}: {e}", flush=True)
@@ -605,12 +606,11 @@ def bench_generate(a, device: torch.device, out: dict, save: Callable[[], None])
                 decode_greedy(model, prompts, min(a.gen_new, chunk + 2), precision, cache_dtype)  # warm-up
                 timings: dict = {}
                 tokens = decode_greedy(model, prompts, a.gen_new, precision, cache_dtype, timings)
-                decode_s = timings["total_s"] - timings["prefill_s"]
+                decode_s, steps = timings["total_s"] - timings["prefill_s"], max(1, a.gen_new - 1)
                 out["rows"].append({"model": arch, "batch": b, "prefill_s": timings["prefill_s"],
                                     "total_s": timings["total_s"], "new_tokens": int(tokens.numel()),
                                     "tokens_per_s": tokens.numel() / timings["total_s"],
-                                    "decode_tokens_per_s": b * (a.gen_new - 1) / decode_s,
-                                    "ms_per_step": decode_s / (a.gen_new - 1) * 1e3})
+                                    "decode_tokens_per_s": b * steps / decode_s, "ms_per_step": decode_s / steps * 1e3})
                 row = out["rows"][-1]
                 print(f"generate: {arch} batch {b}: {row['tokens_per_s']:,.0f} tokens/s "
                       f"({row['ms_per_step']:.2f} ms a step, prefill {row['prefill_s'] * 1e3:.1f} ms)", flush=True)
@@ -684,7 +684,7 @@ def summary_embed(sec: dict) -> list[str]:
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} | |")
         else:
-            lines.append(f"| {name} | {r['chunks_per_s']:,.0f} | {r['min_cosine_vs_fp32']:.4f} |")
+            lines.append(f"| {name} | {r['chunks_per_s']:,.0f} | {fmt(r['min_cosine_vs_fp32'], '.4f')} |")
     return lines + [""]
 
 
@@ -802,6 +802,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"bench_gpu: {header['device']['name']}, torch {torch.__version__}; sections {', '.join(a.sections)}; "
           f"out {a.out}", flush=True)
+    if device.type == "cpu" and not a.tiny:
+        print("bench_gpu: no GPU: the full sizes take hours on a CPU (--tiny checks the script in seconds)", flush=True)
     rec = Recorder(a.out, header)
     for name in a.sections:
         rec.run(name, a, device)

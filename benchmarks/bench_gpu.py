@@ -289,7 +289,8 @@ def summarise_train(out: dict, ready: list[Variant], seq: int, batch: int, peak:
         if retro and gpt:  # the ratio of MFUs is that of achieved FLOP/s: it needs no peak
             ratios[mode] = {"retro_vs_gpt_mfu": retro["achieved_tflops"] / gpt["achieved_tflops"],
                             "retro_vs_gpt_causal": retro["achieved_causal_tflops"] / gpt["achieved_causal_tflops"],
-                            "retro_vs_gpt_tokens": retro["tokens_per_s"] / gpt["tokens_per_s"]}
+                            "retro_vs_gpt_tokens": retro["tokens_per_s"] / gpt["tokens_per_s"],
+                            "retro_mfu": retro["mfu"], "gpt_mfu": gpt["mfu"]}
     out["ratios"] = ratios
     out["targets"] = {"retro_vs_gpt_mfu": ">= 0.90", "retro_mfu": ">= 0.40"}
 
@@ -669,7 +670,8 @@ def summary_train(sec: dict) -> list[str]:
     for mode, r in sec.get("ratios", {}).items():
         lines.append(f"\nRetro MFU / GPT MFU, {mode}: **{r['retro_vs_gpt_mfu']:.3f}** (target >= 0.90); counting "
                      f"the causal half of decoder attention: {r['retro_vs_gpt_causal']:.3f}; tokens/s ratio "
-                     f"{r['retro_vs_gpt_tokens']:.3f}")
+                     f"{r['retro_vs_gpt_tokens']:.3f}; Retro MFU {fmt(r['retro_mfu'] and 100 * r['retro_mfu'], '.1f')}"
+                     f"{'%' if r['retro_mfu'] else ''} (target >= 40%)")
     for name, err in sec.get("errors", {}).items():
         lines.append(f"\n{name} failed: {err}")
     return lines + [""]

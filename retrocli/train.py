@@ -114,7 +114,10 @@ def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opti
             continue
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), fused=False, foreach=False)
+    # On a GPU the fused kernel (one launch for every parameter); on a CPU the plain per-parameter loop, whose
+    # arithmetic does not depend on how parameters are grouped (1 rank and 2 ranks give the same curve).
+    on_gpu = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), fused=on_gpu, foreach=False)
 
 
 def wrap(model: torch.nn.Module, s: TrainSettings, device: torch.device) -> torch.nn.Module:

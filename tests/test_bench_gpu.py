@@ -109,20 +109,6 @@ def test_the_tiny_run_writes_every_section(tmp_path: Path) -> None:
     assert "| retro | eager |" in summary and summary in proc.stdout  # the table is also printed
 
 
-@pytest.mark.slow
-def test_both_models_trace_under_torch_compile(tmp_path: Path) -> None:
-    """Dynamo traces both training steps (the eager backend skips code generation): the compile variants
-    a GPU run times go through the same graph capture."""
-    run_script(tmp_path, "--out", str(tmp_path), "--sections", "train", "--compile", "--compile-backend", "eager")
-    train = json.loads((tmp_path / "results.json").read_text())["sections"]["train"]
-    assert train["status"] == "ok" and train["errors"] == {} and train["compile_backend"] == "eager"
-    for arch in ("retro", "gpt"):
-        m = train["models"][arch]
-        assert m["compiled"]["steps_timed"] == 2 and m["compiled_warmup_s"] > 0
-        assert abs(m["compiled"]["last_loss"] - m["eager"]["last_loss"]) < 0.5
-    assert set(train["ratios"]) == {"eager", "compiled"}
-
-
 def test_a_failing_section_keeps_the_others_and_the_embedder_stands_in(tmp_path: Path, monkeypatch,
                                                                          one_torch_thread) -> None:
     bench = load_bench()

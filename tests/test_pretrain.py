@@ -262,8 +262,9 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     command = [sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), *sets]
     if not fsdp:  # one rank dies after step 2: the job ends promptly, non-zero, and the rerun resumes
         started = time.time()
+        kill_rank_1 = {"RETRO_FAULT": "pretrain:step:2", "RETRO_FAULT_RANK": "1"}
         died = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, **ONE_THREAD, "RETRO_FAULT": "pretrain:step:2", "RETRO_FAULT_RANK": "1"})
+                              env={**os.environ, **ONE_THREAD, **kill_rank_1})
         assert died.returncode != 0 and "dying at pretrain:step" in died.stderr, died.stderr[-3000:]
         assert time.time() - started < 120  # no hang on the collective the dead rank never joins
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)

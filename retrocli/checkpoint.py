@@ -6,6 +6,11 @@
         config.toml         the resolved workspace configuration (every key documented)
         meta.json           step, model config, chunk length, pad id, tokenizer reference, sha256 of each file
 
+A run sharded with FSDP over several processes writes instead of model.safetensors and the optimizer state
+`shards/`: torch.distributed.checkpoint files, each rank its own shard, nothing gathered on one process.
+They load into any number of processes, sharded or not (DCP reshards on load), and `load_weights` gives
+the full weights in one process for ppl, generate and init_from.
+
 The folder is written under a temporary name (`.step-000500.tmp-PID`) and renamed into place, and
 meta.json, which lists every file with its size and sha256, is written last: a folder without a readable
 meta.json or whose files do not match it is incomplete or corrupt and is never loaded; `latest` falls back
@@ -19,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from .workspace import sha256_file, write_failed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.pt", "config.toml", "meta.json"
+SHARDS = "shards"  # torch.distributed.checkpoint files of a sharded (FSDP) run
 FORMAT = 1
 
 
@@ -45,30 +52,51 @@ def tokenizer_ref(ws) -> dict[str, Any]:
             "vocab_size": meta["counts"]["vocab_size"], "type": meta["settings"]["type"]}
 
 
-def save(run: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
-         meta: dict[str, Any], config_toml: str, fault: str = "pretrain:checkpoint") -> Path:
-    """Write step-NNNNNN/ atomically; returns its path. `meta` gets step, files and format added."""
+def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any],
+         meta: dict[str, Any], config_toml: str, fault: str = "pretrain:checkpoint",
+         shards: dict[str, Any] | None = None) -> Path:
+    """Write step-NNNNNN/ atomically; returns its path. `meta` gets step, files and format added.
+
+    One process (rank 0) writes `weights`; or, with `shards` (model and optimizer state dicts of DTensor
+    shards), every rank calls this and writes its own shard into the same temporary folder, then rank 0
+    finishes it."""
     from safetensors.torch import save_file
 
+    from .runtime import dist
+
+    D = dist()
     final = step_dir(run, step)
-    tmp = run / f".{final.name}.tmp-{os.getpid()}"
+    tmp = run / f".{final.name}.tmp-{'sharded' if shards is not None else os.getpid()}"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        if D.main or shards is None:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        if shards is not None:
+            import torch.distributed.checkpoint as dcp
+
+            D.barrier()
+            try:
+                dcp.save(shards, checkpoint_id=str(tmp / SHARDS))
+            except Exception as e:  # a full disk surfaces as DCP's own error type
+                raise write_failed(final, e) from None
+            D.barrier()
+            if not D.main:
+                return final
+        state = {k: v.detach().contiguous().cpu() for k, v in (weights or {}).items()}
         try:
-            save_file(state, str(tmp / WEIGHTS))
+            if weights is not None:
+                save_file(state, str(tmp / WEIGHTS))
             torch.save(trainer_state, tmp / TRAINER)
         except Exception as e:  # safetensors and torch.save report a full disk in their own error types
             raise write_failed(final, e) from None
         fault_point(fault)  # tests die here: what is left is a temporary folder, never a step folder
         (tmp / CONFIG).write_text(config_toml, encoding="utf-8")
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                 for name in (WEIGHTS, TRAINER, CONFIG)}
-        full = {**meta, "format": FORMAT, "step": step, "files": files}
+        names = [str(f.relative_to(tmp)) for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in names}
+        full = {**meta, "format": FORMAT, "step": step, "files": files, "sharded": shards is not None}
         (tmp / META).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in (WEIGHTS, TRAINER, CONFIG, META):
+        for name in [*names, META]:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if final.exists():  # a rerun of the same step (e.g. after a crash right after this rename)
@@ -159,9 +187,34 @@ def prune(run: Path, keep_last: int) -> None:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights, by parameter name (from a sharded checkpoint: its shards put together)."""
     from safetensors.torch import load_file
 
+    if (path / SHARDS).is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        found = FileSystemReader(str(path / SHARDS)).read_metadata().state_dict_metadata
+        weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in found.items()
+                   if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": weights}, checkpoint_id=str(path / SHARDS))
+        return weights
     return load_file(str(path / WEIGHTS))
+
+
+def load_sharded_optimizer(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Fill the optimizer of `model` (sharded or not, any number of processes) from a sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path / SHARDS))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

@@ -317,7 +317,11 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
     net = wrap(model, s, device)
     optimizer = make_optimizer(model, s)  # after sharding: FSDP replaces the parameters by shards
     if state is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if "optimizer" in state:
+            full = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+        else:  # a sharded checkpoint: its optimizer shards, resharded to this run's processes
+            checkpoint.load_sharded_optimizer(resume_from, model, optimizer)
         step, consumed, tokens_seen = state["step"], state["data"]["consumed"], state["data"]["tokens"]
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
@@ -425,22 +429,32 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
 
 def save(job: Job, s: TrainSettings, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
          consumed: int, tokens: int) -> Path:
-    """Rank 0 writes the checkpoint (atomically) and prunes old ones; every rank waits for it."""
+    """Write the checkpoint (atomically) and prune old ones; every rank waits for it.
+
+    Unsharded (one process, DDP): rank 0 writes full state dicts, keyed by parameter name, which resume in
+    one process, under DDP or under FSDP with any number of ranks. Sharded (FSDP over several ranks): each
+    rank writes its own shards (torch.distributed.checkpoint), nothing is gathered on one process, and they
+    load into any number of ranks, sharded or not."""
     D = dist()
     path = checkpoint.step_dir(job.run_dir, step)
-    # full (unsharded) state dicts, keyed by parameter name: the same checkpoint resumes in one process,
-    # under DDP or under FSDP, with any number of ranks. Under FSDP gathering them is a collective.
-    options = StateDictOptions(full_state_dict=True, cpu_offload=s.fsdp)
-    weights = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    sharded = s.fsdp and D.world > 1
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    data = {"consumed": consumed, "tokens": tokens, "num_samples": len(job.train), "seed": s.seed}
+    meta = {**job.meta, "phase": job.phase, "consumed": consumed, "train_settings": dataclasses.asdict(s)}
+    fault = f"{job.phase}:checkpoint"
+    if sharded:
+        shards = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        checkpoint.save(job.run_dir, step, None, {"step": step, "data": data, "rng": rng, **job.extra}, meta,
+                        job.config_toml, fault, shards=shards)
+    else:
+        options = StateDictOptions(full_state_dict=True)
+        weights = get_model_state_dict(model, options=options)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        if D.main:
+            state = {"optimizer": optimizer_state, "step": step, "data": data, "rng": rng, **job.extra}
+            checkpoint.save(job.run_dir, step, weights, state, meta, job.config_toml, fault)
     if D.main:
-        state = {"optimizer": optimizer_state, "step": step,
-                 "data": {"consumed": consumed, "tokens": tokens, "num_samples": len(job.train), "seed": s.seed},
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                 **job.extra}
-        meta = {**job.meta, "phase": job.phase, "consumed": consumed, "train_settings": dataclasses.asdict(s)}
-        checkpoint.save(job.run_dir, step, weights, state, meta, job.config_toml, f"{job.phase}:checkpoint")
         checkpoint.prune(job.run_dir, s.keep_last)
     D.barrier()
     return path

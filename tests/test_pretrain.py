@@ -275,7 +275,12 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     assert sorted(two) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
-    # the sharded run's checkpoint at step 2 resumes in one process and reaches the same step-3 loss
+    # the sharded run's checkpoint at step 2 (one shard file per rank, nothing gathered) resumes in one process
+    # and reaches the same step-3 loss
+    step2 = checkpoint.step_dir(run_path, 2)
+    if fsdp:
+        assert sorted(p.name for p in (step2 / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert not (step2 / checkpoint.WEIGHTS).exists() and checkpoint.problem(step2) is None
     shutil.rmtree(checkpoint.step_dir(run_path, 3))
     run(load_config(toml, ["pretrain.train_steps=3"]))
     assert metrics(run_path)[3] == pytest.approx(one[3], rel=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -24,6 +25,12 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+INT32_MAX = 2**31 - 1  # Faiss and SentencePiece take seeds, nprobe, efSearch and vocabulary sizes as C ints
+# The widest neighbour search (neighbours.search_excluding): bounds the memory of the widening search for chunks
+# of very long documents, and so db.num_neighbors_query.
+MAX_SEARCH_K = 16384
 
 
 def opt(default: Any, help: str) -> Any:
@@ -275,7 +282,11 @@ class Config:
 
     def resolve(self, path: str) -> Path:
         """A path written in the TOML, relative to the TOML file's folder."""
-        p = Path(path).expanduser()
+        expanded = os.path.expanduser(path)
+        if expanded.startswith("~"):  # (Path.expanduser raises a RuntimeError)
+            raise UserError(f"{self.source}: the path {path!r} starts with {path.split('/')[0]!r}, but there is no "
+                            "such user's home folder")
+        p = Path(expanded)
         return p if p.is_absolute() else self.base_dir / p
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -299,6 +310,20 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)
+
+
+def _bad_scalar(value: Any) -> str | None:
+    """What is wrong with a value of the right type that no stage can use, or None: an integer beyond 64 bits
+    (TOML's own limit; numpy and torch overflow), NaN or infinity (every comparison with NaN is false, so it
+    would pass the range checks), a NUL character (no path or file can hold one)."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, int) and not isinstance(v, bool) and not -(2**63) <= v < 2**63:
+            return f"must fit in a 64-bit integer, got {v}"
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, got {v}"
+        if isinstance(v, str) and "\x00" in v:
+            return f"must not contain a NUL character (\\u0000), got {v!r}"
+    return None
 
 
 def _type_name(tp: Any) -> str:
@@ -327,8 +352,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
             hint = f" (known keys: {', '.join(sorted(known))})" if known else " (this section has no keys yet)"
             problems.append(f"unknown key '{name}.{key}' in {where}{hint}")
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
-            value = float(value)
+        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float and abs(value) < 2**63:
+            value = float(value)  # (a larger integer stays one, for _bad_scalar to name: float() would overflow)
         table = _table_type(hints[key])
         if table is not None:  # an array of tables ([[sft.blend]]): each one built and checked like a section
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -340,6 +365,10 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
             continue
         if not _type_ok(value, hints[key]):
             problems.append(f"'{name}.{key}' must be {_type_name(hints[key])}, got {value!r} (in {where})")
+            continue
+        bad = _bad_scalar(value)
+        if bad:
+            problems.append(f"'{name}.{key}' {bad} (in {where})")
             continue
         kwargs[key] = value
     return cls(**kwargs)
@@ -353,7 +382,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     section, key = dotted.strip().split(".", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not TOML (TOMLDecodeError), an integer of 4,300+ digits, deep nesting
         value = raw
     return section, key, value
 
@@ -400,6 +429,10 @@ def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
         data = tomllib.loads(source.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{source} is not valid TOML: {e}") from None
+    except ValueError:  # Python's own limit on int(): TOML integers have 64 bits, so the file is wrong anyway
+        raise UserError(f"{source} is not valid TOML: an integer of more than 4,300 digits") from None
+    except RecursionError:
+        raise UserError(f"{source} is not valid TOML: arrays or tables nested too deeply") from None
     base = data.pop("extends", None)
     if base is None:
         return data
@@ -407,7 +440,8 @@ def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
         raise UserError(f"{source}: `extends` must be a path (a string), got {base!r}")
     base_path = source.parent / base
     if not base_path.is_file():
-        raise UserError(f"{source}: extends {base!r}, but {base_path} does not exist")
+        raise UserError(f"{source}: extends {base!r}, but {base_path} "
+                        + ("is a folder" if base_path.is_dir() else "does not exist"))
     merged = _read_with_extends(base_path, chain + [source.resolve()])
     for name, values in data.items():
         if isinstance(values, dict) and isinstance(merged.get(name), dict):
@@ -444,6 +478,9 @@ def validate(cfg: Config) -> None:
     """Cross-field and range checks, all collected before raising."""
     p: list[str] = []
     c, t, d, m = cfg.corpus, cfg.tokenizer, cfg.db, cfg.model
+    if not 0 <= cfg.workspace.seed <= INT32_MAX:
+        p.append(f"workspace.seed must be in 0..{INT32_MAX} (Faiss takes a 32-bit seed), got {cfg.workspace.seed}")
+    _validate_paths(cfg, p)
     if not 0.0 <= c.valid_fraction < 1.0:
         p.append(f"corpus.valid_fraction must be in [0, 1), got {c.valid_fraction}")
     if c.on_bad_line not in ("error", "skip"):
@@ -452,8 +489,8 @@ def validate(cfg: Config) -> None:
         p.append(f"tokenizer.type must be 'sentencepiece' or 'hf', got {t.type!r}")
     if t.type == "hf" and not t.path:
         p.append("tokenizer.type = 'hf' needs tokenizer.path (a local Hugging Face tokenizer folder)")
-    if t.vocab_size < 100:
-        p.append(f"tokenizer.vocab_size must be at least 100, got {t.vocab_size}")
+    if not 100 <= t.vocab_size <= INT32_MAX:
+        p.append(f"tokenizer.vocab_size must be in 100..{INT32_MAX}, got {t.vocab_size}")
     if t.train_bytes <= 0:
         p.append(f"tokenizer.train_bytes must be positive, got {t.train_bytes}")
     if d.chunk_length < 1:
@@ -463,6 +500,12 @@ def validate(cfg: Config) -> None:
             p.append(f"db.{key} must be positive, got {getattr(d, key)}")
     if d.chunk_length >= 1 and not 0 <= d.min_chunk_tokens <= d.chunk_length:
         p.append(f"db.min_chunk_tokens must be in 0..db.chunk_length ({d.chunk_length}), got {d.min_chunk_tokens}")
+    for key in ("nprobe", "ef_search"):
+        if getattr(d, key) > INT32_MAX:
+            p.append(f"db.{key} must be at most {INT32_MAX} (Faiss takes a C int), got {getattr(d, key)}")
+    if d.num_neighbors_query > MAX_SEARCH_K:
+        p.append(f"db.num_neighbors_query must be at most {MAX_SEARCH_K} (the widest search), "
+                 f"got {d.num_neighbors_query}")
     if d.num_neighbors_query < d.num_neighbors:
         p.append(f"db.num_neighbors_query ({d.num_neighbors_query}) must be >= db.num_neighbors ({d.num_neighbors})")
     if d.embed_precision not in ("auto", "bf16", "fp32"):
@@ -470,6 +513,9 @@ def validate(cfg: Config) -> None:
     for key in ("layers", "hidden", "heads", "seq_length", "encoder_layers", "num_neighbors"):
         if getattr(m, key) < 1:
             p.append(f"model.{key} must be positive, got {getattr(m, key)}")
+    for key in ("vocab_size", "ffn_hidden", "retrieved_length"):
+        if getattr(m, key) < 0:
+            p.append(f"model.{key} must be >= 0 (0: derived), got {getattr(m, key)}")
     if m.heads >= 1 and m.hidden % m.heads:
         p.append(f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})")
     if m.position not in ("rope", "learned"):
@@ -500,6 +546,32 @@ def validate(cfg: Config) -> None:
     if not 1 <= lc.master_port <= 65535:
         p.append(f"launch.master_port must be a TCP port (1..65535), got {lc.master_port}")
     check(p, f"invalid values in {cfg.source}")
+
+
+def _validate_paths(cfg: Config, p: list[str]) -> None:
+    """The paths whose misuse the filesystem would only report deep inside a stage. A workspace.dir outside the
+    TOML's folder is allowed (runs often live on another disk); one that is, or lies under, a file is not."""
+    root = _resolved(cfg, "workspace.dir", cfg.workspace.dir, p)
+    tok = _resolved(cfg, "tokenizer.path", cfg.tokenizer.path, p) if cfg.tokenizer.path else None
+    try:
+        existing = next((a for a in (root, *root.parents) if a.exists()), None) if root is not None else None
+        tok_is_folder = tok is not None and tok.is_dir()
+    except OSError:  # a folder this user may not look into: the stage that uses the path reports it
+        return
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == root else f"lies under {existing}, which is a file"
+        p.append(f"workspace.dir {root} {where}: it must be a folder (or not exist yet)")
+    if tok_is_folder and cfg.tokenizer.type == "sentencepiece":
+        p.append(f"tokenizer.path {tok} is a folder: tokenizer.type = 'sentencepiece' loads a .model file (set "
+                 "tokenizer.type = 'hf' for a Hugging Face tokenizer folder)")
+
+
+def _resolved(cfg: Config, key: str, value: str, p: list[str]) -> Path | None:
+    try:
+        return cfg.resolve(value)
+    except UserError as e:
+        p.append(f"{key}: {e}")
+        return None
 
 
 def _validate_reproduce(r: ReproduceConfig, p: list[str]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-MAX_SEARCH_K = 16384  # bounds the memory of the widening search for chunks of very long documents
+from .config import MAX_SEARCH_K
 
 
 def search_excluding(index: faiss.Index, queries: np.ndarray, query_docs: np.ndarray, chunk_docs: np.ndarray,

@@ -7,8 +7,8 @@ Inputs (each may be gzip-compressed, `.gz`):
   builtin:tiny         ~0.5 MB of English shipped with Python itself (no download): the language
                        reference topics of `pydoc_data` (~2,000 chunks of 64 tokens)
   builtin:stdlib-docs  ~0.5 MB more: the docstrings of a fixed set of standard-library modules
-Bad input (non-UTF-8 bytes, an empty file, a line that is not a JSON object with text) is an error naming
-the file and line, or skipped and counted when `corpus.on_bad_line = "skip"`. Documents are streamed: the
+Bad input (non-UTF-8 bytes, a damaged .gz, an empty file, a line that is not a JSON object with text) is an
+error naming the file and line, or skipped and counted when `corpus.on_bad_line = "skip"`. Documents are streamed: the
 corpus is never held in memory.
 """
 
@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sysconfig
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
@@ -99,6 +100,52 @@ def _kind(path: str) -> str | None:
     return None
 
 
+# Reading a damaged .gz raises one of these (zlib.error: a valid header followed by data that is not deflate).
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONG_INTEGER = re.compile(r"[0-9]{4301,}")
+
+
+def loads_json(text: str) -> object:
+    """json.loads for readers that report bad input by file and line: every failure is a json.JSONDecodeError
+    whose `msg` says why. Besides malformed JSON, Python's reader raises ValueError for an integer of more than
+    4,300 digits and RecursionError for nesting deeper than about 1,000 levels, and it accepts a \\uD800-\\uDFFF
+    escape that is not half of a pair: a string that cannot be written as UTF-8, which no tokenizer can read."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("arrays or objects nested too deeply", text, 0) from None
+    except ValueError:
+        long = _LONG_INTEGER.search(text)
+        raise json.JSONDecodeError("an integer of more than 4,300 digits", text, long.start() if long else 0) from None
+    escape = _SURROGATE_ESCAPE.search(text)
+    if escape and _has_surrogate(obj):
+        raise json.JSONDecodeError("a \\uD800-\\uDFFF escape that is not half of a surrogate pair", text,
+                                   escape.start())
+    return obj
+
+
+def _has_surrogate(obj: object) -> bool:
+    """Whether a string anywhere in a parsed JSON value (keys too) holds a lone surrogate. A loop, not
+    recursion: the value may be nested almost as deeply as the recursion limit."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _open_binary(path: str) -> IO[bytes]:
     try:
         return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
@@ -126,7 +173,7 @@ class _Reader:
         try:
             with _open_binary(path) as f:
                 return f.read()
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except GZIP_ERRORS as e:
             self.bad(path, f"cannot read ({e})")
             return None
 
@@ -175,15 +222,15 @@ class _Reader:
                         continue
                     seen += 1
                     try:
-                        obj = json.loads(line)
+                        obj = loads_json(line)
                     except json.JSONDecodeError as e:
                         self.bad(where, f"not JSON ({e.msg})")
                         continue
                     doc = self.record(obj, where, f"{rel}:{lineno}", rel)
                     if doc is not None:
                         yield doc
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            self.bad(path, f"cannot read ({e})")
+        except GZIP_ERRORS as e:
+            return self.bad(path, f"cannot read ({e})")  # counted once, not also as an empty file
         if seen == 0:
             self.bad(path, "empty file")
 
@@ -194,7 +241,7 @@ class _Reader:
         if not data.strip():
             return self.bad(path, "empty file")
         try:
-            items = json.loads(data.decode("utf-8"))
+            items = loads_json(data.decode("utf-8"))
         except UnicodeDecodeError:
             return self.bad(path, "bytes that are not UTF-8")
         except json.JSONDecodeError as e:

@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from .corpus import loads_json
 from .errors import UserError
 from .sft_data import answer_list, read_records
 
@@ -65,11 +66,22 @@ def f1(pred: str, gold: str) -> float:
 def regex_match(pred: str, pattern: str) -> float:
     """CuratedTREC's rule (as DPR scores it): 1.0 if the pattern matches at the start of the prediction,
     ignoring case. An invalid pattern is a UserError."""
+    return float(_compile(pattern).match(pred.strip()) is not None)
+
+
+def _check_patterns(patterns: list[str], where: str) -> None:
+    for pattern in patterns:
+        try:
+            _compile(pattern)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+
+
+def _compile(pattern: str) -> re.Pattern:
     try:
-        compiled = re.compile(pattern, flags=re.IGNORECASE | re.UNICODE | re.MULTILINE)
-    except re.error as e:
+        return re.compile(pattern, flags=re.IGNORECASE | re.UNICODE | re.MULTILINE)
+    except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}: OverflowError; (((...))): recursion
         raise UserError(f"gold answer pattern {pattern!r} is not a valid regular expression: {e}") from None
-    return float(compiled.match(pred.strip()) is not None)
 
 
 def max_over_gold(metric: Metric, pred: str, golds: list[str]) -> float:
@@ -175,6 +187,7 @@ def _jsonl_record(obj: object, where: str) -> dict:
     if obj.get("gold_regex") is not None:  # CuratedTREC-style answers: patterns, scored by regex_match
         record["gold"] = _gold_list(obj["gold_regex"], where)
         record["regex"] = True
+        _check_patterns(record["gold"], where)  # here, where the message can name the file and line
     if obj.get("question") is not None:
         if not isinstance(obj["question"], str):
             raise UserError(f"{where}: 'question' is a {type(obj['question']).__name__}, not a string")
@@ -188,7 +201,7 @@ def read_predictions(path: Path | str) -> dict[str, dict]:
     path = Path(path)
     text = _read_text(path, "predictions")
     try:
-        whole = json.loads(text)
+        whole = loads_json(text)
     except json.JSONDecodeError:
         whole = None  # JSON lines (or broken: reported line by line below)
     if isinstance(whole, dict) and "prediction" not in whole:  # SQuAD prediction format
@@ -210,7 +223,7 @@ def read_predictions(path: Path | str) -> dict[str, dict]:
             continue
         where = f"{path}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = loads_json(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not JSON ({e.msg})") from None
         record = _jsonl_record(obj, where)
@@ -253,9 +266,13 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
             if not rec.get("gold"):
                 where = rec.get("source", f"prediction {qid!r}")
                 raise UserError(f"{where}: no 'gold' answers; give a gold file to score against")
+            if regex:
+                _check_patterns(rec["gold"], rec.get("source", f"prediction {qid!r}"))
             pairs.append((rec["prediction"], list(rec["gold"]), regex or bool(rec.get("regex"))))
     else:
         for qid, golds in gold.items():
+            if regex:
+                _check_patterns(golds, f"the gold answers of question {qid!r}")
             rec = predictions.get(qid)
             if rec is None:
                 missing += 1

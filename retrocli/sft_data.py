@@ -35,7 +35,7 @@ import numpy as np
 from .config import INSTRUCTRETRO_SYSTEM as DEFAULT_SYSTEM
 from .config import SFT_FORMATS as FORMATS
 from .config import BlendEntry
-from .corpus import is_valid
+from .corpus import GZIP_ERRORS, is_valid, loads_json
 from .errors import UserError
 from .tokenizer import Tokenizer
 
@@ -123,13 +123,13 @@ def detect_format(path: Path) -> str:
                     return "squad"
             else:
                 line = next((ln for ln in f if ln.strip()), "")
-                obj = json.loads(line) if line else None
+                obj = loads_json(line) if line else None
                 if isinstance(obj, dict):
                     for key, fmt in (("question_text", "qed"), ("instances", "self_instruct"), ("messages", "chat"),
                                      ("question", "qa"), ("text", "chat")):
                         if key in obj:
                             return fmt
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (*GZIP_ERRORS, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot tell its format ({e}): pass --format") from None
     raise UserError(f"{path}: cannot tell its format from its first record: pass --format "
                     f"({', '.join(FORMATS)})")
@@ -139,7 +139,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError) as e:
+    except GZIP_ERRORS as e:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
@@ -148,7 +148,7 @@ def _load_json(path: Path, fmt: str) -> object:
     if not data.strip():
         raise UserError(f"{path}: empty file")
     try:
-        return json.loads(data.decode("utf-8"))
+        return loads_json(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: bytes that are not UTF-8") from None
@@ -167,7 +167,7 @@ def _read_jsonl(path: Path, parse: Callable[[dict, str, str, _Out], None], out: 
             continue
         src = f"{path}:{lineno}"
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = loads_json(raw.decode("utf-8"))
             if not isinstance(obj, dict):
                 raise _BadRecord(f"expected a JSON object, got {type(obj).__name__}")
             parse(obj, src, f"{path.name}:{lineno}", out)

@@ -81,13 +81,17 @@ def train_sentencepiece(texts: Iterable[str], out: Path, vocab_size: int, max_by
     import sentencepiece as spm
 
     budget = {"bytes": 0}
+    failed: list[Exception] = []
 
     def limited():
-        for line in _lines(texts):
-            budget["bytes"] += len(line) + 1
-            yield line
-            if budget["bytes"] >= max_bytes:
-                return
+        try:
+            for line in _lines(texts):
+                budget["bytes"] += len(line) + 1
+                yield line
+                if budget["bytes"] >= max_bytes:
+                    return
+        except Exception as e:  # reading the corpus failed (a UserError naming a bad line): raised below as it is,
+            failed.append(e)  # not as the RuntimeError, with Python frames in its text, that SentencePiece makes of it
 
     model = io.BytesIO()
     try:
@@ -100,12 +104,16 @@ def train_sentencepiece(texts: Iterable[str], out: Path, vocab_size: int, max_by
             remove_extra_whitespaces=False, normalization_rule_name="identity",
         )
     except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
         if budget["bytes"] == 0:
             raise UserError("the corpus has no text to train a tokenizer on") from None
         msg = str(e)
         hint = (" Lower tokenizer.vocab_size or add text." if "too high" in msg else
                 " Raise tokenizer.vocab_size (byte fallback alone takes 256 pieces)." if "smaller than" in msg else "")
         raise UserError(f"training the SentencePiece tokenizer failed: {e}.{hint}") from None
+    if failed:  # the trainer took the lines read before the failure as the whole corpus
+        raise failed[0]
     write_bytes_atomic(out, model.getvalue())
 
 

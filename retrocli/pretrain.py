@@ -10,6 +10,7 @@ neighbours (samples.py), through the shared loop (train.py), with checkpoints in
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .chunks import ChunkStore
 from .config import Config, ModelConfig, to_commented_toml
 from .db import open_tokenizer, workspace_of
 from .errors import UserError
-from .model import RetroModel, resolve_retro_layers
+from .model import RetroModel, ffn_width, resolve_retro_layers
 from .runtime import log
 from .samples import NeighbourBlocks, Samples, StreamDocs
 from .train import Job, TrainSettings, find_resume, train
@@ -55,6 +56,24 @@ def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
         raise UserError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer's vocabulary "
                         f"({vocab_size}): set it to 0 to take the tokenizer's")
     return m
+
+
+def check_fits_in_memory(m: ModelConfig) -> None:
+    """Refuse a model whose weights alone outgrow this machine's memory, before building it: built tensor by
+    tensor, it would fill the memory for minutes before failing, or wake the OOM killer. The count is a lower
+    bound (decoder attention and MLP matrices, embeddings), so a model that fits is never refused."""
+    d = m.hidden
+    weights = m.layers * (4 * d * d + 2 * d * ffn_width(m)) + m.vocab_size * d
+    weights += m.seq_length * d if m.position == "learned" else 0
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): building it will tell
+        return
+    if 4 * weights > memory:
+        raise UserError(f"the model's weights alone take at least {4 * weights / 2**30:,.0f} GiB (model.layers "
+                        f"{m.layers}, model.hidden {d}, model.ffn_hidden {ffn_width(m)}, vocabulary {m.vocab_size}, "
+                        f"model.seq_length {m.seq_length}), "
+                        f"more than this machine's {memory / 2**30:,.0f} GiB: use a smaller model")
 
 
 def retrieved_length(cfg: Config) -> int:
@@ -116,8 +135,16 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     if built_m != m:
         raise UserError(f"the database in {ws.db} was chunked with chunk_length {built_m} but db.chunk_length "
                         f"is now {m}: use the value it was built with, or rebuild it")
+    check_fits_in_memory(model_cfg)
     torch.manual_seed(cfg.workspace.seed)
-    model = RetroModel(model_cfg, m, tok.pad_id)
+    try:
+        model = RetroModel(model_cfg, m, tok.pad_id)
+    except (RuntimeError, MemoryError) as e:  # torch: "can't allocate memory", "Storage size calculation overflowed"
+        if isinstance(e, RuntimeError) and "allocat" not in str(e) and "overflow" not in str(e):
+            raise
+        raise UserError(f"the model does not fit in memory: model.layers {model_cfg.layers}, model.hidden "
+                        f"{model_cfg.hidden}, model.ffn_hidden {model_cfg.ffn_hidden}, vocabulary "
+                        f"{model_cfg.vocab_size}, model.seq_length {model_cfg.seq_length} ({e})") from None
     retrieval = bool(resolve_retro_layers(model_cfg))
     settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed, model_cfg.seq_length, cfg.launch.fsdp)
     out = run_dir(ws, cfg.pretrain.run)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from .config import load_config
 from .errors import UserError
@@ -112,8 +113,10 @@ def db_query(text: Optional[List[str]] = typer.Argument(None, help="query text(s
         texts += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise UserError("give a query text, or --file with one query a line")
-    if k < 1:
-        raise UserError(f"-k must be positive, got {k}")
+    from .config import MAX_SEARCH_K
+
+    if not 1 <= k <= MAX_SEARCH_K:
+        raise UserError(f"-k must be in 1..{MAX_SEARCH_K}, got {k}")
     results = db.query(_config(config, set_), texts, k)
     if as_json:
         out = results[0] if len(texts) == 1 and file is None else \
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted: finished blocks are kept; rerun the same command to continue")
@@ -490,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in WRITE_ERRNOS:
             raise
         where = Path(e.filename) if e.filename else Path("(a file)")
-        console.print(f"[bold red]error:[/bold red] {write_failed(where, e)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(write_failed(where, e)))}", highlight=False,
+                      soft_wrap=True)
         return 2
     except SystemExit as e:
         return int(e.code or 0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -96,7 +97,7 @@ def log(message: str) -> None:
 
 def warn(message: str) -> None:
     if dist().main:
-        console.print(f"[yellow]warning:[/yellow] {message}")
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
 
 def show_progress() -> bool:

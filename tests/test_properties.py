@@ -476,8 +476,6 @@ def test_bad_input_leaves_a_built_database_untouched(small_workspace, tmp_path: 
         assert snapshot(tmp_path / "ws") == before, f"retro {' '.join(args)} changed the workspace"
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main prints a UserError as rich markup, so '[dbase]' (and torch's "
-                   "'[enforce fail ...]') vanish from the message; the fix, in cli.py: rich.markup.escape(str(e))")
 def test_cli_prints_bracketed_names_in_errors(tmp_path: Path):
     toml = tmp_path / "retro.toml"
     toml.write_text("[dbase]\nx = 1\n", encoding="utf-8")

@@ -29,7 +29,11 @@ SetOpt = typer.Option(None, "--set", help="override a TOML value: --set db.nprob
 
 
 def _config(config: Optional[Path], sets: Optional[List[str]]):
-    return load_config(config, sets or [])
+    import os
+
+    cfg = load_config(config, sets or [])
+    os.environ.setdefault("RETRO_DIST_BACKEND", cfg.launch.backend)  # for a torchrun started by hand too
+    return cfg
 
 
 def _writing(cfg, command: str):
@@ -270,7 +274,7 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Set
 
     Checkpoints go to WORKSPACE/checkpoints/pretrain/step-NNNNNN/; rerun the same command to continue from
     the latest complete one. With `[launch] nproc_per_node` > 1 (or `nnodes` > 1) it starts itself through
-    torchrun (DDP, or FSDP with `launch.fsdp`); running it under torchrun yourself works the same."""
+    torchrun (DDP, or FSDP with `pretrain.fsdp`); running it under torchrun yourself works the same."""
     from . import pretrain as pretrain_mod
 
     _train("pretrain", pretrain_mod.run, config, set_)

@@ -140,6 +140,10 @@ class TrainingConfig:
     keep_last: int = opt(3, "checkpoints kept (older ones are deleted); 0: keep all")
     precision: str = opt("fp32", "'fp32' or 'bf16' (autocast; weights and optimizer stay fp32)")
     compile: bool = opt(False, "torch.compile the model")
+    fsdp: bool = opt(False, "with several processes ([launch]): shard parameters, gradients and optimizer state "
+                            "across them (FSDP) instead of replicating them (DDP), for models that do not fit one "
+                            "device; checkpoints are then written as shards, one per process, and load into any "
+                            "number of processes")
     resume: str = opt("auto", "'auto': continue from the latest complete checkpoint of the run if there is one; "
                               "'never': start fresh (an error if the run already has checkpoints)")
 
@@ -241,9 +245,13 @@ class LaunchConfig:
     node_rank: int = opt(0, "this machine's rank, 0..nnodes-1")
     master_addr: str = opt("127.0.0.1", "address of the node_rank 0 machine, reachable from every node")
     master_port: int = opt(29500, "a free TCP port on the master")
-    fsdp: bool = opt(False, "shard parameters, gradients and optimizer state across processes (FSDP) instead "
-                            "of replicating them (DDP): for models that do not fit one device")
+    rdzv_endpoint: str = opt("", "host:port of a c10d rendezvous (elastic multi-node: torchrun assigns node ranks, "
+                                 "launch.node_rank / master_addr / master_port are then unused); empty: static")
+    rdzv_id: str = opt("retro", "the job's id at the rendezvous: the same on every node, another for each job")
+    backend: str = opt("auto", "process-group backend: 'auto' (nccl on GPUs, gloo on CPUs), 'nccl' or 'gloo'")
 
+
+MOVED = {"launch.fsdp": "pretrain.fsdp and sft.fsdp"}  # keys of earlier versions: where they are now
 
 SECTIONS: dict[str, type] = {
     "workspace": WorkspaceConfig,
@@ -350,6 +358,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
     for key, value in values.items():
         if key not in known:
             hint = f" (known keys: {', '.join(sorted(known))})" if known else " (this section has no keys yet)"
+            if f"{name}.{key}" in MOVED:
+                hint = f": it moved to {MOVED[f'{name}.{key}']}"
             problems.append(f"unknown key '{name}.{key}' in {where}{hint}")
             continue
         if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float and abs(value) < 2**63:
@@ -545,6 +555,10 @@ def validate(cfg: Config) -> None:
         p.append(f"launch.node_rank must be in 0..launch.nnodes-1 ({lc.nnodes - 1}), got {lc.node_rank}")
     if not 1 <= lc.master_port <= 65535:
         p.append(f"launch.master_port must be a TCP port (1..65535), got {lc.master_port}")
+    if lc.backend not in ("auto", "nccl", "gloo"):
+        p.append(f"launch.backend must be 'auto', 'nccl' or 'gloo', got {lc.backend!r}")
+    if lc.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d{1,5}", lc.rdzv_endpoint):
+        p.append(f"launch.rdzv_endpoint must be HOST:PORT, got {lc.rdzv_endpoint!r}")
     check(p, f"invalid values in {cfg.source}")
 
 

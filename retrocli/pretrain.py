@@ -146,7 +146,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
                         f"{model_cfg.hidden}, model.ffn_hidden {model_cfg.ffn_hidden}, vocabulary "
                         f"{model_cfg.vocab_size}, model.seq_length {model_cfg.seq_length} ({e})") from None
     retrieval = bool(resolve_retro_layers(model_cfg))
-    settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed, model_cfg.seq_length, cfg.launch.fsdp)
+    settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed, model_cfg.seq_length)
     out = run_dir(ws, cfg.pretrain.run)
     resume_from = find_resume(out, settings)
     if resume_from is None and cfg.pretrain.init_from:

@@ -59,7 +59,7 @@ class Reproduction:
 
     def _trained(self, run: str, section: Any, seq_length: int) -> Callable[[], bool]:
         cfg = self.cfg
-        steps = TrainSettings.from_section(section, cfg.workspace.seed, seq_length, cfg.launch.fsdp).train_steps
+        steps = TrainSettings.from_section(section, cfg.workspace.seed, seq_length).train_steps
 
         def done() -> bool:
             found = checkpoint.latest(run_dir(self.ws, run), announce=False)

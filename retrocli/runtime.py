@@ -56,7 +56,9 @@ def dist() -> Dist:
             import torch
             import torch.distributed as td
 
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = os.environ.get("RETRO_DIST_BACKEND", "auto")  # [launch] backend, passed by the relaunch
+            if backend == "auto":
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
             if not td.is_initialized():
                 td.init_process_group(backend)
             _DIST = Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -69,25 +71,33 @@ def relaunch_under_torchrun(launch, argv: list[str]) -> None:
     """When `[launch]` asks for several processes and this is not one of them yet, replace this process by
     torchrun running the same `retro` command line (which then finds RANK set and goes on as one rank).
 
-    One machine: `--standalone` (a free local port). Several: the static rendezvous of master_addr:port,
-    the same command run on every node with its own `launch.node_rank`. On a CPU each rank gets an equal
+    One machine: `--standalone` (a free local port). Several: a c10d rendezvous at `launch.rdzv_endpoint`
+    (elastic: torchrun numbers the nodes), or else the static rendezvous of master_addr:port with each
+    node's own `launch.node_rank`; the same command runs on every node. On a CPU each rank gets an equal
     share of the cores (OMP_NUM_THREADS) unless it is set already."""
     if "RANK" in os.environ or (launch.nproc_per_node == 1 and launch.nnodes == 1):
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}"]
-    if launch.nnodes == 1:
-        cmd.append("--standalone")
-    else:
-        cmd += [f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
-                f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}"]
-    cmd += ["-m", "retrocli", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(launch), "-m", "retrocli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
+    env["RETRO_DIST_BACKEND"] = launch.backend
     console.print(f"launching {launch.nproc_per_node} process(es) on each of {launch.nnodes} node(s): "
                   f"{' '.join(cmd[1:])}", highlight=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, cmd, env)
+
+
+def torchrun_args(launch) -> list[str]:
+    """torchrun's options for `[launch]` (before the module it runs)."""
+    args = [f"--nproc_per_node={launch.nproc_per_node}"]
+    if launch.nnodes == 1 and not launch.rdzv_endpoint:
+        return args + ["--standalone"]
+    if launch.rdzv_endpoint:
+        return args + [f"--nnodes={launch.nnodes}", "--rdzv_backend=c10d",
+                       f"--rdzv_endpoint={launch.rdzv_endpoint}", f"--rdzv_id={launch.rdzv_id}"]
+    return args + [f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
+                   f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}"]
 
 
 def log(message: str) -> None:

@@ -141,7 +141,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
             if is_cca_or_encoder(name):
                 p.requires_grad_(False)  # unused: no optimizer state, and DDP does not wait for their gradients
     seq = model.cfg.seq_length
-    settings = TrainSettings.from_section(s, cfg.workspace.seed, seq, cfg.launch.fsdp)
+    settings = TrainSettings.from_section(s, cfg.workspace.seed, seq)
 
     entries = [dataclasses.replace(e, path=str(data_file(e.path, cfg.base_dir, ws.root))) for e in s.blend]
     for e in entries:

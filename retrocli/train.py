@@ -63,17 +63,17 @@ class TrainSettings:
     compile: bool = False
     resume: str = "auto"
     seed: int = 1234
-    fsdp: bool = False  # from [launch]: shard the model over the ranks instead of replicating it
+    fsdp: bool = False  # shard the model over the ranks instead of replicating it
 
     @classmethod
-    def from_section(cls, section: Any, seed: int, seq_length: int, fsdp: bool = False) -> "TrainSettings":
+    def from_section(cls, section: Any, seed: int, seq_length: int) -> "TrainSettings":
         """The loop's knobs from [pretrain] or [sft]; `train_tokens` > 0 becomes train_steps =
-        ceil(train_tokens / (global_batch_size x seq_length)). `fsdp` comes from [launch]."""
+        ceil(train_tokens / (global_batch_size x seq_length))."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
         if section.train_tokens > 0:
             values["train_steps"] = -(-section.train_tokens // (section.global_batch_size * seq_length))
-        return cls(**values, seed=seed, fsdp=fsdp)
+        return cls(**values, seed=seed)
 
 
 @dataclass
@@ -121,7 +121,7 @@ def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opti
 
 
 def wrap(model: torch.nn.Module, s: TrainSettings, device: torch.device) -> torch.nn.Module:
-    """The module the loop calls: `model` itself, compiled, and under DDP or (launch.fsdp) FSDP.
+    """The module the loop calls: `model` itself, compiled, and under DDP or (pretrain/sft.fsdp) FSDP.
 
     FSDP (`fully_shard`, in place) shards every decoder layer, the encoder and the rest, so each rank holds
     1/world of the parameters, gradients and optimizer state and gathers a layer only while it runs."""

@@ -37,6 +37,9 @@ def test_int_accepted_for_float(tmp_path: Path):
     ({"tokenizer": {"type": "hf"}}, "needs tokenizer.path"),
     ({"pretrain": {"run": "../elsewhere"}}, "pretrain.run must be a plain folder name"),
     ({"pretrain": {"global_batch_size": 10, "micro_batch_size": 4}}, "must be a multiple of"),
+    ({"launch": {"fsdp": True}}, "'launch.fsdp' in"),  # the old place: the message says where it moved
+    ({"launch": {"backend": "mpi"}}, "launch.backend must be 'auto', 'nccl' or 'gloo'"),
+    ({"launch": {"rdzv_endpoint": "node0"}}, "launch.rdzv_endpoint must be HOST:PORT"),
 ])
 def test_bad_values_name_the_key_and_file(tmp_path: Path, sections, needle):
     toml = write_toml(tmp_path / "w.toml", sections)
@@ -121,3 +124,18 @@ def test_extends_layers_a_recipe_on_another(tmp_path: Path):
     with pytest.raises(UserError) as e:
         load_config(top)
     assert "sft.blend[0].pathh" in str(e.value) and "'sft.blend[0].weight' must be a number" in str(e.value)
+
+
+def test_launch_becomes_torchrun_options(tmp_path: Path):
+    from retrocli.runtime import torchrun_args
+
+    def args(**launch) -> list[str]:
+        return torchrun_args(load_config(write_toml(tmp_path / "w.toml", {"launch": launch})).launch)
+
+    assert args(nproc_per_node=8) == ["--nproc_per_node=8", "--standalone"]
+    assert args(nproc_per_node=8, nnodes=4, node_rank=2, master_addr="10.0.0.1", master_port=29400) == [
+        "--nproc_per_node=8", "--nnodes=4", "--node_rank=2", "--master_addr=10.0.0.1", "--master_port=29400"]
+    assert args(nproc_per_node=8, nnodes=4, rdzv_endpoint="node0:29400", rdzv_id="job7") == [
+        "--nproc_per_node=8", "--nnodes=4", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400", "--rdzv_id=job7"]
+    with pytest.raises(UserError, match="moved to pretrain.fsdp and sft.fsdp"):
+        load_config(write_toml(tmp_path / "old.toml", {"launch": {"fsdp": True}}))

@@ -250,15 +250,15 @@ def test_tokenizer_mismatch_names_both_values() -> None:
 def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path, fsdp: bool) -> None:
     """micro 2 x 2 processes x 1 accumulation against micro 2 x 1 process x 2 accumulation: the same global
     batches, so the same loss curve. `[launch] nproc_per_node = 2` makes `retro pretrain` start itself
-    through torchrun (gloo on CPU); with `launch.fsdp` the model is sharded, and its checkpoint is the same
-    full state dict, so a one-process run resumes from it."""
+    through torchrun (gloo on CPU); with `pretrain.fsdp` the model is sharded, and its checkpoint is written as
+    shards, one per rank, which a one-process run resumes from."""
     toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 2, "eval_interval": 3})
     cfg = load_config(toml)
     run(cfg)
     run_path = run_dir(db.workspace_of(cfg))
     one = metrics(run_path)
     shutil.rmtree(run_path)
-    sets = ["--set", "launch.nproc_per_node=2"] + (["--set", "launch.fsdp=true"] if fsdp else [])
+    sets = ["--set", "launch.nproc_per_node=2"] + (["--set", "pretrain.fsdp=true"] if fsdp else [])
     command = [sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), *sets]
     if not fsdp:  # one rank dies after step 2: the job ends promptly, non-zero, and the rerun resumes
         started = time.time()

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -188,6 +189,56 @@ def print_edits(rows: list[dict]) -> None:
               f"for {rows[-1]['database_chunks'] / rows[0]['database_chunks']:.0f}x the chunks (target ~1x)")
 
 
+def _search_worker(path: str, mmap: bool, queries: np.ndarray, out) -> None:
+    index = faiss_index.load(Path(path), mmap=mmap)
+    index.search(queries, 10)  # touches every vector of a flat index
+    mem = {}
+    for line in open("/proc/self/smaps_rollup"):
+        key, value = line.split(":", 1)
+        if key in ("Rss", "Pss"):
+            mem[key.lower()] = int(value.split()[0]) / 1024
+    out.put(mem)
+
+
+def bench_index_sharing(n: int = 1_000_000, dim: int = 128, procs: int = 2) -> list[dict]:
+    """`procs` processes search the same flat index of n x dim float32 at once, read into each one's memory
+    or memory-mapped (how the neighbour stage's ranks and concurrent queries open it): RSS and PSS (the
+    process's share of pages it shares) per process, MiB."""
+    import multiprocessing as mp
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    index.add_with_ids(x, np.arange(n))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "index.faiss")
+        faiss.write_index(index, path)
+        del index
+        ctx = mp.get_context("spawn")
+        for mmap in (False, True):
+            out = ctx.Queue()
+            workers = [ctx.Process(target=_search_worker, args=(path, mmap, x[:100], out)) for _ in range(procs)]
+            for w in workers:
+                w.start()
+            mems = [out.get() for _ in workers]
+            for w in workers:
+                w.join()
+            rows.append({"mmap": mmap, "index_mib": os.path.getsize(path) / 2**20, "procs": procs,
+                         "rss_mib": [round(m["rss"]) for m in mems], "pss_mib": [round(m["pss"]) for m in mems]})
+    return rows
+
+
+def print_sharing(rows: list[dict]) -> None:
+    print(f"\n== one index, {rows[0]['procs']} processes searching it at once "
+          f"({rows[0]['index_mib']:.0f} MiB flat index)")
+    for r in rows:
+        how = "memory-mapped (retro)" if r["mmap"] else "read into each process"
+        print(f"  {how:<24} RSS per process {r['rss_mib']} MiB, PSS (own share) {r['pss_mib']} MiB, "
+              f"machine total ~{sum(r['pss_mib'])} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "recipes/books-qa-db.toml"))
@@ -201,9 +252,13 @@ def main() -> None:
     ap.add_argument("--paraphrases", default=str(REPO / "benchmarks/paraphrases.tsv"),
                     help="expected doc id <TAB> paraphrase, checked on the books-qa workspace")
     ap.add_argument("--only-edits", action="store_true", help="only the `retro db add` measurement")
+    ap.add_argument("--only-sharing", action="store_true", help="only the index memory-sharing measurement")
     args = ap.parse_args()
     if args.only_edits:
         print_edits(bench_edits())
+        return
+    if args.only_sharing:
+        print_sharing(bench_index_sharing())
         return
 
     cfg = load_config(args.config)
@@ -247,6 +302,7 @@ def main() -> None:
     if args.paraphrases and Path(args.paraphrases).exists() and "books-qa" in str(ws.root):
         bench_paraphrases(cfg, Path(args.paraphrases))
     print_edits(bench_edits())
+    print_sharing(bench_index_sharing())
     print(f"\npeak memory (max RSS): {peak_rss_mib():.0f} MiB")
 
 

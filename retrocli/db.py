@@ -262,7 +262,7 @@ def open_index(ws: Workspace, d: DBConfig, edits: bool = True, store: ChunkStore
         from .edits import edited_index
 
         return edited_index(ws, d, store or ChunkStore.open(ws, d.chunk_length))
-    index = faiss_index.load(ws.index_file)
+    index = faiss_index.load(ws.index_file, mmap=True)  # one copy per machine, however many ranks search it
     faiss_index.set_search_params(index, d.nprobe, d.ef_search)
     return index
 

@@ -174,7 +174,8 @@ def edited_index(ws: Workspace, d: DBConfig, store: ChunkStore) -> faiss.Index |
     `db add --retrain` trained) and the segments it does not hold, removed chunks left out."""
     manifest = store.manifest or empty_manifest(ws)
     retrained = manifest.get("index")
-    base = faiss_index.load(edits_dir(ws) / retrained["name"] / "index.faiss" if retrained else ws.index_file)
+    base = faiss_index.load(edits_dir(ws) / retrained["name"] / "index.faiss" if retrained else ws.index_file,
+                            mmap=True)
     faiss_index.set_search_params(base, d.nprobe, d.ef_search)
     covered = set(retrained["segments"]) if retrained else set()
     segments = [seg for seg in manifest["segments"] if seg["name"] not in covered]
@@ -182,7 +183,7 @@ def edited_index(ws: Workspace, d: DBConfig, store: ChunkStore) -> faiss.Index |
         return base
     parts = [base]
     for seg in segments:
-        part = faiss_index.load(edits_dir(ws) / seg["name"] / "index.faiss")
+        part = faiss_index.load(edits_dir(ws) / seg["name"] / "index.faiss", mmap=True)
         faiss_index.set_search_params(part, d.nprobe, d.ef_search)
         parts.append(part)
     return EditedIndex(parts, removed_chunks(store))

@@ -101,9 +101,17 @@ def save(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def load(path: Path) -> faiss.Index:
+def load(path: Path, mmap: bool = False) -> faiss.Index:
+    """The index in `path`. `mmap`: for searching only, map the file instead of reading it, so the processes
+    of one machine (torchrun ranks, concurrent queries) share one copy in the page cache rather than each
+    holding its own (flat codes and IVF lists both; measured in docs/benchmarks.md)."""
     if not path.exists():
         raise UserError(f"the index {path} is missing: run `retro db build`")
+    if mmap:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError:
+            pass  # an index type Faiss cannot map: read it (a damaged file fails below with its message)
     try:
         return faiss.read_index(str(path))
     except RuntimeError as e:

@@ -304,7 +304,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     for doc in new:
         by_source.setdefault(doc.source, []).append(doc.id)
     for source, ids_ in by_source.items():
-        path = next((p for p in paths if os.path.abspath(p).endswith(source) or p == source), None)
+        path = next((p for p in paths if p == source or os.path.relpath(p, Path.cwd()) == source), None)
         pending["sources"].append({"source": source, "segment": name, "documents": ids_, "added": now,
                                    "sha256": sha256_file(path) if path and os.path.isfile(path) else None})
     fault_point("add:manifest")

@@ -14,6 +14,7 @@ from retrocli import db
 from retrocli.chunks import ChunkStore
 from retrocli.config import load_config, min_chunk_tokens
 from retrocli.pretrain import open_samples
+from retrocli.workspace import sha256_file
 
 from .conftest import run_cli, write_jsonl
 
@@ -62,6 +63,7 @@ def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
     assert (table >= 0).all() and not np.isin(store.chunks["doc"][table], [zebra_row]).any()
     info = json.loads(run_cli("db", "info", "-c", str(built), "--json").stdout)
     assert [s["documents"] for s in info["edits"]["sources"]] == [["zebra"]]
+    assert info["edits"]["sources"][0]["sha256"] == sha256_file(new)  # the manifest records what was added
 
 
 def test_removed_documents_are_never_retrieved_again(built: Path) -> None:

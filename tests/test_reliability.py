@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from retrocli.config import load_config
 from retrocli.db import workspace_of
 from retrocli.workspace import DB_STAGES, LOCK_FILE, _start_time
 
-from .conftest import run_cli, write_jsonl
+from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
 
 pytestmark = pytest.mark.faults
 
@@ -34,11 +35,22 @@ def artefacts(ws_root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "meta.json"}
 
 
-@pytest.fixture
-def built(small_workspace, tmp_path) -> tuple[Path, dict[str, bytes]]:
-    """A workspace TOML whose database is built, and its files."""
-    toml = small_workspace(n_docs=60)
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory) -> Path:
+    """A folder with a workspace TOML, its corpus and its built database (built once for this file)."""
+    root = tmp_path_factory.mktemp("built")
+    write_jsonl(root / "corpus" / "docs.jsonl", synthetic_documents(60, 300))
+    toml = write_toml(root / "retro.toml", small_sections())
     run_cli("db", "build", "-c", str(toml), check=True)
+    return root
+
+
+@pytest.fixture
+def built(built_once: Path, tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A copy of the built workspace for one test (copying is much cheaper than building), and its files."""
+    root = tmp_path / "copy"
+    shutil.copytree(built_once, root)
+    toml = root / "retro.toml"
     return toml, artefacts(workspace_of(load_config(toml)).root)
 
 
@@ -101,9 +113,8 @@ def test_damaged_files_are_found_and_made_again(built) -> None:
     run_cli("db", "verify", "-c", str(toml), "--fraction", "1", check=True)
 
 
-def test_one_writer_at_a_time_and_readers_are_never_blocked(small_workspace) -> None:
-    toml = small_workspace(n_docs=30, words=200)
-    run_cli("db", "build", "-c", str(toml), check=True)
+def test_one_writer_at_a_time_and_readers_are_never_blocked(built) -> None:
+    toml, _ = built
     ws_root = workspace_of(load_config(toml)).root
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -133,11 +144,9 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_a_full_disk_fails_cleanly_and_leaves_the_database_as_it_was(small_workspace) -> None:
-    toml = small_workspace(n_docs=30, words=200)
-    run_cli("db", "build", "-c", str(toml), check=True)
+def test_a_full_disk_fails_cleanly_and_leaves_the_database_as_it_was(built) -> None:
+    toml, before = built
     ws_root = workspace_of(load_config(toml)).root
-    before = artefacts(ws_root)
     docs = [{"id": f"new{i}", "text": f"new document {i} about harbours and tides. " * 200} for i in range(20)]
     new = write_jsonl(toml.parent / "new.jsonl", docs)
     proc = subprocess.run([sys.executable, "-m", "retrocli", "db", "add", str(new), "-c", str(toml)],

@@ -156,3 +156,42 @@ def test_a_full_disk_fails_cleanly_and_leaves_the_database_as_it_was(built) -> N
     assert "cannotwrite" in text and "Filetoolarge" in text and "Traceback" not in text
     assert artefacts(ws_root) == before  # nothing half-written is left where a reader would find it
     assert run_cli("db", "add", str(new), "-c", str(toml)).returncode == 0  # with room again, it completes
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A tmpfs mounted at tmp_path/disk (needs root and mount rights: skipped where they are missing)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size_kib: int) -> Path:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        return disk
+
+    yield mount
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_really_full_disk_and_a_read_only_one(built, small_disk) -> None:
+    """ENOSPC on a small tmpfs, then EROFS after remounting it read-only: the same clean failure."""
+    toml, _ = built
+    used_kib = sum(4 * -(-p.stat().st_size // 4096) if p.is_file() else 4 for p in toml.parent.rglob("*"))
+    disk = small_disk(used_kib + 512)
+    shutil.copytree(toml.parent, disk / "w")
+    toml = disk / "w" / "retro.toml"
+    ws_root = workspace_of(load_config(toml)).root
+    before = artefacts(ws_root)
+    docs = [{"id": f"new{i}", "text": f"new document {i} about harbours and tides. " * 300} for i in range(40)]
+    new = write_jsonl(toml.parent.parent.parent / "new.jsonl", docs)  # outside the small disk
+    full = run_cli("db", "add", str(new), "-c", str(toml))
+    said = "".join(full.stderr.split())
+    assert full.returncode == 2 and "Nospaceleftondevice" in said and "Traceback" not in said, full.stderr[-2000:]
+    assert artefacts(ws_root) == before
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    ro = run_cli("db", "add", str(new), "-c", str(toml))
+    said = "".join(ro.stderr.split())
+    assert ro.returncode == 2 and "Read-onlyfilesystem" in said and "Traceback" not in said, ro.stderr[-2000:]
+    assert artefacts(ws_root) == before

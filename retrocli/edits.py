@@ -398,8 +398,6 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
     neighbour rows (base blocks and segments) that name a chunk removed since the last refresh; the rest stay
     valid and are not touched. Written as edits/refresh-N/ (rows.npy, ids.npy: earlier refreshed rows
     included) and made live by the manifest. Returns the refresh record, or None without removals."""
-    from .samples import NeighbourBlocks
-
     _require_database(ws)
     manifest = read_manifest(ws)
     if not manifest["removed"]:
@@ -410,18 +408,25 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length)
     nmeta = ws.require("neighbours")
-    table = NeighbourBlocks(ws, nmeta["settings"]["block_size"], store)
     gone = removed_chunks(store)
     gone_docs = np.zeros(len(store.docs), dtype=bool)
     gone_docs[store.removed_docs] = True
-    stale = []
-    for _, s, e in blocks(store.num_chunks, d.block_size):
-        rows = np.arange(s, e)
-        ids = table[rows]
-        hit = np.isin(ids, gone).any(1) & ~gone_docs[store.chunks["doc"][s:e]]
-        stale.append(rows[hit])
-    stale = np.concatenate(stale)
     old_rows, old_ids = refreshed_rows(ws, store)
+    segments = segment_neighbours(ws, store)
+    base_n = segments[0][0] if segments else store.num_chunks
+    parts = [(s, lambda i=i: load_npy(ws.neighbour_block(i)))
+             for i, s, _ in blocks(base_n, nmeta["settings"]["block_size"])]
+    parts += [(first, lambda t=table: t) for first, table in segments]
+    stale = []
+    for start, table in parts:  # block by block, vectorised: the rows as pretraining reads them now
+        ids = np.array(table())
+        rows = np.arange(start, start + len(ids))
+        over = (old_rows >= start) & (old_rows < start + len(ids))
+        if over.any():
+            ids[np.asarray(old_rows)[over] - start] = np.asarray(old_ids)[over]
+        hit = np.isin(ids, gone).any(1) & ~gone_docs[store.chunks["doc"][start : start + len(ids)]]
+        stale.append(rows[hit])
+    stale = np.concatenate(stale) if stale else np.zeros(0, dtype=np.int64)
     k = int(nmeta["counts"]["k"])
     new_ids = np.zeros((0, k), dtype=np.int64)
     if len(stale):

@@ -243,3 +243,15 @@ def test_db_build_searches_again_only_the_neighbour_rows_that_named_a_removed_ch
     again = run_cli("db", "build", "-c", str(built))  # up to date: nothing searched again
     assert again.returncode == 0
     assert json.loads((ws.db / "edits" / "manifest.json").read_text())["refresh"] == refresh
+    # a second removal: the next refresh searches the rows naming it, and keeps the first refresh's others
+    second_row = int(store.chunks["doc"][after[named][0, 0]])
+    second = store.doc_info([second_row])[second_row]["id"]
+    assert run_cli("db", "remove", "--doc", second, "-c", str(built)).returncode == 0
+    assert run_cli("db", "build", "-c", str(built)).returncode == 0
+    store = ChunkStore.open(ws, 16)
+    final = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
+    live = ~np.isin(store.chunks["doc"], [victim_row, second_row])
+    gone = np.flatnonzero(~live)  # the chunks of both removed documents
+    assert not np.isin(final[live], gone).any()  # no live row names a removed chunk
+    untouched = live & ~np.isin(after, gone).any(1)
+    assert (final[untouched] == after[untouched]).all()

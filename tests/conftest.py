@@ -90,9 +90,19 @@ def small_workspace(tmp_path: Path):
 def run_cli(*args: str, env: dict | None = None, check: bool = False, stdin: str | None = None
             ) -> subprocess.CompletedProcess:
     """`python -m retrocli ARGS` in a subprocess (real exit codes, real process death); `stdin`: its input."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "COLUMNS": "1000", **(env or {})}  # rich wraps at the width: keep paths whole
     proc = subprocess.run([sys.executable, "-m", "retrocli", *args], capture_output=True, text=True, env=full_env,
                           input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"retro {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def cli_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`retro ARGS` in this process (no interpreter and torch start-up): (exit code, stderr). For error paths,
+    which end before any work that needs a process of its own."""
+    from retrocli.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err

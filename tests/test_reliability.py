@@ -20,7 +20,7 @@ from retrocli.config import load_config
 from retrocli.db import workspace_of
 from retrocli.workspace import DB_STAGES, LOCK_FILE, _start_time
 
-from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
+from .conftest import cli_in_process, run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
 
 pytestmark = pytest.mark.faults
 
@@ -113,7 +113,7 @@ def test_damaged_files_are_found_and_made_again(built) -> None:
     run_cli("db", "verify", "-c", str(toml), "--fraction", "1", check=True)
 
 
-def test_one_writer_at_a_time_and_readers_are_never_blocked(built) -> None:
+def test_one_writer_at_a_time_and_readers_are_never_blocked(built, capsys) -> None:
     toml, _ = built
     ws_root = workspace_of(load_config(toml)).root
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -123,10 +123,9 @@ def test_one_writer_at_a_time_and_readers_are_never_blocked(built) -> None:
                 "since": "2026-11-27 07:00:00", "started_ticks": _start_time(writer.pid)}
         (ws_root / LOCK_FILE).write_text(json.dumps(lock))
         for args in (["db", "build"], ["db", "add", "x.jsonl"], ["db", "remove", "--doc", "doc1"], ["pretrain"]):
-            proc = run_cli(*args, "-c", str(toml))
-            assert proc.returncode == 2, (args, proc.stderr)
-            text = "".join(proc.stderr.split())
-            assert "retropretrain" in text and f"pid{writer.pid}" in text and LOCK_FILE in text
+            code, err = cli_in_process(capsys, *args, "-c", str(toml))  # refused before any work
+            text = "".join(err.split())
+            assert code == 2 and "retropretrain" in text and f"pid{writer.pid}" in text and LOCK_FILE in text, err
         query = run_cli("db", "query", "-c", str(toml), "star planet orbit")  # a reader: not blocked
         assert query.returncode == 0 and "astronomy" in query.stdout + query.stderr
     finally:

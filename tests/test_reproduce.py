@@ -26,7 +26,7 @@ MICRO = {
     "sft": {"micro_batch_size": 4, "global_batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "train_steps": 4,
             "eval_interval": 4, "eval_steps": 1, "save_interval": 4, "num_contexts": 1, "system": ""},
     "generate": {"num_contexts": 1, "max_new_tokens": 3, "batch_size": 8},
-    "reproduce": {"qa_task": "builtin:tiny-cloze-test", "qa_limit": 8, "contexts": ["file", "none"]},
+    "reproduce": {"qa_task": "builtin:tiny-cloze-test", "qa_limit": 8, "contexts": ["file"]},
 }
 
 
@@ -46,18 +46,18 @@ def test_the_whole_chain_then_a_rerun_that_skips_what_is_done(tmp_path: Path) ->
     results = json.loads((ws / "reproduce" / "results.json").read_text())
     stages = results["stages"]
     assert {"db build", "pretrain", "pretrain gpt", "sft", "sft gpt", "generate file sft",
-            "generate none sft-gpt"} <= set(stages)
+            "generate file sft-gpt"} <= set(stages)
     assert all(st["seconds"] is not None and st["command"].startswith("retro ") for st in stages.values())
     ppl = results["results"]
     assert {"ppl/valid/retrieval", "ppl/valid/no-retrieval", "ppl/valid/gpt"} <= set(ppl)
     assert ppl["ppl/valid/retrieval"]["retrieval"] and not ppl["ppl/valid/gpt"]["retrieval"]
     for model in ("sft", "sft-gpt"):
-        for mode in ("file", "none"):
+        for mode in ("file",):
             qa = ppl[f"qa/{mode}/{model}"]
             assert qa["count"] == 8 and 0 <= qa["f1"] <= 100
     report = (ws / "report.md").read_text()
     assert "## Perplexity" in report and "## QA after instruction tuning" in report and "retro pretrain" in report
-    assert "Retro | file | 8 |" in report and "GPT | none | 8 |" in report
+    assert "Retro | file | 8 |" in report and "GPT | file | 8 |" in report
     # everything done: a rerun trains and generates nothing again
     again = run_cli("reproduce", "-c", str(toml), env=env)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -17,7 +17,7 @@ from retrocli.pretrain import run as pretrain
 from retrocli.pretrain import run_dir
 from retrocli.sft import build, run
 
-from .conftest import run_cli
+from .conftest import cli_in_process, run_cli
 from .test_pretrain import make_workspace, metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -136,15 +136,15 @@ def test_resume_after_a_kill_continues_the_same_curve(tmp_path: Path) -> None:
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
 
 
-def test_errors_name_the_problem(workspace: Path, tmp_path: Path) -> None:
+def test_errors_name_the_problem(workspace: Path, tmp_path: Path, capsys) -> None:
     text = workspace.read_text()
 
     def sft_with(old: str, new: str, *sets: str) -> str:
         toml = workspace.parent / "variant.toml"  # beside the original: the same relative paths
         toml.write_text(text.replace(old, new))
-        proc = run_cli("sft", "-c", str(toml), *[a for s in sets for a in ("--set", s)])
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        return proc.stderr
+        code, err = cli_in_process(capsys, "sft", "-c", str(toml), *[a for s in sets for a in ("--set", s)])
+        assert code == 2, err[-2000:]
+        return err
 
     err = sft_with('path = "qa.jsonl"', 'path = "missing.jsonl"')
     assert "no such file" in err and "missing.jsonl" in err

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny.toml
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test test-fast demo reproduce lint bench bench-db bench-train bench-generate bench-gpu clean
+.PHONY: install test test-fast demo reproduce lint bench bench-db bench-train bench-generate bench-gpu bench-scale clean
 
 install: $(VENV)/.installed
 
@@ -34,7 +34,7 @@ reproduce: install
 lint: install
 	$(BIN)/ruff check retrocli tests benchmarks
 
-bench: bench-db bench-train bench-generate
+bench: bench-db bench-train bench-generate bench-scale
 
 bench-db: install
 	$(BIN)/python benchmarks/bench_db.py --data-dir $(DATA_DIR)
@@ -60,6 +60,10 @@ bench-generate: install
 BENCH_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 bench-gpu:
 	$(BENCH_PYTHON) benchmarks/bench_gpu.py
+
+# 10M synthetic chunk embeddings added and searched at 1M, 3M, 10M in < 4 GiB (issue 9): ~20 minutes on 2 cores.
+bench-scale: install
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf runs

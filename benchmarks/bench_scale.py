@@ -1,0 +1,330 @@
+"""`make bench-scale`: a database of 10 million synthetic chunk embeddings on 2 CPU cores, in bounded memory.
+
+How do adding and searching cost as the database grows (issue 9)? The script builds one Faiss index and
+grows it through the sizes asked (default 1M, 3M, 10M vectors), and at each size measures:
+
+- add rate: vectors/s of `add_with_ids` over this growth step (generation of the vectors not counted);
+- search rate: queries/s for a batch of 1,000 queries, top 10, at the repo's nprobe and efSearch
+  (`DBConfig` defaults), median of 3 runs; and latency, median ms of 100 single-query searches;
+- recall@10 of 100 of those queries against exact search over the same database;
+- index bytes per vector (the file `faiss.write_index` writes, over ntotal);
+- peak RSS of this process (`ru_maxrss`). Above `--max-rss-gib` (default 4) the script exits with 1.
+
+Data. Chunk embeddings are random but shaped like real ones (`ClusteredVectors`): 4,096 centres drawn
+uniformly on the unit sphere of dimension 384; each vector is a centre plus noise of norm ~1, 91% of its
+variance in a shared 64-dimensional subspace with decaying scales and the rest in every direction;
+L2-normalised, because the real pipeline compares normalised vectors by inner product. The shape was
+fitted to the books-qa MiniLM embeddings (`--compare runs/books-qa/db/embed`, 60k of each):
+
+                   top-1 cos  top-10 cos  random pair cos  variance in top 16 / 64 PCs  PQ32 recall@10
+    books-qa         0.631      0.502       0.054 +- 0.106          0.27 / 0.56               0.492
+    synthetic        0.682      0.479       0.000 +- 0.117          0.33 / 0.54               0.441
+
+(a first version with isotropic noise alone put 0.22 of the variance in the top 64 directions, all that OPQ
+to 64 dimensions keeps, and measured recall@10 0.14 at 1M). Every block of vectors is drawn from its own seeded stream
+(`default_rng([seed, stream, block])`), so a block can be regenerated alone and no run ever holds more
+than one block (100,000 x 384 float32 = 154 MB): the vectors are generated, added and freed block by
+block.
+
+Exact neighbours of the recall queries are kept as a running top 10 while the blocks stream past (one
+100 x block matmul each, before the block is freed), so the exact answer at each size costs no second
+pass and no stored vectors.
+
+Index. `index.auto_spec` picks `IVF16384,SQ8` for 10M vectors and `OPQ32_64,IVF16384_HNSW32,PQ32` beyond.
+SQ8 keeps 384 bytes a vector, 3.6 GiB at 10M, which leaves nothing of the 4 GiB budget, and a database of
+billions cannot hold it anyway; so this benchmark builds auto_spec's form for more than 10M chunks, with
+the number of lists auto_spec gives the largest size (16,384 at 10M), trained as `retro db build` trains
+it: `index.train` on `db.index_train_samples` (200,000) vectors. Training is the costly part on 2 cores:
+OPQ's rotation alone (50 rounds of PQ k-means on 65,536 vectors) takes minutes whatever the lists;
+k-means costs ~ training vectors x lists x 10 iterations, ~2-3 minutes for 200,000 x 16,384, and
+Faiss' preferred 39 vectors per list (639,000) would triple that and overrun the ~25 minutes this run is
+meant to take, so it is not the default (`--train` sets it; `--nlist` sets fewer lists when a larger
+--sizes makes k-means unaffordable). The output names the index, the lists and why.
+
+    python benchmarks/bench_scale.py                                # 1M, 3M, 10M: ~20 min on 2 cores
+    python benchmarks/bench_scale.py --sizes 20000,50000 --train 20000 --spec IVF64_HNSW32,PQ8np  # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from retrocli import index as faiss_index  # noqa: E402
+from retrocli.config import DBConfig  # noqa: E402
+
+DIM = 384
+# seeded streams: one per purpose, so that the database, the queries and the centres never share draws
+CENTRES, DATABASE, QUERIES = 0, 1, 2
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class ClusteredVectors:
+    """Unit vectors of dimension `dim`: a random centre (one of `n_centres`) plus noise of norm ~1, most of it
+    in a shared `rank`-dimensional subspace with decaying scales (the i-th direction's scale ~ i^-decay), the
+    rest (`isotropic` of its norm) in every direction. Block b of the database is a pure function of
+    (seed, b), so any block can be regenerated alone."""
+
+    def __init__(self, seed: int, n_centres: int = 4096, rank: int = 64, decay: float = 0.5,
+                 isotropic: float = 0.3, dim: int = DIM, block_size: int = 100_000):
+        self.seed, self.dim, self.block_size = seed, dim, block_size
+        rng = np.random.default_rng([seed, CENTRES])
+        centres = rng.standard_normal((n_centres, dim), dtype=np.float32)
+        self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].T          # (rank, dim), orthonormal rows
+        scales = np.arange(1, rank + 1) ** -decay
+        scales *= math.sqrt(1 - isotropic**2) / np.linalg.norm(scales)       # E|z @ spread|^2 = 1 - isotropic^2
+        self.spread = (scales[:, None] * basis).astype(np.float32)           # (rank, dim)
+        self.sigma = isotropic / math.sqrt(dim)                              # E|sigma * g|^2 = isotropic^2
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, dim) float32, L2-normalised."""
+        x = rng.standard_normal((n, self.dim), dtype=np.float32)
+        x *= self.sigma
+        x += rng.standard_normal((n, len(self.spread)), dtype=np.float32) @ self.spread
+        x += self.centres[rng.integers(0, len(self.centres), n)]
+        x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+        return x
+
+    def block(self, b: int) -> np.ndarray:
+        """Database rows [b * block_size, (b + 1) * block_size)."""
+        return self.draw(np.random.default_rng([self.seed, DATABASE, b]), self.block_size)
+
+    def rows(self, start: int, end: int):
+        """Yields (first row, vectors) covering database rows [start, end), one block at a time."""
+        b = start // self.block_size
+        while b * self.block_size < end:
+            lo = b * self.block_size
+            x = self.block(b)[max(start - lo, 0): end - lo]
+            yield max(start, lo), x
+            b += 1
+
+    def queries(self, n: int) -> np.ndarray:
+        return self.draw(np.random.default_rng([self.seed, QUERIES]), n)
+
+
+class RunningTopK:
+    """Exact top-k by inner product of fixed queries over vectors that stream past in blocks."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        self.ids = np.full((len(queries), k), -1, dtype=np.int64)
+
+    def update(self, first_id: int, vectors: np.ndarray) -> None:
+        s = self.queries @ vectors.T                                  # (q, block)
+        k = min(self.k, s.shape[1])
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]               # (q, k) unordered
+        scores = np.concatenate([self.scores, np.take_along_axis(s, top, 1)], axis=1)
+        ids = np.concatenate([self.ids, top + first_id], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :self.k]
+        self.scores, self.ids = np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
+
+
+def describe(x: np.ndarray, n_queries: int = 300) -> dict:
+    """What makes neighbour search easy or hard on a set of embeddings: the cosine of a query's 1st and 10th
+    neighbour and of random pairs, the variance held by the top 16 and 64 principal directions (what OPQ to
+    64 dimensions can keep), and recall@10 of PQ32 codes alone (IVF64 with all 64 lists probed)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    queries, db = x[:n_queries], x[n_queries:]
+    s = queries @ db.T
+    top = -np.sort(-s, axis=1)[:, :10]
+    centred = db[:20_000] - db[:20_000].mean(0)
+    variance = np.cumsum(np.linalg.eigvalsh(centred.T @ centred)[::-1])
+    pq = faiss_index.new_index("IVF64,PQ32np", x.shape[1])
+    pq.train(db[:30_000])
+    pq.add(db)
+    faiss_index.set_search_params(pq, 64, 64)
+    _, got = pq.search(queries, 10)
+    return {"top1_cos": float(top[:, 0].mean()), "top10_cos": float(top[:, 9].mean()),
+            "random_cos": float(s.mean()), "random_cos_sd": float(s.std()),
+            "variance_top16": float(variance[15] / variance[-1]), "variance_top64": float(variance[63] / variance[-1]),
+            "pq32_recall_at_10": recall_at(got, np.argsort(-s, axis=1)[:, :10])}
+
+
+def compare(embed_dir: Path, n: int = 60_000) -> None:
+    """Print `describe` for a workspace's embeddings (db/embed/*.npy) and for as many synthetic vectors."""
+    blocks = sorted(embed_dir.glob("*.npy"))
+    if not blocks:
+        sys.exit(f"no .npy blocks in {embed_dir}: point --compare at a built workspace's db/embed folder")
+    real = np.concatenate([np.load(f).astype(np.float32) for f in blocks])
+    real = real[np.random.default_rng(0).permutation(len(real))[:n]]
+    synthetic = ClusteredVectors(seed=0, block_size=len(real)).block(0)
+    rows = {embed_dir.parent.parent.name or "real": describe(real), "synthetic": describe(synthetic)}
+    print(f"{len(real):,} vectors each")
+    print(f"{'':>12}" + "".join(f"{k:>18}" for k in rows["synthetic"]))
+    for name, row in rows.items():
+        print(f"{name:>12}" + "".join(f"{v:>18.3f}" for v in row.values()))
+
+
+def default_nlist(largest: int) -> int:
+    """The number of IVF lists `index.auto_spec` chooses for a database of `largest` vectors."""
+    m = re.search(r"IVF(\d+)", faiss_index.auto_spec(max(largest, 20_000)))
+    return int(m.group(1))
+
+
+def index_bytes(index: faiss.Index) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "index.faiss"
+        faiss.write_index(index, str(path))
+        return path.stat().st_size
+
+
+def measure_search(index: faiss.Index, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[float, float]:
+    """(queries/s for the whole batch, median of `repeats`; median ms of one query searched alone)."""
+    index.search(queries[:10], k)  # warm-up: thread pool, first touch of the lists
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        index.search(queries, k)
+        rates.append(len(queries) / (time.perf_counter() - t))
+    single = []
+    for q in queries[:100]:
+        t = time.perf_counter()
+        index.search(q[None], k)
+        single.append(time.perf_counter() - t)
+    return float(np.median(rates)), float(np.median(single)) * 1000
+
+
+def recall_at(got: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(g[:k]) & set(t)) / k for g, t in zip(got, truth)]))
+
+
+def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | None, n_queries: int,
+        n_recall: int, k: int, nprobe: int, ef_search: int, block_size: int, seed: int,
+        max_rss_gib: float) -> dict:
+    started = time.perf_counter()
+    block_size = min(block_size, sizes[0])
+    gen = ClusteredVectors(seed, block_size=block_size)
+    auto_nlist = default_nlist(sizes[-1])
+    nlist = nlist or auto_nlist
+    if spec is None:
+        spec = f"OPQ32_64,IVF{nlist}_HNSW32,PQ32"
+    ivf_lists = int(m.group(1)) if (m := re.search(r"IVF(\d+)", spec)) else 0
+    train_n = min(train_n or DBConfig().index_train_samples, sizes[-1])
+    why = (f"auto_spec's {auto_nlist} lists for {sizes[-1]:,} vectors" if ivf_lists == auto_nlist
+           else f"{ivf_lists} lists, not auto_spec's {auto_nlist}: set by --nlist/--spec")
+    print(f"index {spec} ({why}; auto_spec({sizes[-1]:,}) = {faiss_index.auto_spec(sizes[-1])}, whose SQ8 "
+          f"codes would take {DIM * sizes[-1] / 2**30:.1f} GiB); faiss {faiss.__version__}, "
+          f"{faiss.omp_get_max_threads()} threads", flush=True)
+
+    # Train on the database's first train_n rows: the blocks are i.i.d. draws, so a prefix is a random sample.
+    t = time.perf_counter()
+    sample = np.concatenate([x for _, x in gen.rows(0, train_n)])
+    gen_s = time.perf_counter() - t
+    per_list = f", {train_n / ivf_lists:.0f} per list" if ivf_lists else ""
+    print(f"training on {train_n:,} vectors ({sample.nbytes / 2**20:.0f} MiB, generated in {gen_s:.1f} s{per_list}) "
+          "...", flush=True)
+    t = time.perf_counter()
+    index = faiss_index.train(spec, sample, seed=seed)
+    train_s = time.perf_counter() - t
+    del sample
+    print(f"  trained in {train_s:.1f} s; peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+
+    # Added as `retro db build` adds (the HNSW quantizer's efSearch as trained, Faiss' 16), searched at
+    # db.ef_search: set once for search, a larger efSearch would slow every later add.
+    ivf = faiss_index.ivf_of(index)
+    quantizer = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    add_ef = quantizer.hnsw.efSearch if isinstance(quantizer, faiss.IndexHNSW) else None
+    queries = gen.queries(n_queries)
+    exact = RunningTopK(queries[:n_recall], k)
+    rows, done = [], 0
+    print(f"{'vectors':>12}{'add/s':>10}{'queries/s':>11}{'ms/query':>10}{'recall@10':>11}{'B/vector':>10}"
+          f"{'peak RSS GiB':>14}{'step s':>8}", flush=True)
+    for size in sizes:
+        step_t = time.perf_counter()
+        if add_ef is not None:
+            quantizer.hnsw.efSearch = add_ef
+        gen_s = add_s = exact_s = 0.0
+        t = time.perf_counter()
+        for first, x in gen.rows(done, size):
+            gen_s += time.perf_counter() - t
+            t = time.perf_counter()
+            index.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
+            add_s += time.perf_counter() - t
+            t = time.perf_counter()
+            exact.update(first, x)
+            exact_s += time.perf_counter() - t
+            if (first + len(x)) // 1_000_000 > first // 1_000_000:
+                print(f"  ... {first + len(x):,} vectors, peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+            t = time.perf_counter()
+        added, done = size - done, size
+        faiss_index.set_search_params(index, nprobe, ef_search)
+        qps, latency_ms = measure_search(index, queries, k)
+        _, got = index.search(queries[:n_recall], k)
+        row = {"vectors": size, "added": added, "add_s": add_s, "add_per_s": added / add_s,
+               "generate_s": gen_s, "exact_s": exact_s, "queries": n_queries, "queries_per_s": qps,
+               "latency_ms": latency_ms, "recall_queries": n_recall, "recall_at_10": recall_at(got, exact.ids),
+               "index_bytes": index_bytes(index), "peak_rss_gib": peak_rss_gib()}
+        row["bytes_per_vector"] = row["index_bytes"] / size
+        row["step_s"] = time.perf_counter() - step_t
+        rows.append(row)
+        print(f"{size:>12,}{row['add_per_s']:>10,.0f}{qps:>11,.0f}{latency_ms:>10.2f}{row['recall_at_10']:>11.3f}"
+              f"{row['bytes_per_vector']:>10.1f}{row['peak_rss_gib']:>14.2f}{row['step_s']:>8.0f}", flush=True)
+
+    peak = peak_rss_gib()
+    result = {"spec": spec, "auto_spec": faiss_index.auto_spec(sizes[-1]), "nlist": ivf_lists, "add_ef_search": add_ef,
+              "train_vectors": train_n, "train_s": train_s, "nprobe": nprobe, "ef_search": ef_search, "k": k,
+              "dim": DIM, "block_size": block_size, "seed": seed, "threads": faiss.omp_get_max_threads(),
+              "faiss": faiss.__version__, "sizes": rows, "peak_rss_gib": peak, "max_rss_gib": max_rss_gib,
+              "total_s": time.perf_counter() - started}
+    print(f"peak RSS {peak:.2f} GiB (limit {max_rss_gib} GiB); total {result['total_s']:.0f} s", flush=True)
+    return result
+
+
+def main() -> None:
+    d = DBConfig()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000000,3000000,10000000",
+                    help="database sizes to measure at, ascending, comma-separated")
+    ap.add_argument("--train", type=int, default=None,
+                    help="training vectors (default: db.index_train_samples, as retro db build)")
+    ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default: auto_spec's for the largest size)")
+    ap.add_argument("--spec", default=None, help="a Faiss factory string instead of OPQ32_64,IVF<nlist>_HNSW32,PQ32")
+    ap.add_argument("--queries", type=int, default=1000, help="queries per timed batch")
+    ap.add_argument("--recall-queries", type=int, default=100, help="queries checked against exact search")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--nprobe", type=int, default=d.nprobe)
+    ap.add_argument("--ef-search", type=int, default=d.ef_search)
+    ap.add_argument("--block-size", type=int, default=100_000, help="vectors generated and added at a time")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-rss-gib", type=float, default=4.0, help="exit 1 when peak RSS exceeds this")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--compare", default=None, metavar="EMBED_DIR",
+                    help="only compare the synthetic vectors with a workspace's embeddings (db/embed), 60k of each")
+    args = ap.parse_args()
+    if args.compare:
+        compare(Path(args.compare))
+        return
+    sizes = [int(s.replace("_", "")) for s in args.sizes.split(",")]
+    if sizes != sorted(set(sizes)) or sizes[0] <= 0:
+        ap.error(f"--sizes must be positive and ascending, got {args.sizes}")
+    if args.recall_queries > args.queries:
+        ap.error("--recall-queries cannot exceed --queries")
+    result = run(sizes, args.train, args.nlist, args.spec, args.queries, args.recall_queries, args.k, args.nprobe,
+                 args.ef_search, args.block_size, args.seed, args.max_rss_gib)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if result["peak_rss_gib"] > args.max_rss_gib:
+        sys.exit(f"peak RSS {result['peak_rss_gib']:.2f} GiB exceeds --max-rss-gib {args.max_rss_gib}")
+
+
+if __name__ == "__main__":
+    main()

@@ -61,7 +61,7 @@ BENCH_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 bench-gpu:
 	$(BENCH_PYTHON) benchmarks/bench_gpu.py
 
-# 10M synthetic chunk embeddings added and searched at 1M, 3M, 10M in < 4 GiB (issue 9): ~20 minutes on 2 cores.
+# 10M synthetic chunk embeddings added and searched at 1M, 3M, 10M in < 4 GiB (issue 9): ~11 minutes on 2 cores.
 bench-scale: install
 	$(BIN)/python benchmarks/bench_scale.py
 

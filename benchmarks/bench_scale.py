@@ -8,23 +8,27 @@ grows it through the sizes asked (default 1M, 3M, 10M vectors), and at each size
   (`DBConfig` defaults), median of 3 runs; and latency, median ms of 100 single-query searches;
 - recall@10 of 100 of those queries against exact search over the same database;
 - index bytes per vector (the file `faiss.write_index` writes, over ntotal);
-- peak RSS of this process (`ru_maxrss`). Above `--max-rss-gib` (default 4) the script exits with 1.
+- peak RSS of this process (`ru_maxrss`). Above `--max-rss-gib` (default 4) the script exits with 1;
+- the 1-minute load average at the end of the step: on a shared machine, a step that ran beside other
+  jobs shows it (2 means both cores busy).
 
-Data. Chunk embeddings are random but shaped like real ones (`ClusteredVectors`): 4,096 centres drawn
-uniformly on the unit sphere of dimension 384; each vector is a centre plus noise of norm ~1, 91% of its
-variance in a shared 64-dimensional subspace with decaying scales and the rest in every direction;
-L2-normalised, because the real pipeline compares normalised vectors by inner product. The shape was
-fitted to the books-qa MiniLM embeddings (`--compare runs/books-qa/db/embed`, 60k of each):
+Data. Chunk embeddings are random but shaped like real ones (`ClusteredVectors`): 4,096 cluster centres
+and, around each, offsets of norm ~1, both drawn with one decaying variance profile (91% of it in a
+random 192-dimensional subspace whose i-th axis has scale ~ i^-0.3, the rest in every direction), the sum
+L2-normalised, because the real pipeline compares normalised vectors by inner product. The profile was
+fitted to the books-qa MiniLM embeddings; `--compare runs/books-qa/db/embed` prints both (59,929 of each,
+~15 minutes, mostly OPQ training; recall@10 with all 64 lists of an IVF64 probed):
 
-                   top-1 cos  top-10 cos  random pair cos  variance in top 16 / 64 PCs  PQ32 recall@10
-    books-qa         0.631      0.502       0.054 +- 0.106          0.27 / 0.56               0.492
-    synthetic        0.682      0.479       0.000 +- 0.117          0.33 / 0.54               0.441
+                 top-1 / top-10 cos   random pair cos   variance in top 16 / 64 / 128 PCs   PQ32   OPQ32_64,PQ32
+    books-qa       0.631 / 0.502      0.054 +- 0.106          0.27 / 0.56 / 0.77            0.492      0.475
+    synthetic      0.586 / 0.471      0.000 +- 0.095          0.28 / 0.57 / 0.80            0.639      0.521
 
-(a first version with isotropic noise alone put 0.22 of the variance in the top 64 directions, all that OPQ
-to 64 dimensions keeps, and measured recall@10 0.14 at 1M). Every block of vectors is drawn from its own seeded stream
-(`default_rng([seed, stream, block])`), so a block can be regenerated alone and no run ever holds more
-than one block (100,000 x 384 float32 = 154 MB): the vectors are generated, added and freed block by
-block.
+Two simpler shapes failed: isotropic noise around the centres put only 0.22 of the variance in the top 64
+directions, so recall@10 at 1M was 0.14; offsets confined to a 64-dimensional subspace around isotropic
+centres let OPQ keep the offsets and drop what tells clusters apart (recall 0.01). Every block of vectors
+is drawn from its own seeded stream (`default_rng([seed, stream, block])`), so a block can be regenerated
+alone and no run ever holds more than one block (100,000 x 384 float32 = 154 MB): the vectors are
+generated, added and freed block by block.
 
 Exact neighbours of the recall queries are kept as a running top 10 while the blocks stream past (one
 100 x block matmul each, before the block is freed), so the exact answer at each size costs no second
@@ -34,15 +38,18 @@ Index. `index.auto_spec` picks `IVF16384,SQ8` for 10M vectors and `OPQ32_64,IVF1
 SQ8 keeps 384 bytes a vector, 3.6 GiB at 10M, which leaves nothing of the 4 GiB budget, and a database of
 billions cannot hold it anyway; so this benchmark builds auto_spec's form for more than 10M chunks, with
 the number of lists auto_spec gives the largest size (16,384 at 10M), trained as `retro db build` trains
-it: `index.train` on `db.index_train_samples` (200,000) vectors. Training is the costly part on 2 cores:
-OPQ's rotation alone (50 rounds of PQ k-means on 65,536 vectors) takes minutes whatever the lists;
-k-means costs ~ training vectors x lists x 10 iterations, ~2-3 minutes for 200,000 x 16,384, and
-Faiss' preferred 39 vectors per list (639,000) would triple that and overrun the ~25 minutes this run is
-meant to take, so it is not the default (`--train` sets it; `--nlist` sets fewer lists when a larger
---sizes makes k-means unaffordable). The output names the index, the lists and why.
+it: `index.train` on `db.index_train_samples` (200,000) vectors. Training is the costly part on 2 cores,
+181-254 s measured: OPQ's rotation (50 rounds of PQ k-means on 65,536 vectors) whatever the lists, then
+k-means, whose cost is ~ training vectors x lists x 10 iterations. Faiss' preferred 39 vectors per list
+(639,000) would triple the k-means of a run meant to take a quarter of an hour, so it is not the default
+(`--train` sets it; `--nlist` sets fewer lists when a larger --sizes makes k-means unaffordable). The
+output names the index, the lists and why.
 
-    python benchmarks/bench_scale.py                                # 1M, 3M, 10M: ~20 min on 2 cores
-    python benchmarks/bench_scale.py --sizes 20000,50000 --train 20000 --spec IVF64_HNSW32,PQ8np  # seconds
+    python benchmarks/bench_scale.py                                # 1M, 3M, 10M: 11 min on 2 cores
+    python benchmarks/bench_scale.py --sizes 20000,50000 --train 20000 --spec IVF64_HNSW32,SQ8  # seconds
+    python benchmarks/bench_scale.py --compare runs/books-qa/db/embed  # the data against real embeddings
+
+(OPQ's training takes minutes at any size, so a quick check names a spec without it.)
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import resource
 import sys
@@ -76,28 +84,36 @@ def peak_rss_gib() -> float:
 
 
 class ClusteredVectors:
-    """Unit vectors of dimension `dim`: a random centre (one of `n_centres`) plus noise of norm ~1, most of it
-    in a shared `rank`-dimensional subspace with decaying scales (the i-th direction's scale ~ i^-decay), the
-    rest (`isotropic` of its norm) in every direction. Block b of the database is a pure function of
-    (seed, b), so any block can be regenerated alone."""
+    """Unit vectors of dimension `dim` with the spectrum of real sentence embeddings: every direction's
+    variance follows one decaying profile (a shared random `rank`-dimensional subspace whose i-th axis has
+    scale ~ i^-decay, holding 1 - isotropic^2 of the variance, the rest spread over all dimensions). Both
+    the `n_centres` cluster centres and each vector's offset from its centre are drawn with that profile,
+    so the directions that hold most of the variance (those OPQ keeps) tell clusters apart as in real data.
+    Block b of the database is a pure function of (seed, b), so any block can be regenerated alone."""
 
-    def __init__(self, seed: int, n_centres: int = 4096, rank: int = 64, decay: float = 0.5,
-                 isotropic: float = 0.3, dim: int = DIM, block_size: int = 100_000):
-        self.seed, self.dim, self.block_size = seed, dim, block_size
+    def __init__(self, seed: int, n_centres: int = 4096, rank: int = 192, decay: float = 0.3,
+                 isotropic: float = 0.3, noise: float = 1.0, dim: int = DIM, block_size: int = 100_000):
+        self.seed, self.dim, self.noise, self.block_size = seed, dim, noise, block_size
         rng = np.random.default_rng([seed, CENTRES])
-        centres = rng.standard_normal((n_centres, dim), dtype=np.float32)
-        self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
         basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].T          # (rank, dim), orthonormal rows
         scales = np.arange(1, rank + 1) ** -decay
         scales *= math.sqrt(1 - isotropic**2) / np.linalg.norm(scales)       # E|z @ spread|^2 = 1 - isotropic^2
         self.spread = (scales[:, None] * basis).astype(np.float32)           # (rank, dim)
         self.sigma = isotropic / math.sqrt(dim)                              # E|sigma * g|^2 = isotropic^2
+        centres = self.shaped(rng, n_centres)
+        self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
 
-    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """(n, dim) float32, L2-normalised."""
+    def shaped(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, dim) float32 Gaussian vectors of the shared profile, expected squared norm 1."""
         x = rng.standard_normal((n, self.dim), dtype=np.float32)
         x *= self.sigma
         x += rng.standard_normal((n, len(self.spread)), dtype=np.float32) @ self.spread
+        return x
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, dim) float32, L2-normalised: a centre plus `noise` times a shaped offset."""
+        x = self.shaped(rng, n)
+        x *= self.noise
         x += self.centres[rng.integers(0, len(self.centres), n)]
         x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
         return x
@@ -139,23 +155,25 @@ class RunningTopK:
 
 def describe(x: np.ndarray, n_queries: int = 300) -> dict:
     """What makes neighbour search easy or hard on a set of embeddings: the cosine of a query's 1st and 10th
-    neighbour and of random pairs, the variance held by the top 16 and 64 principal directions (what OPQ to
-    64 dimensions can keep), and recall@10 of PQ32 codes alone (IVF64 with all 64 lists probed)."""
+    neighbour and of random pairs, the variance held by the top 16, 64 and 128 principal directions (OPQ32_64
+    keeps 64), and recall@10 of PQ32 codes with and without OPQ (IVF64 with all 64 lists probed)."""
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     queries, db = x[:n_queries], x[n_queries:]
     s = queries @ db.T
     top = -np.sort(-s, axis=1)[:, :10]
     centred = db[:20_000] - db[:20_000].mean(0)
     variance = np.cumsum(np.linalg.eigvalsh(centred.T @ centred)[::-1])
-    pq = faiss_index.new_index("IVF64,PQ32np", x.shape[1])
-    pq.train(db[:30_000])
-    pq.add(db)
-    faiss_index.set_search_params(pq, 64, 64)
-    _, got = pq.search(queries, 10)
+    truth = np.argsort(-s, axis=1)[:, :10]
+    recall = {}
+    for name, spec in (("pq32_recall", "IVF64,PQ32np"), ("opq64_pq32_recall", "OPQ32_64,IVF64,PQ32np")):
+        index = faiss_index.new_index(spec, x.shape[1])
+        index.train(db[:30_000])
+        index.add(db)
+        faiss_index.set_search_params(index, 64, 64)
+        recall[name] = recall_at(index.search(queries, 10)[1], truth)
     return {"top1_cos": float(top[:, 0].mean()), "top10_cos": float(top[:, 9].mean()),
             "random_cos": float(s.mean()), "random_cos_sd": float(s.std()),
-            "variance_top16": float(variance[15] / variance[-1]), "variance_top64": float(variance[63] / variance[-1]),
-            "pq32_recall_at_10": recall_at(got, np.argsort(-s, axis=1)[:, :10])}
+            **{f"variance_top{n}": float(variance[n - 1] / variance[-1]) for n in (16, 64, 128)}, **recall}
 
 
 def compare(embed_dir: Path, n: int = 60_000) -> None:
@@ -170,7 +188,7 @@ def compare(embed_dir: Path, n: int = 60_000) -> None:
     print(f"{len(real):,} vectors each")
     print(f"{'':>12}" + "".join(f"{k:>18}" for k in rows["synthetic"]))
     for name, row in rows.items():
-        print(f"{name:>12}" + "".join(f"{v:>18.3f}" for v in row.values()))
+        print(f"{name:>12}" + "".join(f"{v:>18.3f}" for v in row.values()), flush=True)
 
 
 def default_nlist(largest: int) -> int:
@@ -247,7 +265,7 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
     exact = RunningTopK(queries[:n_recall], k)
     rows, done = [], 0
     print(f"{'vectors':>12}{'add/s':>10}{'queries/s':>11}{'ms/query':>10}{'recall@10':>11}{'B/vector':>10}"
-          f"{'peak RSS GiB':>14}{'step s':>8}", flush=True)
+          f"{'peak RSS GiB':>14}{'step s':>8}{'load':>6}", flush=True)
     for size in sizes:
         step_t = time.perf_counter()
         if add_ef is not None:
@@ -272,12 +290,14 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
         row = {"vectors": size, "added": added, "add_s": add_s, "add_per_s": added / add_s,
                "generate_s": gen_s, "exact_s": exact_s, "queries": n_queries, "queries_per_s": qps,
                "latency_ms": latency_ms, "recall_queries": n_recall, "recall_at_10": recall_at(got, exact.ids),
-               "index_bytes": index_bytes(index), "peak_rss_gib": peak_rss_gib()}
+               "index_bytes": index_bytes(index), "peak_rss_gib": peak_rss_gib(),
+               "load_avg_1min": os.getloadavg()[0]}
         row["bytes_per_vector"] = row["index_bytes"] / size
         row["step_s"] = time.perf_counter() - step_t
         rows.append(row)
         print(f"{size:>12,}{row['add_per_s']:>10,.0f}{qps:>11,.0f}{latency_ms:>10.2f}{row['recall_at_10']:>11.3f}"
-              f"{row['bytes_per_vector']:>10.1f}{row['peak_rss_gib']:>14.2f}{row['step_s']:>8.0f}", flush=True)
+              f"{row['bytes_per_vector']:>10.1f}{row['peak_rss_gib']:>14.2f}{row['step_s']:>8.0f}"
+              f"{row['load_avg_1min']:>6.1f}", flush=True)
 
     peak = peak_rss_gib()
     result = {"spec": spec, "auto_spec": faiss_index.auto_spec(sizes[-1]), "nlist": ivf_lists, "add_ef_search": add_ef,

@@ -404,6 +404,7 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
         return None
     if (manifest.get("refresh") or {}).get("removals") == len(manifest["removed"]):
         return manifest["refresh"]  # up to date
+    _clear_unlisted(edits_dir(ws), manifest)  # what a killed refresh left, which would block this one's rename
     d = cfg.db
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length)

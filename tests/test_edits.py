@@ -231,6 +231,8 @@ def test_db_build_searches_again_only_the_neighbour_rows_that_named_a_removed_ch
     store = ChunkStore.open(ws, 16)
     gone = np.flatnonzero(store.chunks["doc"] == victim_row)
     named = np.isin(before, gone).any(1) & (store.chunks["doc"] != victim_row)
+    killed = run_cli("db", "build", "-c", str(built), env={"RETRO_FAULT": "refresh:manifest"})
+    assert killed.returncode == 137  # its refresh folder is in place but not listed: the rerun clears it
     proc = run_cli("db", "build", "-c", str(built))
     assert proc.returncode == 0, proc.stderr
     store = ChunkStore.open(ws, 16)

@@ -39,7 +39,7 @@ from .runtime import dist, fault_point, log, progress
 from .sft import context_neighbours, template_of
 from .sft_data import Record, detect_format, fit_prompt, read_records
 from .train import autocast, device_for_rank
-from .workspace import hash_obj, write_text_atomic
+from .workspace import Workspace, hash_obj, write_text_atomic
 
 # rows, chunks (token lists) -> neighbour tokens (n, k, r) and their database chunk ids (n, k), -1: none
 NeighbourFn = Callable[[list[int], list[list[int]]], tuple[np.ndarray, np.ndarray]]
@@ -295,12 +295,17 @@ def neighbour_source(mode: str, contexts: list[list[dict]], tok, retriever: Retr
     return lambda rows, chunks: (per_row[rows], np.full((len(rows), k), -1, dtype=np.int64))
 
 
-def _settings_hash(cfg: Config, path: Path, mode: str, task: Path | None) -> str:
+def _settings_hash(cfg: Config, ws: Workspace, path: Path, mode: str, task: Path | None,
+                   store: ChunkStore | None) -> str:
+    """What the answers depend on. With retrieval, that includes the database as edited: answers written
+    before a `db add`/`db remove` are not resumed after it."""
     g = dataclasses.asdict(cfg.generate)
     g.pop("batch_size")  # batching does not change what is answered
+    database = None if store is None else {"index": (ws.read_meta("index") or {}).get("files"),
+                                           "edits": store.manifest}
     return hash_obj({"generate": g, "checkpoint": str(path.resolve()), "neighbors": mode,
                      "task": str(task.resolve()) if task else None, "seed": cfg.workspace.seed,
-                     "template": dataclasses.asdict(template_of(cfg))})[:10]
+                     "template": dataclasses.asdict(template_of(cfg)), "database": database})[:10]
 
 
 def _read_partial(paths: list[Path]) -> dict[int, dict]:
@@ -345,7 +350,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     done: dict[int, dict] = {}
     mine = pattern = None
     if out is not None:  # answers go to this rank's partial file as they are made; a rerun skips them
-        pattern = f"{out.name}.{_settings_hash(cfg, path, mode, task)}.rank*.partial"
+        pattern = f"{out.name}.{_settings_hash(cfg, ws, path, mode, task, store)}.rank*.partial"
         done = _read_partial(sorted(out.parent.glob(pattern)))
         mine = out.parent / pattern.replace("*", str(D.rank))
         mine.parent.mkdir(parents=True, exist_ok=True)

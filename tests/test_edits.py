@@ -13,6 +13,7 @@ import pytest
 from retrocli import db
 from retrocli.chunks import ChunkStore
 from retrocli.config import load_config, min_chunk_tokens
+from retrocli.generate import _settings_hash
 from retrocli.pretrain import open_samples
 from retrocli.workspace import sha256_file
 
@@ -135,17 +136,26 @@ def test_answers_cite_what_the_database_holds_after_each_edit(tmp_path: Path) ->
         return answer["contexts"][0]["doc_id"], {c for ids in answer["neighbour_chunks"] for c in ids}
 
     store = lambda: ChunkStore.open(db.workspace_of(load_config(toml)), 16)  # noqa: E731
+
+    def resume_key() -> str:  # answers kept by a killed run are resumed only under the same key
+        cfg = load_config(toml)
+        return _settings_hash(cfg, db.workspace_of(cfg), toml, "database", task, store())
+
+    keys = [resume_key()]
     before, _ = cited("before")
     assert not before.startswith("zebra")
     white = write_jsonl(tmp_path / "white.jsonl", [{"id": "zebra-white", "text": ZEBRA}])
     assert run_cli("db", "add", str(white), "-c", str(toml)).returncode == 0
+    keys.append(resume_key())
     doc, chunks = cited("added")
     assert doc == "zebra-white"
     s = store()
     rows = {r for r, info in s.iter_doc_info() if info["id"] == "zebra-white"}
     assert any(int(s.chunks["doc"][c]) in rows for c in chunks if c >= 0)  # the CCA read the new document too
     assert run_cli("db", "remove", "--doc", "zebra-white", "-c", str(toml)).returncode == 0
+    keys.append(resume_key())
     assert cited("removed")[0] == before
+    assert len(set(keys)) == 3  # an edit makes answers written before it stale
     green = write_jsonl(tmp_path / "green.jsonl",
                         [{"id": "zebra-green", "text": ZEBRA.replace("white and black", "green and gold")}])
     assert run_cli("db", "add", str(green), "-c", str(toml)).returncode == 0

@@ -284,8 +284,7 @@ def main() -> None:
     print(f"  whole embed stage      : {e['stage_chunks_per_s']:8.1f} chunks/s")
     print(f"  stage / forward        : {e['stage_over_forward']:8.2f}   (target >= 0.80)")
 
-    meta = ws.read_meta("embed")
-    emb = EmbeddingStore(ws, store.num_chunks, meta["settings"]["block_size"])
+    emb = EmbeddingStore(ws, store.num_chunks)
     train = np.flatnonzero(store.train_mask())
     vectors = emb.take(train)
     rng = np.random.default_rng(1)

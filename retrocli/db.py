@@ -105,10 +105,12 @@ def stage_chunks(cfg: Config, ws: Workspace, files: list[str], tok_meta: dict, r
 
 
 class EmbeddingStore:
-    """Read access to the embedding blocks as if they were one (num_chunks, dim) array."""
+    """Read access to the embedding blocks as if they were one (num_chunks, dim) array. The block size is the
+    one the embed stage recorded, whatever db.block_size says now."""
 
-    def __init__(self, ws: Workspace, num_chunks: int, block_size: int):
-        self.ws, self.n, self.block_size = ws, num_chunks, block_size
+    def __init__(self, ws: Workspace, num_chunks: int):
+        self.ws, self.n = ws, num_chunks
+        self.block_size = int(ws.require("embed")["settings"]["block_size"])
 
     def block(self, i: int) -> np.ndarray:
         return load_npy(self.ws.embed_block(i))
@@ -200,7 +202,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
         return done
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
-    emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
+    emb = EmbeddingStore(ws, store.num_chunks)
     train_rows = np.flatnonzero(store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(d)))
     if len(train_rows) == 0:
         raise UserError(f"no training chunk has db.min_chunk_tokens ({min_chunk_tokens(d)}) tokens or more: the "
@@ -214,7 +216,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
     fault_point("index:trained")
     train_seconds = time.time() - started
     with progress("index add", len(train_rows), "chunks") as bar:
-        for _, s, e in blocks(store.num_chunks, d.block_size):
+        for _, s, e in blocks(store.num_chunks, emb.block_size):
             rows = train_rows[(train_rows >= s) & (train_rows < e)]
             if len(rows):
                 index.add_with_ids(emb.rows(s, e)[rows - s], rows.astype(np.int64))
@@ -236,7 +238,7 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     D = dist()
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
-    emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
+    emb = EmbeddingStore(ws, store.num_chunks)
     index = open_index(ws, d, edits=False)
     chunk_docs = np.ascontiguousarray(store.chunks["doc"])
     k = d.num_neighbors_query
@@ -455,16 +457,18 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
         return out
     d = cfg.db
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
-    spans = blocks(store.num_chunks, d.block_size)
-    emb = EmbeddingStore(ws, store.num_chunks, d.block_size)
+    emb = EmbeddingStore(ws, store.num_chunks)
+    spans = {stage: blocks(store.num_chunks, int(ws.read_meta(stage)["settings"]["block_size"]))
+             for stage in ("embed", "neighbours")}  # as built, whatever db.block_size says now
     ok_embed = [b for b in sampled.get("embed", []) if f"block-{b:06d}.npy" not in out["damaged"].get("embed", {})]
-    if ok_embed:
+    upstream_ok = not out["damaged"].get("tokenizer") and not out["damaged"].get("chunks")
+    if ok_embed and upstream_ok:  # recomputing from damaged tokens would compare garbage (or fail to decode)
         tok = open_tokenizer(ws)
         embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf(),
                                  tok.encode)
         worst = 1.0
         for b in ok_embed:
-            _, s, e = spans[b]
+            _, s, e = spans["embed"][b]
             again = np.asarray(embedder.forward(embedder.prepare(chunk_texts(store, tok, s, e))), dtype=np.float32)
             stored = emb.rows(s, e)
             norms = np.linalg.norm(again, axis=1) * np.linalg.norm(stored, axis=1)
@@ -473,13 +477,13 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
         out["recomputed"]["embed"] = {"blocks": len(ok_embed), "min_cosine": round(worst, 6), "ok": worst >= 0.999}
     ok_nb = [b for b in sampled.get("neighbours", [])
              if f"block-{b:06d}.npy" not in out["damaged"].get("neighbours", {})]
-    if ok_nb and not out["damaged"].get("embed") and not out["damaged"].get("index"):
+    if ok_nb and upstream_ok and not out["damaged"].get("embed") and not out["damaged"].get("index"):
         index = open_index(ws, d, edits=False)
         chunk_docs = np.ascontiguousarray(store.chunks["doc"])
         k = ws.read_meta("neighbours")["counts"]["k"]
         same = total = 0
         for b in ok_nb:
-            _, s, e = spans[b]
+            _, s, e = spans["neighbours"][b]
             ids, _ = search_excluding(index, emb.rows(s, e), chunk_docs[s:e], chunk_docs, k)
             stored = load_npy(ws.neighbour_block(b))
             same += int((ids == stored).all(1).sum())

@@ -351,8 +351,8 @@ def _rows_where(ws: Workspace, d: DBConfig, store: ChunkStore, ok: np.ndarray) -
     from .db import EmbeddingStore
 
     base_n = store.num_chunks - sum(seg["chunks"] for seg in (store.manifest or {}).get("segments", []))
-    emb = EmbeddingStore(ws, base_n, d.block_size)
-    for _, s, e in blocks(base_n, d.block_size):
+    emb = EmbeddingStore(ws, base_n)
+    for _, s, e in blocks(base_n, emb.block_size):
         rows = s + np.flatnonzero(ok[s:e])
         yield rows, (lambda s=s, e=e, rows=rows: emb.rows(s, e)[rows - s])
     first = base_n

@@ -209,7 +209,8 @@ def test_retrain_trains_one_index_over_every_live_chunk(small_workspace) -> None
     first = write_jsonl(toml.parent / "a.jsonl", [{"id": "zebra", "text": ZEBRA}])
     assert run_cli("db", "add", str(first), "-c", str(toml)).returncode == 0
     second = write_jsonl(toml.parent / "b.jsonl", [{"id": "kiwi", "text": ZEBRA.replace("zebra", "kiwi bird")}])
-    proc = run_cli("db", "add", str(second), "--retrain", "-c", str(toml))
+    # the embedding blocks are read at the size they were built with, whatever db.block_size says now
+    proc = run_cli("db", "add", str(second), "--retrain", "-c", str(toml), "--set", "db.block_size=7")
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((ws.db / "edits" / "manifest.json").read_text())
     retrained = manifest["index"]

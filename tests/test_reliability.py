@@ -105,12 +105,12 @@ def test_damaged_files_are_found_and_made_again(built) -> None:
     data = bytearray(target.read_bytes())
     data[-3] ^= 0xFF
     target.write_bytes(bytes(data))
-    bad = run_cli("db", "verify", "-c", str(toml))
+    bad = run_cli("db", "verify", "-c", str(toml), "--fraction", "1")  # every block, the damaged tokens' too
     assert bad.returncode == 2 and "tokens.npy" in bad.stderr and "--repair" in bad.stderr
     assert "Traceback" not in bad.stderr
     run_cli("db", "verify", "-c", str(toml), "--repair", check=True)
     assert artefacts(ws_root) == expected
-    run_cli("db", "verify", "-c", str(toml), "--fraction", "1", check=True)
+    run_cli("db", "verify", "-c", str(toml), "--fraction", "1", "--set", "db.block_size=7", check=True)
 
 
 def test_one_writer_at_a_time_and_readers_are_never_blocked(built, capsys) -> None:

@@ -81,15 +81,17 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first cos.shape[-1] dimensions of every head; x (b, h, s, e), cos and sin (s, rot)."""
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if rot == x.shape[-1]:  # every dimension rotated: no pass-through part to join (saves a copy of q and k)
-        return x_rot * cos + rotated * sin
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    """Rotate the first cos.shape[-1] dimensions of every head; x (b, h, s, e), cos and sin (s, rot).
+
+    Rotate-half: dimension j pairs with j + rot/2, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). cos and sin
+    repeat their first half (Rotary.forward), so only that half is read: one concatenation, no negated copy."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if 2 * half < x.shape[-1]:
+        parts.append(x[..., 2 * half :])  # the dimensions RoPE leaves alone (model.rotary_percent < 1)
+    return torch.cat(parts, dim=-1)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -102,7 +104,8 @@ class Attention(nn.Module):
     (`kv`), new keys and values are stored after projection and rotation, and the queries attend to every
     stored one (a key mask instead of `causal` when one new token per row is decoded).
     `key_mask` (b, t) is True for keys that may be attended; a row with no such key outputs exactly zero
-    (instead of the NaN a softmax over nothing gives).
+    (instead of the NaN a softmax over nothing gives), or with `zero_empty=False` something finite that the
+    caller never reads.
     """
 
     def __init__(self, d: int, heads: int, dropout: float):
@@ -121,6 +124,7 @@ class Attention(nn.Module):
         rope_k: tuple[Tensor, Tensor] | None = None,
         causal: bool = False,
         key_mask: Tensor | None = None,
+        zero_empty: bool = True,
         kv: "LayerCache | None" = None,
     ) -> Tensor:
         """x (b, s, d), context (b, t, d) or None -> (b, s, d). `rope` rotates the queries (cos, sin (s, rot),
@@ -143,7 +147,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (b, h, s, e)
         y = rearrange(y, "b h s e -> b s (h e)")
-        if has_key is not None:
+        if has_key is not None and zero_empty:
             y = y * rearrange(has_key, "b -> b 1 1").to(y.dtype)  # no key: contributes nothing
         return self.out_proj(y)
 
@@ -269,8 +273,9 @@ class EncoderLayer(nn.Module):
     def forward(
         self, h: Tensor, key_mask: Tensor, context: Tensor, rope: tuple[Tensor, Tensor] | None, k: int
     ) -> Tensor:
-        """h ((b l k), r, d), key_mask ((b l k), r), context ((b l), m, d) -> ((b l k), r, d)."""
-        h = h + self.drop(self.attn(self.norm_attn(h), rope=rope, key_mask=key_mask))
+        """h ((b l k), r, d), key_mask ((b l k), r), context ((b l), m, d) -> ((b l k), r, d).
+        A neighbour that is all padding gets finite states that nothing reads: CCA masks every one of its tokens."""
+        h = h + self.drop(self.attn(self.norm_attn(h), rope=rope, key_mask=key_mask, zero_empty=False))
         if self.cross is not None:
             # the k neighbours of a chunk share its m keys, so fold them into one query sequence of k*r tokens
             q = rearrange(self.norm_cross(h), "(bl k) r d -> bl (k r) d", k=k)

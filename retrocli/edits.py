@@ -4,9 +4,12 @@ Beside the stages `retro db build` writes:
 
     db/edits/manifest.json   the live segments, the removed documents, the sources added (file, ids, hash)
     db/edits/trained.faiss   the base index emptied: its trained quantizer, for new segments to add into
+    db/edits/base-keys.npz   the base documents' keys (hashes of id and of tokens, sorted), made by the first
+                             `db add` so that later ones find duplicates without reading the database
     db/edits/add-000001/     one segment per `db add`: a chunk store of the new documents (as chunks.py
                              writes it), their embeddings, a Faiss index of the base's trained type holding
-                             their chunks, and their chunks' neighbours (for pretraining on them)
+                             their chunks, their chunks' neighbours (for pretraining on them) and
+                             their documents' keys
     db/edits/index-000002/   `db add --retrain`: an index trained afresh on every live chunk and holding them
                              all (base and segments so far); searches use it instead of the base index
     db/edits/refresh-000003/ `db build` after removals: the precomputed neighbour rows that named a removed
@@ -43,7 +46,16 @@ from .corpus import CorpusStats, corpus_files, iter_documents
 from .errors import UserError
 from .neighbours import search_excluding
 from .runtime import fault_point, log, progress
-from .workspace import DB_STAGES, Workspace, blocks, load_npy, save_npy_atomic, sha256_file, write_json_atomic
+from .workspace import (
+    DB_STAGES,
+    Workspace,
+    atomic_path,
+    blocks,
+    load_npy,
+    save_npy_atomic,
+    sha256_file,
+    write_json_atomic,
+)
 
 MANIFEST_VERSION = 1
 
@@ -199,8 +211,93 @@ def _require_database(ws: Workspace) -> None:
                             f"complete in {ws.db}: run `retro db build` first")
 
 
-def _token_hash(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+# ------------------------------------------------------------------------------------- document keys
+# `db add` refuses a document already present: same id, or same tokens. Every document has two 64-bit keys
+# (the first 8 bytes of the sha256 of its id, of its token ids), kept sorted beside its row, one file for the
+# base and one per segment, so looking up new documents costs O(new log n) and reads nothing else.
+
+
+def _key(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+def _id_key(doc_id: str) -> int:
+    return _key(doc_id.encode("utf-8", "surrogatepass"))
+
+
+def _token_key(ids: np.ndarray) -> int:
+    return _key(np.asarray(ids, dtype=np.int64).tobytes())
+
+
+def _write_keys(path: Path, store: ChunkStore, first_row: int, fingerprint: str | None = None) -> None:
+    """The keys of every document of `store` (a base or one segment, whose rows start at `first_row`)."""
+    n = len(store.docs)
+    id_keys = np.fromiter((_id_key(info["id"]) for _, info in store.iter_doc_info()), dtype=np.uint64, count=n)
+    starts, lengths = store.docs["token_start"], store.docs["num_tokens"]
+    tok_keys = np.fromiter((_token_key(store.tokens[int(a) : int(a + b)]) for a, b in zip(starts, lengths)),
+                           dtype=np.uint64, count=n)
+    rows = np.arange(first_row, first_row + n, dtype=np.int64)
+    arrays = {}
+    for name, keys in (("id", id_keys), ("tokens", tok_keys)):
+        order = np.argsort(keys, kind="stable")
+        arrays[f"{name}_keys"], arrays[f"{name}_rows"] = keys[order], rows[order]
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, fingerprint=np.array(fingerprint or ""), **arrays)
+
+
+def _read_keys(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path) as z:
+            return {name: z[name] for name in z.files}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # missing or damaged: made again
+
+
+def _key_tables(ws: Workspace, store: ChunkStore) -> list[dict[str, np.ndarray]]:
+    """The key tables of the base and of every segment of `store`, made where missing (the base's once per
+    database, a segment's by the `db add` that wrote it)."""
+    fingerprint = (ws.read_meta("chunks") or {}).get("fingerprint") or ""
+    path = edits_dir(ws) / "base-keys.npz"
+    base = _read_keys(path)
+    if base is None or str(base["fingerprint"]) != fingerprint:
+        base_store = ChunkStore.open(ws, store.chunk_length, edits=False)
+        log(f"indexing the keys of the database's {len(base_store.docs):,} documents (once)")
+        _write_keys(path, base_store, 0, fingerprint)
+        base = _read_keys(path)
+    segments = (store.manifest or {}).get("segments", [])
+    tables, first = [base], len(store.docs) - sum(seg["documents"] for seg in segments)
+    for seg in segments:
+        seg_path = edits_dir(ws) / seg["name"] / "keys.npz"
+        table = _read_keys(seg_path)
+        if table is None:  # a segment written before keys existed
+            _write_keys(seg_path, _segment_store(seg_path.parent, store.chunk_length), first)
+            table = _read_keys(seg_path)
+        tables.append(table)
+        first += seg["documents"]
+    return tables
+
+
+def _rows_with_key(tables: list[dict[str, np.ndarray]], kind: str, key: int) -> np.ndarray:
+    found = []
+    for t in tables:
+        keys = t[f"{kind}_keys"]
+        lo, hi = np.searchsorted(keys, np.uint64(key), "left"), np.searchsorted(keys, np.uint64(key), "right")
+        found.append(t[f"{kind}_rows"][lo:hi])
+    return np.concatenate(found)
+
+
+def _present(tables: list[dict[str, np.ndarray]], store: ChunkStore, doc_id: str, ids: np.ndarray) -> bool:
+    """Whether a live document of `store` has this id or these tokens (tokens compared exactly)."""
+    live = lambda rows: rows[~np.isin(rows, store.removed_docs)]  # noqa: E731
+    if len(live(_rows_with_key(tables, "id", _id_key(doc_id)))):
+        return True
+    ids = np.asarray(ids, dtype=np.int64)
+    for row in live(_rows_with_key(tables, "tokens", _token_key(ids))):
+        r = store.docs[int(row)]
+        if np.array_equal(np.asarray(store.tokens[int(r["token_start"]) : int(r["token_start"] + r["num_tokens"])],
+                                     dtype=np.int64), ids):
+            return True
+    return False
 
 
 def _trained_empty(ws: Workspace, manifest: dict[str, Any]) -> faiss.Index:
@@ -233,26 +330,23 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     _clear_unlisted(folder, manifest)
     store = ChunkStore.open(ws, m)
-    live = np.ones(len(store.docs), dtype=bool)
-    live[store.removed_docs] = False
-    seen_ids = {info["id"] for row, info in store.iter_doc_info() if live[row]}
-    seen_hashes = {_token_hash(store.tokens[int(r["token_start"]) : int(r["token_start"] + r["num_tokens"])])
-                   for r, ok in zip(store.docs, live) if ok}
+    tables = _key_tables(ws, store)
 
     corpus = dataclasses.replace(cfg.corpus, train=list(files))
     paths = corpus_files(corpus, Path.cwd())
     stats = CorpusStats()
     docs = list(iter_documents(corpus, Path.cwd(), paths, stats))
     new, duplicates = [], []
+    batch_ids, batch_tokens = set(), set()  # duplicates within the files themselves
     for doc, ids in zip(docs, tok.encode([doc.text for doc in docs]) if docs else []):
-        h = _token_hash(np.asarray(ids))
         if not ids:
             continue
-        if doc.id in seen_ids or h in seen_hashes:
+        key = np.asarray(ids, dtype=np.int64).tobytes()
+        if doc.id in batch_ids or key in batch_tokens or _present(tables, store, doc.id, ids):
             duplicates.append(doc.id)
             continue
-        seen_ids.add(doc.id)
-        seen_hashes.add(h)
+        batch_ids.add(doc.id)
+        batch_tokens.add(key)
         new.append(doc)
     summary: dict[str, Any] = {"files": paths, "documents": len(new), "duplicates": duplicates, "chunks": 0}
     if duplicates:
@@ -267,6 +361,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     counts = build_chunks(tmp, new, tok, m, cfg.workspace.seed, valid_fraction=0.0)
     seg = _segment_store(tmp, m)
+    _write_keys(tmp / "keys.npz", seg, len(store.docs))
     first_chunk = store.num_chunks
     retriever = Retriever(cfg, ws, store)
     texts = [tok.decode(seg.chunk_ids(i).tolist()) for i in range(seg.num_chunks)]

@@ -67,6 +67,46 @@ def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
     assert info["edits"]["sources"][0]["sha256"] == sha256_file(new)  # the manifest records what was added
 
 
+def test_duplicates_are_found_by_key_without_reading_the_database(built: Path, monkeypatch) -> None:
+    """`db add` looks new documents up in sorted keys (id, tokens): after the first add it reads no document
+    of the base store; a removed document may come back; a missing or damaged key file is made again."""
+    from retrocli import edits
+
+    cfg = load_config(built)
+    ws = db.workspace_of(cfg)
+    corpus = [json.loads(line) for line in (built.parent / "corpus" / "docs.jsonl").read_text().splitlines()]
+    first, second = corpus[0], corpus[1]
+    edits.add(cfg, [str(write_jsonl(built.parent / "z.jsonl", [{"id": "zebra", "text": ZEBRA}]))])
+    assert (ws.db / "edits" / "base-keys.npz").is_file() and (ws.db / "edits" / "add-000001" / "keys.npz").is_file()
+
+    original = ChunkStore.iter_doc_info
+
+    def guarded(self):  # the base's docs.jsonl must not be read again
+        if any(path == ws.doc_info for path, _ in self.doc_info_paths):
+            raise AssertionError("db add read every document of the database")
+        return original(self)
+
+    monkeypatch.setattr(ChunkStore, "iter_doc_info", guarded)
+    batch = [{"id": "renamed", "text": first["text"]},          # a base document's text under a new id
+             {"id": second["id"], "text": "something else entirely, about kiwi birds"},  # a base id
+             {"id": "zebra", "text": "a new text under the added document's id"},
+             {"id": "kiwi", "text": ZEBRA.replace("zebra", "kiwi")},                     # new
+             {"id": "kiwi-again", "text": ZEBRA.replace("zebra", "kiwi")}]               # new, twice in one file
+    out = edits.add(cfg, [str(write_jsonl(built.parent / "batch.jsonl", batch))])
+    assert out["documents"] == 1 and out["duplicates"] == ["renamed", second["id"], "zebra", "kiwi-again"]
+    monkeypatch.setattr(ChunkStore, "iter_doc_info", original)
+
+    # a removed document is no longer present: its text may be added again
+    edits.remove(cfg, [first["id"]], [])
+    back = edits.add(cfg, [str(write_jsonl(built.parent / "back.jsonl", [{"id": "back", "text": first["text"]}]))])
+    assert back["documents"] == 1
+    # key files are a cache: damaged or missing, they are made again
+    (ws.db / "edits" / "base-keys.npz").write_bytes(b"damaged")
+    (ws.db / "edits" / "add-000001" / "keys.npz").unlink()
+    again = edits.add(cfg, [str(write_jsonl(built.parent / "again.jsonl", [{"id": "zebra2", "text": ZEBRA}]))])
+    assert again["documents"] == 0 and again["duplicates"] == ["zebra2"]
+
+
 def test_removed_documents_are_never_retrieved_again(built: Path) -> None:
     cfg = load_config(built)
     top = hits(built, "the", k=5)

@@ -14,6 +14,7 @@ tokens, so the gradient does not depend on how the batch is split either.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -164,8 +165,28 @@ def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, t
 
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
+        if device.type == "cpu":
+            _warn_slow_cpu_bf16()
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def cpu_flags() -> set[str] | None:
+    """The words of /proc/cpuinfo (its flags among them), or None where there is none (not Linux)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
+    except OSError:
+        return None
+
+
+@functools.cache
+def _warn_slow_cpu_bf16() -> None:
+    """Once per process: bf16 on a CPU without bf16 instructions is emulated, far slower than fp32 (a
+    training step of recipes/gpu-small.toml's model took over 10x as long on AMD EPYC Zen 3 cores)."""
+    flags = cpu_flags()
+    if flags is not None and not flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512 BF16 / AMX, Arm bf16
+        warn("precision 'bf16' on a CPU without bf16 instructions is emulated and much slower than fp32: "
+             "set precision = \"fp32\" for CPU runs")
 
 
 def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval: bool = True) -> torch.Tensor:

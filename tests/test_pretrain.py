@@ -284,3 +284,17 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     shutil.rmtree(checkpoint.step_dir(run_path, 3))
     run(load_config(toml, ["pretrain.train_steps=3"]))
     assert metrics(run_path)[3] == pytest.approx(one[3], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags,warned", [({"avx2", "fma"}, True), ({"avx2", "avx512_bf16"}, False), (None, False)])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about_once(monkeypatch, capsys, flags, warned) -> None:
+    from retrocli import train
+
+    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    train._warn_slow_cpu_bf16.cache_clear()
+    for _ in range(2):
+        with train.autocast(torch.device("cpu"), "bf16"):
+            pass
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert err.count("emulated") == (1 if warned else 0)
+    train._warn_slow_cpu_bf16.cache_clear()

@@ -142,11 +142,13 @@ def main_side(a) -> dict:
         print(f"no peer venv at {a.peer_python}: retro-pytorch is skipped (make bench-train creates it)")
         models.remove("retro-pytorch")
     times: dict[str, list[float]] = {m: [] for m in models}
+    round_medians: dict[str, list[float]] = {m: [] for m in models}
     info: dict[str, dict] = {}
     for r in range(a.rounds):
         for m in models:
             res = run_worker(a, m, a.peer_python if m == "retro-pytorch" else sys.executable)
             times[m] += res["times"]
+            round_medians[m].append(statistics.median(res["times"]))
             info[m] = res
             print(f"round {r + 1}/{a.rounds} {m:14s} median step {statistics.median(res['times']):.3f} s", flush=True)
     tokens_per_step = a.batch * a.seq
@@ -159,13 +161,24 @@ def main_side(a) -> dict:
                    "achieved_gflops": flops / step / 1e9, "causal_flops_per_step": causal,
                    "achieved_causal_gflops": causal / step / 1e9, "params": info[m]["params"],
                    "counted_flops_per_step": info[m]["counted_flops"], "steps_timed": len(times[m])}
-    result = {"shape": {k: getattr(a, k) for k in SHAPE_KEYS}, "models": rows}
+    result = {"shape": {k: getattr(a, k) for k in SHAPE_KEYS}, "models": rows, "per_round": {}}
+
+    def per_round(name: str, t_num: str, t_den: str, scale: float) -> None:
+        """The ratio within each round too, from the two models' round medians (they ran one after the other,
+        so a load that comes and goes on a shared machine moves both): its median and range over rounds."""
+        ratios = sorted(scale * n / d for n, d in zip(round_medians[t_num], round_medians[t_den]))
+        result["per_round"][name] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+
     if "retro" in rows and "gpt" in rows:
         result["retro_vs_gpt_flops_ratio"] = rows["retro"]["achieved_gflops"] / rows["gpt"]["achieved_gflops"]
         result["retro_vs_gpt_causal_flops_ratio"] = (rows["retro"]["achieved_causal_gflops"]
                                                      / rows["gpt"]["achieved_causal_gflops"])
+        for name, key in (("retro_vs_gpt_flops_ratio", "model_flops_per_step"),
+                          ("retro_vs_gpt_causal_flops_ratio", "causal_flops_per_step")):
+            per_round(name, "gpt", "retro", rows["retro"][key] / rows["gpt"][key])  # FLOP/s ratio = time ratio x work
     if "retro" in rows and "retro-pytorch" in rows:
         result["retro_vs_peer_tokens_ratio"] = rows["retro"]["tokens_per_s"] / rows["retro-pytorch"]["tokens_per_s"]
+        per_round("retro_vs_peer_tokens_ratio", "retro-pytorch", "retro", 1.0)
     return result
 
 
@@ -186,6 +199,8 @@ def report(result: dict) -> None:
               f"half a causal kernel computes (target >= 0.90)")
     if "retro_vs_peer_tokens_ratio" in result:
         print(f"Retro tokens/s / retro-pytorch's: {result['retro_vs_peer_tokens_ratio']:.2f}x (target >= 1.5x)")
+    for name, r in result.get("per_round", {}).items():
+        print(f"  per round, {name}: median {r['median']:.3f}, range {r['min']:.3f}-{r['max']:.3f}")
 
 
 SHAPE_KEYS = ("layers", "hidden", "heads", "seq", "batch", "chunk", "k", "vocab", "threads", "warmup", "steps")

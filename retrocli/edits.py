@@ -45,7 +45,7 @@ from .config import Config, DBConfig, min_chunk_tokens
 from .corpus import CorpusStats, corpus_files, iter_documents
 from .errors import UserError
 from .neighbours import search_excluding
-from .runtime import fault_point, log, progress
+from .runtime import fault_point, log, progress, warn
 from .workspace import (
     DB_STAGES,
     Workspace,
@@ -229,7 +229,7 @@ def _token_key(ids: np.ndarray) -> int:
     return _key(np.asarray(ids, dtype=np.int64).tobytes())
 
 
-def _write_keys(path: Path, store: ChunkStore, first_row: int, fingerprint: str | None = None) -> None:
+def _make_keys(store: ChunkStore, first_row: int, fingerprint: str = "") -> dict[str, np.ndarray]:
     """The keys of every document of `store` (a base or one segment, whose rows start at `first_row`)."""
     n = len(store.docs)
     id_keys = np.fromiter((_id_key(info["id"]) for _, info in store.iter_doc_info()), dtype=np.uint64, count=n)
@@ -237,12 +237,16 @@ def _write_keys(path: Path, store: ChunkStore, first_row: int, fingerprint: str 
     tok_keys = np.fromiter((_token_key(store.tokens[int(a) : int(a + b)]) for a, b in zip(starts, lengths)),
                            dtype=np.uint64, count=n)
     rows = np.arange(first_row, first_row + n, dtype=np.int64)
-    arrays = {}
+    table = {"fingerprint": np.array(fingerprint)}
     for name, keys in (("id", id_keys), ("tokens", tok_keys)):
         order = np.argsort(keys, kind="stable")
-        arrays[f"{name}_keys"], arrays[f"{name}_rows"] = keys[order], rows[order]
+        table[f"{name}_keys"], table[f"{name}_rows"] = keys[order], rows[order]
+    return table
+
+
+def _save_keys(path: Path, table: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, fingerprint=np.array(fingerprint or ""), **arrays)
+        np.savez(f, **table)
 
 
 def _read_keys(path: Path) -> dict[str, np.ndarray] | None:
@@ -253,28 +257,38 @@ def _read_keys(path: Path) -> dict[str, np.ndarray] | None:
         return None  # missing or damaged: made again
 
 
-def _key_tables(ws: Workspace, store: ChunkStore) -> list[dict[str, np.ndarray]]:
-    """The key tables of the base and of every segment of `store`, made where missing (the base's once per
-    database, a segment's by the `db add` that wrote it)."""
+def _key_tables(ws: Workspace, store: ChunkStore) -> tuple[list[dict[str, np.ndarray]], list[tuple[Path, dict]]]:
+    """The key tables of the base and of every segment of `store`, and those that had to be made (the base's
+    once per database; a segment's is written by the `db add` that made it), for `_keep_keys` to save once
+    the add has succeeded: a failed add leaves no file behind."""
     fingerprint = (ws.read_meta("chunks") or {}).get("fingerprint") or ""
     path = edits_dir(ws) / "base-keys.npz"
-    base = _read_keys(path)
+    base, made = _read_keys(path), []
     if base is None or str(base["fingerprint"]) != fingerprint:
         base_store = ChunkStore.open(ws, store.chunk_length, edits=False)
         log(f"indexing the keys of the database's {len(base_store.docs):,} documents (once)")
-        _write_keys(path, base_store, 0, fingerprint)
-        base = _read_keys(path)
+        base = _make_keys(base_store, 0, fingerprint)
+        made.append((path, base))
     segments = (store.manifest or {}).get("segments", [])
     tables, first = [base], len(store.docs) - sum(seg["documents"] for seg in segments)
     for seg in segments:
         seg_path = edits_dir(ws) / seg["name"] / "keys.npz"
         table = _read_keys(seg_path)
-        if table is None:  # a segment written before keys existed
-            _write_keys(seg_path, _segment_store(seg_path.parent, store.chunk_length), first)
-            table = _read_keys(seg_path)
+        if table is None:  # a segment written before keys existed, or its keys damaged
+            table = _make_keys(_segment_store(seg_path.parent, store.chunk_length), first)
+            made.append((seg_path, table))
         tables.append(table)
         first += seg["documents"]
-    return tables
+    return tables, made
+
+
+def _keep_keys(made: list[tuple[Path, dict]]) -> None:
+    """Save the key tables an add made; they are a cache, so a failure to write one only costs time later."""
+    for path, table in made:
+        try:
+            _save_keys(path, table)
+        except UserError as e:
+            warn(f"{e} (a cache of document keys: the next `db add` makes it again)")
 
 
 def _rows_with_key(tables: list[dict[str, np.ndarray]], kind: str, key: int) -> np.ndarray:
@@ -330,7 +344,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     _clear_unlisted(folder, manifest)
     store = ChunkStore.open(ws, m)
-    tables = _key_tables(ws, store)
+    tables, made_keys = _key_tables(ws, store)
 
     corpus = dataclasses.replace(cfg.corpus, train=list(files))
     paths = corpus_files(corpus, Path.cwd())
@@ -354,6 +368,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
             f"{', '.join(duplicates[:5])}{' ...' if len(duplicates) > 5 else ''}")
     if not new:
         log("nothing new to add")
+        _keep_keys(made_keys)
         return summary
 
     name = f"add-{_next_number(manifest):06d}"
@@ -361,7 +376,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     counts = build_chunks(tmp, new, tok, m, cfg.workspace.seed, valid_fraction=0.0)
     seg = _segment_store(tmp, m)
-    _write_keys(tmp / "keys.npz", seg, len(store.docs))
+    _save_keys(tmp / "keys.npz", _make_keys(seg, len(store.docs)))
     first_chunk = store.num_chunks
     retriever = Retriever(cfg, ws, store)
     texts = [tok.decode(seg.chunk_ids(i).tolist()) for i in range(seg.num_chunks)]
@@ -404,6 +419,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
                                    "sha256": sha256_file(path) if path and os.path.isfile(path) else None})
     fault_point("add:manifest")
     write_json_atomic(folder / "manifest.json", pending)
+    _keep_keys(made_keys)
     summary.update(segment=name, chunks=counts["chunks"], tokens=counts["tokens"], indexed=int(len(eligible)),
                    seconds=round(time.time() - started, 2), seconds_embed=round(t_embed, 2),
                    seconds_neighbours=round(t_search, 2), retrained=pending.get("index") if retrain else None,

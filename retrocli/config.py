@@ -84,7 +84,6 @@ class DBConfig:
     min_chunk_tokens: int = opt(0, "chunks shorter than this (a document's short tail) stay out of the index: a "
                                    "fragment of a few words matches too many queries and carries nothing; "
                                    "0: chunk_length / 4")
-    num_neighbors: int = opt(2, "neighbours per chunk used by the model (k)")
     num_neighbors_query: int = opt(20, "neighbours stored per chunk, before sample-level exclusion")
     block_size: int = opt(10_000, "chunks per embedding / neighbour block (the unit of resume)")
 
@@ -251,7 +250,10 @@ class LaunchConfig:
     backend: str = opt("auto", "process-group backend: 'auto' (nccl on GPUs, gloo on CPUs), 'nccl' or 'gloo'")
 
 
-MOVED = {"launch.fsdp": "pretrain.fsdp and sft.fsdp"}  # keys of earlier versions: where they are now
+MOVED = {  # keys of earlier versions: where they are now
+    "launch.fsdp": "pretrain.fsdp and sft.fsdp",
+    "db.num_neighbors": "model.num_neighbors (db.num_neighbors_query is how many the database keeps per chunk)",
+}
 
 SECTIONS: dict[str, type] = {
     "workspace": WorkspaceConfig,
@@ -505,7 +507,7 @@ def validate(cfg: Config) -> None:
         p.append(f"tokenizer.train_bytes must be positive, got {t.train_bytes}")
     if d.chunk_length < 1:
         p.append(f"db.chunk_length must be positive, got {d.chunk_length}")
-    for key in ("embed_batch_size", "nprobe", "ef_search", "index_train_samples", "num_neighbors", "block_size"):
+    for key in ("embed_batch_size", "nprobe", "ef_search", "index_train_samples", "block_size"):
         if getattr(d, key) < 1:
             p.append(f"db.{key} must be positive, got {getattr(d, key)}")
     if d.chunk_length >= 1 and not 0 <= d.min_chunk_tokens <= d.chunk_length:
@@ -516,8 +518,6 @@ def validate(cfg: Config) -> None:
     if d.num_neighbors_query > MAX_SEARCH_K:
         p.append(f"db.num_neighbors_query must be at most {MAX_SEARCH_K} (the widest search), "
                  f"got {d.num_neighbors_query}")
-    if d.num_neighbors_query < d.num_neighbors:
-        p.append(f"db.num_neighbors_query ({d.num_neighbors_query}) must be >= db.num_neighbors ({d.num_neighbors})")
     if d.embed_precision not in ("auto", "bf16", "fp32"):
         p.append(f"db.embed_precision must be 'auto', 'bf16' or 'fp32', got {d.embed_precision!r}")
     for key in ("layers", "hidden", "heads", "seq_length", "encoder_layers", "num_neighbors"):

@@ -32,7 +32,8 @@ def test_int_accepted_for_float(tmp_path: Path):
     ({"db": {"nprobe": "many"}}, "'db.nprobe' must be an integer"),
     ({"db": {"chunk_length": 0}}, "db.chunk_length must be positive"),
     ({"corpus": {"valid_fraction": 1.5}}, "corpus.valid_fraction must be in [0, 1)"),
-    ({"db": {"num_neighbors": 5, "num_neighbors_query": 3}}, "db.num_neighbors_query (3) must be >="),
+    ({"db": {"num_neighbors_query": 3}, "model": {"num_neighbors": 5}},
+     "model.num_neighbors (5) exceeds db.num_neighbors_query (3)"),
     ({"model": {"hidden": 100, "heads": 3}}, "model.hidden (100) must be divisible by model.heads (3)"),
     ({"tokenizer": {"type": "hf"}}, "needs tokenizer.path"),
     ({"pretrain": {"run": "../elsewhere"}}, "pretrain.run must be a plain folder name"),
@@ -139,3 +140,8 @@ def test_launch_becomes_torchrun_options(tmp_path: Path):
         "--nproc_per_node=8", "--nnodes=4", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400", "--rdzv_id=job7"]
     with pytest.raises(UserError, match="moved to pretrain.fsdp and sft.fsdp"):
         load_config(write_toml(tmp_path / "old.toml", {"launch": {"fsdp": True}}))
+
+
+def test_db_num_neighbors_was_a_key_nothing_read_and_now_says_where_k_is_set(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown key 'db.num_neighbors'.*moved to model.num_neighbors"):
+        load_config(write_toml(tmp_path / "old.toml", {"db": {"num_neighbors": 4}}))

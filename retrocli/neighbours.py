@@ -3,7 +3,7 @@
 Chunks of the query's own document are never neighbours (same-document exclusion): otherwise the model
 learns to copy its own future. Results are padded with -1 when fewer than requested exist. Pretraining
 later drops neighbours from every other document inside a sample too, which is why more are stored
-(`db.num_neighbors_query`, 20) than the model reads (`db.num_neighbors`, 2).
+(`db.num_neighbors_query`, 20) than the model reads (`model.num_neighbors`, 2).
 """
 
 from __future__ import annotations

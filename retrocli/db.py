@@ -334,6 +334,17 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------- query
 
 
+def database_embedder(cfg: Config, ws: Workspace) -> Embedder:
+    """The embedder the database was built with, for embedding anything compared with its vectors; refused
+    when db.embedder names another one."""
+    d, built = cfg.db, ws.require("embed")["settings"]["embedder"]
+    if built != d.embedder:
+        raise UserError(f"the database in {ws.db} was embedded with {built!r} but db.embedder is now "
+                        f"{d.embedder!r}: what is compared with its vectors must use the same embedder")
+    return make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf(),
+                         open_tokenizer(ws).encode)
+
+
 class Retriever:
     """The workspace's embedder and index, loaded once, for searching free texts (queries, SFT prompts,
     text being generated): `search(texts, k)` -> (ids, distances), each (n, k), -1 where fewer exist.
@@ -344,13 +355,8 @@ class Retriever:
         """`store`: the chunk store the results refer to (ChunkStore.open); the index is opened with the same
         edits (one read of the edit manifest), so ids and documents always agree."""
         d = cfg.db
-        embed_meta = ws.require("embed")
         ws.require("index")
-        if embed_meta["settings"]["embedder"] != d.embedder:
-            raise UserError(f"the database in {ws.db} was embedded with {embed_meta['settings']['embedder']!r} "
-                            f"but db.embedder is now {d.embedder!r}: queries must use the same embedder")
-        self.embedder: Embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision,
-                                                ws.lexical_idf(), open_tokenizer(ws).encode)
+        self.embedder: Embedder = database_embedder(cfg, ws)
         self.index = open_index(ws, d, store=store)
         self.chunk_docs = np.ascontiguousarray(store.chunks["doc"])
 
@@ -464,8 +470,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     upstream_ok = not out["damaged"].get("tokenizer") and not out["damaged"].get("chunks")
     if ok_embed and upstream_ok:  # recomputing from damaged tokens would compare garbage (or fail to decode)
         tok = open_tokenizer(ws)
-        embedder = make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf(),
-                                 tok.encode)
+        embedder = database_embedder(cfg, ws)
         worst = 1.0
         for b in ok_embed:
             _, s, e = spans["embed"][b]

@@ -76,8 +76,9 @@ def test_changed_settings_are_refused_not_reused(small_workspace):
     assert proc.returncode == 2
     assert "'index' stage" in proc.stderr and "'Flat'" in proc.stderr and "IVF4,Flat" in proc.stderr
     assert stage_files(ws_root) == before, "a refused build changed finished work"
-    proc = run_cli("db", "query", "-c", str(toml), "--set", "db.embedder=all-MiniLM-L6-v2", "x")
-    assert proc.returncode == 2 and "embedded with 'lexical'" in proc.stderr
+    for verb in (["query", "x"], ["verify", "--fraction", "1"]):  # what compares with the stored vectors
+        proc = run_cli("db", verb[0], "-c", str(toml), "--set", "db.embedder=all-MiniLM-L6-v2", *verb[1:])
+        assert proc.returncode == 2 and "embedded with 'lexical'" in proc.stderr, proc.stderr
     # asked for by name, the index and what follows it are rebuilt; earlier stages stay
     run_cli("db", "build", "-c", str(toml), "--set", "db.index=IVF4,Flat", "--rebuild", "index", check=True)
     after = stage_files(ws_root)

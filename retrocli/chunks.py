@@ -155,6 +155,11 @@ class ChunkStore:
         c = self.chunks[row]
         return np.asarray(self.tokens[c["token_start"] : c["token_start"] + c["length"]], dtype=np.int64)
 
+    def doc_ids(self, row: int) -> np.ndarray:
+        """The token ids of document `row`, int64."""
+        d = self.docs[row]
+        return np.asarray(self.tokens[int(d["token_start"]) : int(d["token_start"] + d["num_tokens"])], dtype=np.int64)
+
     def continuation(self, row: int) -> int | None:
         """The chunk that follows `row` in the same document, or None at the document's end."""
         nxt = row + 1

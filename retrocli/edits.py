@@ -233,9 +233,7 @@ def _make_keys(store: ChunkStore, first_row: int, fingerprint: str = "") -> dict
     """The keys of every document of `store` (a base or one segment, whose rows start at `first_row`)."""
     n = len(store.docs)
     id_keys = np.fromiter((_id_key(info["id"]) for _, info in store.iter_doc_info()), dtype=np.uint64, count=n)
-    starts, lengths = store.docs["token_start"], store.docs["num_tokens"]
-    tok_keys = np.fromiter((_token_key(store.tokens[int(a) : int(a + b)]) for a, b in zip(starts, lengths)),
-                           dtype=np.uint64, count=n)
+    tok_keys = np.fromiter((_token_key(store.doc_ids(row)) for row in range(n)), dtype=np.uint64, count=n)
     rows = np.arange(first_row, first_row + n, dtype=np.int64)
     table = {"fingerprint": np.array(fingerprint)}
     for name, keys in (("id", id_keys), ("tokens", tok_keys)):
@@ -306,12 +304,8 @@ def _present(tables: list[dict[str, np.ndarray]], store: ChunkStore, doc_id: str
     if len(live(_rows_with_key(tables, "id", _id_key(doc_id)))):
         return True
     ids = np.asarray(ids, dtype=np.int64)
-    for row in live(_rows_with_key(tables, "tokens", _token_key(ids))):
-        r = store.docs[int(row)]
-        if np.array_equal(np.asarray(store.tokens[int(r["token_start"]) : int(r["token_start"] + r["num_tokens"])],
-                                     dtype=np.int64), ids):
-            return True
-    return False
+    return any(np.array_equal(store.doc_ids(int(row)), ids)
+               for row in live(_rows_with_key(tables, "tokens", _token_key(ids))))
 
 
 def _trained_empty(ws: Workspace, manifest: dict[str, Any]) -> faiss.Index:

@@ -1,0 +1,91 @@
+"""benchmarks/copy_probe.py: its loss split between the two copies of a segment, on models whose answer is known."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrocli.chunks import ChunkStore
+from retrocli.config import load_config
+from retrocli.db import workspace_of
+
+from .test_ppl import trained  # noqa: F401  (a workspace with a 2-step Retro checkpoint)
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks/copy_probe.py"
+VOCAB = 50
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("copy_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Copier(torch.nn.Module):
+    """Predicts, with probability p, the token `lag` positions before the next one (a perfect induction head
+    for segments of length `lag` shown twice); the rest of the mass spread uniformly."""
+
+    def __init__(self, lag: int, p: float):
+        super().__init__()
+        self.lag, self.p = lag, p
+
+    def forward(self, tokens, retrieval=True):
+        b, n = tokens.shape
+        probs = torch.full((b, n, VOCAB), (1 - self.p) / (VOCAB - 1))
+        for t in range(n):
+            src = t + 1 - self.lag  # the position `lag` before the target t + 1
+            if src >= 0:
+                probs[torch.arange(b), t, tokens[:, src]] = self.p
+            else:
+                probs[:, t, :] = 1.0 / VOCAB
+        return probs.log()
+
+
+@pytest.mark.parametrize("p", [0.9, 0.5])
+def test_a_copying_model_pays_only_on_the_first_copy(p):
+    cp = _module()
+    seg = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    r = cp.probe(Copier(lag=12, p=p), seg)
+    assert r["first"] == pytest.approx(math.log(VOCAB), rel=1e-5)
+    assert r["repeat"] == pytest.approx(-math.log(p), rel=1e-5)
+    assert r["drop"] == pytest.approx(math.log(VOCAB) + math.log(p), rel=1e-5)
+
+
+def test_a_model_that_copies_from_the_wrong_place_gains_nothing():
+    cp = _module()
+    seg = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    r = cp.probe(Copier(lag=11, p=0.9), seg)  # off by one: copies the wrong token of the first copy
+    assert r["repeat"] > math.log(VOCAB)
+
+
+def test_the_script_reports_both_probes_for_a_workspace_checkpoint(trained, tmp_path, monkeypatch, capsys):
+    cp = _module()
+    out = tmp_path / "probe.json"
+    monkeypatch.setattr("sys.argv", ["copy_probe.py", "--recipe", str(trained), "--length", "8", "--batch", "4",
+                                     "--json", str(out)])
+    cp.main()
+    report = json.loads(out.read_text())
+    assert [r["probe"] for r in report["results"]] == ["random", "text"]
+    for r in report["results"]:
+        assert r["checkpoint"].endswith("step-000002") and r["step"] == 2
+        assert r["first"] > 0 and r["repeat"] > 0 and r["drop"] == pytest.approx(r["first"] - r["repeat"])
+    assert "pretrain/step-000002" in capsys.readouterr().out
+
+
+def test_text_segments_are_spans_of_validation_documents(trained):
+    cp = _module()
+    ws = workspace_of(load_config(trained))
+    store = ChunkStore.open(ws, 16)
+    seg = cp.segments("text", store, 300, 8, 6, seed=0)
+    valid = store.docs[store.docs["valid"]]
+    texts = [store.doc_ids(int(i)).tolist() for i in np.flatnonzero(store.docs["valid"])]
+    assert len(valid) and seg.shape == (6, 8)
+    for row in seg.tolist():
+        assert any(row == t[s : s + 8] for t in texts for s in range(len(t) - 7))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -20,6 +21,18 @@ TOPICS = {
     "music": "violin melody chord rhythm piano orchestra tempo harmony concert note score",
     "geology": "rock mineral volcano sediment fault crystal erosion magma granite quartz layer",
 }
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as module NAME (registered in sys.modules: dataclasses look it up there)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 COMMON = "the a of and in to is was for on with as by that it from this were be".split()
 
 
@@ -63,6 +76,20 @@ def small_sections(**overrides: dict) -> dict[str, dict]:
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
     return sections
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A workspace (test_pretrain.make_workspace) with two pretraining checkpoints (steps 1 and 2)."""
+    from retrocli.config import load_config
+    from retrocli.pretrain import run
+
+    from .test_pretrain import make_workspace
+
+    toml = make_workspace(tmp_path_factory.mktemp("trained"), pretrain={"train_steps": 2, "save_interval": 1,
+                                                                         "keep_last": 0, "eval_interval": 2})
+    run(load_config(toml))
+    return toml
 
 
 @pytest.fixture(scope="module")

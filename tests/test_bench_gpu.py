@@ -6,7 +6,6 @@ loop it times writes the tokens `retrocli.generate.generate` writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -23,16 +22,14 @@ from retrocli.errors import UserError
 from retrocli.generate import Decoding, generate
 from retrocli.model import RetroModel
 
+from .conftest import load_benchmark
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_gpu")
 
 
 def run_script(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,15 +11,14 @@ import numpy as np
 
 from retrocli.index import auto_spec
 
+from .conftest import load_benchmark
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks/bench_scale.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_scale")
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +13,13 @@ from retrocli.chunks import ChunkStore
 from retrocli.config import load_config
 from retrocli.db import workspace_of
 
-from .test_ppl import trained  # noqa: F401  (a workspace with a 2-step Retro checkpoint)
+from .conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks/copy_probe.py"
 VOCAB = 50
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("copy_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("copy_probe")
 
 
 class Copier(torch.nn.Module):

@@ -14,24 +14,14 @@ from retrocli import db
 from retrocli.chunks import ChunkStore
 from retrocli.cli import main
 from retrocli.config import load_config
-from retrocli.pretrain import run, run_dir
+from retrocli.pretrain import run_dir
 
 from .conftest import write_jsonl
-from .test_pretrain import make_workspace
 
 KEYS = {"perplexity", "bits_per_byte", "tokens", "retrieval", "checkpoint"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A workspace with two pretraining checkpoints (steps 1 and 2)."""
-    toml = make_workspace(tmp_path_factory.mktemp("ppl"), pretrain={"train_steps": 2, "save_interval": 1,
-                                                                     "keep_last": 0, "eval_interval": 2})
-    run(load_config(toml))
-    return toml
 
 
 def ppl_json(capsys, *args: str) -> dict:

@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ("gpt", "retro", "retro-pytorch")
+MODELS = ("gpt", "retro", "retro-pytorch", "retro-glibc")
+# Every worker runs with the allocator setting `retro` makes at start (retrocli/allocator.py), the peer too;
+# "retro-glibc" is Retro again under glibc's default allocator, to show what that setting is worth.
 
 
 def megatron_retro_layers(layers: int) -> list[int]:
@@ -45,7 +47,6 @@ def megatron_retro_layers(layers: int) -> list[int]:
 
 
 def build_ours(a, retro: bool):
-    sys.path.insert(0, str(REPO))
     from retrocli.config import ModelConfig
     from retrocli.model import RetroModel, lm_loss
 
@@ -75,11 +76,15 @@ def build_peer(a):
 
 
 def worker(a) -> dict:
+    sys.path.insert(0, str(REPO))
+    from retrocli.allocator import tune_allocator  # standard library only: imports in the peer's venv too
+
+    tuned = a.worker != "retro-glibc" and tune_allocator()
     import torch
 
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
-    model, loss_of = build_peer(a) if a.worker == "retro-pytorch" else build_ours(a, a.worker == "retro")
+    model, loss_of = build_peer(a) if a.worker == "retro-pytorch" else build_ours(a, a.worker.startswith("retro"))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     l = a.seq // a.chunk
@@ -107,7 +112,7 @@ def worker(a) -> dict:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"times": times, "counted_flops": counted,
+    return {"times": times, "counted_flops": counted, "allocator": "heap" if tuned else "glibc default",
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -160,7 +165,8 @@ def main_side(a) -> dict:
         rows[m] = {"step_s": step, "tokens_per_s": tokens_per_step / step, "model_flops_per_step": flops,
                    "achieved_gflops": flops / step / 1e9, "causal_flops_per_step": causal,
                    "achieved_causal_gflops": causal / step / 1e9, "params": info[m]["params"],
-                   "counted_flops_per_step": info[m]["counted_flops"], "steps_timed": len(times[m])}
+                   "counted_flops_per_step": info[m]["counted_flops"], "steps_timed": len(times[m]),
+                   "allocator": info[m]["allocator"]}
     result = {"shape": {k: getattr(a, k) for k in SHAPE_KEYS}, "models": rows, "per_round": {}}
 
     def per_round(name: str, t_num: str, t_den: str, scale: float) -> None:
@@ -179,6 +185,9 @@ def main_side(a) -> dict:
     if "retro" in rows and "retro-pytorch" in rows:
         result["retro_vs_peer_tokens_ratio"] = rows["retro"]["tokens_per_s"] / rows["retro-pytorch"]["tokens_per_s"]
         per_round("retro_vs_peer_tokens_ratio", "retro-pytorch", "retro", 1.0)
+    if "retro" in rows and "retro-glibc" in rows:
+        result["allocator_speedup"] = rows["retro-glibc"]["step_s"] / rows["retro"]["step_s"]
+        per_round("allocator_speedup", "retro-glibc", "retro", 1.0)
     return result
 
 
@@ -199,6 +208,9 @@ def report(result: dict) -> None:
               f"half a causal kernel computes (target >= 0.90)")
     if "retro_vs_peer_tokens_ratio" in result:
         print(f"Retro tokens/s / retro-pytorch's: {result['retro_vs_peer_tokens_ratio']:.2f}x (target >= 1.5x)")
+    if "allocator_speedup" in result:
+        print(f"Retro step time under glibc's default allocator / with retro's setting: "
+              f"{result['allocator_speedup']:.2f}x (retrocli/allocator.py)")
     for name, r in result.get("per_round", {}).items():
         print(f"  per round, {name}: median {r['median']:.3f}, range {r['min']:.3f}-{r['max']:.3f}")
 

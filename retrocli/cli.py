@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
+from .allocator import tune_allocator
 from .config import load_config
 from .errors import UserError
 from .runtime import console
@@ -483,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI: user errors print one message and exit 2; bugs keep their traceback (exit 1)."""
     global _ARGV
     _ARGV = list(sys.argv[1:] if argv is None else argv)
+    tune_allocator()  # CPU steps re-faulted their largest tensors every time (retrocli/allocator.py)
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:

@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from retrocli.allocator import tune_allocator  # noqa: E402
 from retrocli.config import ModelConfig  # noqa: E402
 from retrocli.generate import Decoding, generate  # noqa: E402
 from retrocli.model import RetroModel  # noqa: E402
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="", help="also write the results here")
     a = p.parse_args()
+    tune_allocator()  # as `retro generate` runs
     torch.set_num_threads(a.threads)
     model = build(a)
     rng = np.random.default_rng(0)

@@ -25,11 +25,14 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes: in effect, never trim the heap
 
 
+def is_glibc() -> bool:
+    """True on Linux with glibc, the only allocator this module tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def tune_allocator() -> bool:
     """Serve large allocations from the heap and never trim it; True when glibc took both settings."""
-    if os.environ.get("RETRO_MALLOC", "").lower() == "system" or platform.system() != "Linux":
-        return False
-    if platform.libc_ver()[0] != "glibc":
+    if os.environ.get("RETRO_MALLOC", "").lower() == "system" or not is_glibc():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

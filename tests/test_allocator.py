@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from retrocli.allocator import is_glibc
+
+from .conftest import REPO
 
 # Allocate and free a 64 MiB buffer 10 times after one warm-up; print whether the setting took and the page
 # faults of the 10 rounds.
@@ -36,7 +36,7 @@ def faults(malloc: str | None) -> tuple[bool, int]:
     return out[0] == "True", int(out[1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(not is_glibc(), reason="glibc only")
 def test_large_buffers_are_reused_instead_of_faulted_in_again():
     tuned, tuned_faults = faults(None)
     system, system_faults = faults("system")

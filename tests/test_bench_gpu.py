@@ -22,9 +22,8 @@ from retrocli.errors import UserError
 from retrocli.generate import Decoding, generate
 from retrocli.model import RetroModel
 
-from .conftest import load_benchmark
+from .conftest import REPO, load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
 
 

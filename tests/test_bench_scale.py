@@ -11,9 +11,8 @@ import numpy as np
 
 from retrocli.index import auto_spec
 
-from .conftest import load_benchmark
+from .conftest import REPO, load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks/bench_scale.py"
 
 

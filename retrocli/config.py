@@ -151,6 +151,8 @@ class TrainingConfig:
 class PretrainConfig(TrainingConfig):
     init_from: str = opt("", "start from this checkpoint folder (GPT or Retro; a GPT's CCA and encoder weights "
                              "start fresh, no optimizer state: retro-fitting); empty: random init")
+    freeze_decoder: bool = opt(False, "train only the retrieval encoder and CCA; the decoder keeps the weights of "
+                                      "init_from (RETRO's retrofitting of a pretrained GPT, Borgeaud et al. §4.4)")
     run: str = opt("pretrain", "name of this training run: checkpoints in WORKSPACE/checkpoints/RUN/ (e.g. 'gpt' "
                                "for a baseline with model.retro_layers = [] beside the Retro run)")
 

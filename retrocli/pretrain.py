@@ -4,7 +4,8 @@ neighbours (samples.py), through the shared loop (train.py), with checkpoints in
 
 `pretrain.init_from` starts from another checkpoint: a Retro one loads everything, a GPT one (retro_layers
 = []) loads the decoder while the encoder and CCA weights start fresh and the optimizer starts empty
-(retro-fitting, InstructRetro). Resuming (pretrain.resume = "auto") takes precedence over init_from.
+(retro-fitting, InstructRetro); with `pretrain.freeze_decoder` only those train, the decoder kept as loaded
+(RETRO's own retrofitting). Resuming (pretrain.resume = "auto") takes precedence over init_from.
 """
 
 from __future__ import annotations
@@ -120,6 +121,19 @@ def load_init(model: RetroModel, path: Path, tok_ref: dict[str, Any]) -> None:
     log(f"initialised from the {kind} checkpoint {path} (weights only, no optimizer state){fresh}")
 
 
+def freeze_decoder(model: RetroModel, cfg: Config) -> None:
+    """pretrain.freeze_decoder: only the encoder and CCA weights train (no gradients, no optimizer state for the
+    rest), so whatever the run changes in the model's predictions, it changes through retrieval."""
+    if not cfg.pretrain.init_from:
+        raise UserError("pretrain.freeze_decoder = true needs pretrain.init_from (the trained decoder to keep): "
+                        "a frozen random decoder learns nothing")
+    if not model.retro_layers:
+        raise UserError("pretrain.freeze_decoder = true leaves nothing to train in a plain GPT (model.retro_layers "
+                        "= []): give the model CCA layers")
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_cca_or_encoder(name))
+
+
 def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     """Everything `retro pretrain` needs: the job for the loop, its settings, and the checkpoint to resume."""
     ws = workspace_of(cfg)
@@ -151,6 +165,8 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     resume_from = find_resume(out, settings)
     if resume_from is None and cfg.pretrain.init_from:
         load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)
+    if cfg.pretrain.freeze_decoder:
+        freeze_decoder(model, cfg)
     store = ChunkStore.open(ws, m)
     train_samples = open_samples(cfg, ws, "train", tok.pad_id, tok.eos_id, retrieval, store=store)
     valid_samples = open_samples(cfg, ws, "valid", tok.pad_id, tok.eos_id, retrieval, store=store)

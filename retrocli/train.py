@@ -269,6 +269,11 @@ def _check_same_model(meta: dict[str, Any], current: dict[str, Any], path: Path)
     if diffs:
         raise UserError(f"cannot resume from {path}: the model differs (" + "; ".join(diffs) + "). Restore the "
                         "settings, or start a new run in another workspace.dir")
+    theirs_trained, ours_trained = meta.get("trained_parameters"), current.get("trained_parameters")
+    if theirs_trained is not None and theirs_trained != ours_trained:
+        raise UserError(f"cannot resume from {path}: it trained {theirs_trained:,} parameters, this run would "
+                        f"train {ours_trained:,} (pretrain.freeze_decoder or sft.neighbors changed). Restore the "
+                        "setting, or start a new run (pretrain.run / sft.run)")
 
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
@@ -326,6 +331,8 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
         raise UserError("no training sample fits: the training documents give fewer tokens than one sequence "
                         "of model.seq_length + 1; lower model.seq_length or add documents")
     model = job.model.to(device)
+    # what the optimizer holds state for (pretrain.freeze_decoder and sft.neighbors = "none" train a part only)
+    job.meta["trained_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step, consumed, tokens_seen = 0, 0, 0
     metrics_path = job.run_dir / "metrics.jsonl"
     state = None

@@ -233,6 +233,19 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
         run(load_config(toml, ["model.layers=3"]))  # resuming into another model shape
 
     shutil.rmtree(run_dir(ws))
+    # retro-fitting with the decoder frozen: only the encoder and CCA move
+    init = f"pretrain.init_from={json.dumps(str(gpt_dir))}"
+    frozen = checkpoint.load_weights(Path(run(load_config(toml, [init, "pretrain.freeze_decoder=true"]))["checkpoint"]))
+    for name, value in gpt_weights.items():
+        assert torch.equal(frozen[name], value), name
+    assert all(not torch.equal(frozen[name], retro_state[name]) for name in cca if name.endswith(".weight"))
+    with pytest.raises(UserError, match="trained [0-9,]+ parameters, this run would train [0-9,]+ .*freeze_decoder"):
+        run(load_config(toml, [init, "pretrain.train_steps=3"]))  # resuming it with every weight training
+    shutil.rmtree(run_dir(ws))
+    with pytest.raises(UserError, match="freeze_decoder = true needs pretrain.init_from"):
+        build(load_config(toml, ["pretrain.freeze_decoder=true"]))
+    with pytest.raises(UserError, match="nothing to train in a plain GPT"):
+        build(load_config(toml, [init, "pretrain.freeze_decoder=true", "model.retro_layers=[]"]))
     with pytest.raises(UserError, match="decoder shapes differ"):
         build(load_config(toml, [f"pretrain.init_from={json.dumps(str(gpt_dir))}", "model.hidden=64"]))
 

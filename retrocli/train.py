@@ -189,11 +189,16 @@ def _warn_slow_cpu_bf16() -> None:
              "set precision = \"fp32\" for CPU runs")
 
 
-def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval: bool = True) -> torch.Tensor:
-    """Sum of the masked next-token losses (nats, fp32) of a batch."""
+def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval: bool = True) -> torch.Tensor:
+    """(b, n) next-token losses (nats, fp32) of a batch, 0 where batch["loss_mask"] is."""
     logits = model(batch["tokens"], batch.get("neighbours"), retrieval=retrieval)  # (b, n, v)
     losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="none")
-    return (losses * batch["loss_mask"].flatten().to(losses.dtype)).sum()
+    return (losses * batch["loss_mask"].flatten().to(losses.dtype)).view(batch["targets"].shape)
+
+
+def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval: bool = True) -> torch.Tensor:
+    """Sum of the masked next-token losses (nats, fp32) of a batch."""
+    return token_nll(model, batch, retrieval).sum()
 
 
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:

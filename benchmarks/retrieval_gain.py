@@ -1,0 +1,112 @@
+"""What does retrieval buy, token by token? Paired perplexity of checkpoints on the same held-out tokens.
+
+`retro ppl` gives one perplexity per run. Two runs that share every token still differ by 1-2% when they
+train different weights (docs/results.md, v4/v5), so a small retrieval effect needs a paired measurement:
+every model scores the same target tokens, and the difference of their per-token losses has a standard error.
+Each entry is a checkpoint (a step folder, or a run name of the workspace: its latest checkpoint) with
+`@on` (retrieval, the default) or `@off` (CCA gated off, as `retro ppl --no-retrieval`). The first entry is
+the reference; each other one gets its mean loss difference in nats per token, +- one standard error, and
+its perplexity ratio.
+
+    python benchmarks/retrieval_gain.py --recipe recipes/small-cpu.toml gpt rf-v4@on rf-v4@off [--json FILE]
+    python benchmarks/retrieval_gain.py --recipe R --data ../shared/data/ppl/wikitext2_test_raw.txt.gz ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from retrocli.config import load_config  # noqa: E402
+from retrocli.db import open_tokenizer, workspace_of  # noqa: E402
+from retrocli.ppl import _file_samples, load_model, resolve_checkpoint  # noqa: E402
+from retrocli.pretrain import open_samples  # noqa: E402
+from retrocli.samples import collate  # noqa: E402
+from retrocli.train import to_device, token_nll  # noqa: E402
+
+
+def parse(entry: str, ws) -> tuple[Path, bool]:
+    """'RUN_OR_PATH[@on|@off]' -> (checkpoint step folder, retrieval)."""
+    name, _, mode = entry.partition("@")
+    if mode not in ("", "on", "off"):
+        sys.exit(f"{entry}: the mode after @ is 'on' or 'off'")
+    given = Path(name)
+    path = resolve_checkpoint(ws, given if given.exists() else None, name)
+    return path, mode != "off"
+
+
+@torch.no_grad()
+def token_losses(model, samples, retrieval: bool, batch: int = 16) -> np.ndarray:
+    """The loss of every target token of `samples`, in order (padding dropped)."""
+    out = []
+    for start in range(0, len(samples), batch):
+        b = to_device(collate([samples.get(i) for i in range(start, min(start + batch, len(samples)))]),
+                      torch.device("cpu"))
+        losses = token_nll(model, b, retrieval)
+        out.append(losses[b["loss_mask"].bool()].numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def measure(recipe: Path, entries: list[str], data: Path | None = None) -> list[dict]:
+    cfg = load_config(recipe)
+    ws = workspace_of(cfg)
+    tok = open_tokenizer(ws)
+    rows, losses = [], []
+    for entry in entries:
+        path, retrieval = parse(entry, ws)
+        model, meta = load_model(ws, path)
+        retrieval = retrieval and bool(model.retro_layers)
+        eos = meta.get("eos_id", tok.eos_id)
+        if data is None:
+            samples = open_samples(dataclasses.replace(cfg, model=model.cfg), ws, "valid", model.pad_id, eos,
+                                   retrieval, drop_last=False)
+        else:
+            samples = _file_samples(cfg, ws, data, tok, model.cfg, meta["chunk_length"], retrieval, model.pad_id,
+                                    eos)[0]
+        nll = token_losses(model, samples, retrieval)
+        if losses and len(nll) != len(losses[0]):
+            sys.exit(f"{entry} scores {len(nll):,} tokens, {entries[0]} {len(losses[0]):,}: paired losses need "
+                     "models of the same seq_length")
+        losses.append(nll)
+        row = {"entry": entry, "checkpoint": str(path), "retrieval": retrieval, "tokens": len(nll),
+               "loss": float(nll.mean()), "perplexity": math.exp(float(nll.mean()))}
+        if len(losses) > 1:
+            diff = nll - losses[0]
+            row["diff_vs_first"] = float(diff.mean())
+            row["diff_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+            row["ppl_ratio_vs_first"] = math.exp(row["diff_vs_first"])
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=None, help="a text / JSONL file instead of the validation documents")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("entries", nargs="+", help="RUN_OR_CHECKPOINT[@on|@off]; the first is the reference")
+    args = ap.parse_args()
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    rows = measure(args.recipe, args.entries, args.data)
+    print(f"{'checkpoint':44s} {'retrieval':>9s} {'tokens':>8s} {'ppl':>9s}  loss - first (nats, +- SE)   ppl ratio")
+    for r in rows:
+        name = f"{Path(r['checkpoint']).parent.name}/{Path(r['checkpoint']).name}"
+        diff = (f"{r['diff_vs_first']:+.5f} +- {r['diff_se']:.5f}   {r['ppl_ratio_vs_first']:.4f}"
+                if "diff_vs_first" in r else "(reference)")
+        print(f"{name:44s} {'on' if r['retrieval'] else 'off':>9s} {r['tokens']:>8,} {r['perplexity']:>9.3f}  {diff}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

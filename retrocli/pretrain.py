@@ -121,10 +121,10 @@ def load_init(model: RetroModel, path: Path, tok_ref: dict[str, Any]) -> None:
     log(f"initialised from the {kind} checkpoint {path} (weights only, no optimizer state){fresh}")
 
 
-def freeze_decoder(model: RetroModel, cfg: Config) -> None:
+def freeze_decoder(model: RetroModel, cfg: Config, resuming: bool) -> None:
     """pretrain.freeze_decoder: only the encoder and CCA weights train (no gradients, no optimizer state for the
     rest), so whatever the run changes in the model's predictions, it changes through retrieval."""
-    if not cfg.pretrain.init_from:
+    if not cfg.pretrain.init_from and not resuming:
         raise UserError("pretrain.freeze_decoder = true needs pretrain.init_from (the trained decoder to keep): "
                         "a frozen random decoder learns nothing")
     if not model.retro_layers:
@@ -166,7 +166,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     if resume_from is None and cfg.pretrain.init_from:
         load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)
     if cfg.pretrain.freeze_decoder:
-        freeze_decoder(model, cfg)
+        freeze_decoder(model, cfg, resuming=resume_from is not None)
     store = ChunkStore.open(ws, m)
     train_samples = open_samples(cfg, ws, "train", tok.pad_id, tok.eos_id, retrieval, store=store)
     valid_samples = open_samples(cfg, ws, "valid", tok.pad_id, tok.eos_id, retrieval, store=store)

@@ -15,7 +15,6 @@ its perplexity ratio.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -29,8 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from retrocli.config import load_config  # noqa: E402
 from retrocli.db import open_tokenizer, workspace_of  # noqa: E402
-from retrocli.ppl import _file_samples, load_model, resolve_checkpoint  # noqa: E402
-from retrocli.pretrain import open_samples  # noqa: E402
+from retrocli.ppl import evaluation_samples, load_model, resolve_checkpoint  # noqa: E402
 from retrocli.samples import collate  # noqa: E402
 from retrocli.train import to_device, token_nll  # noqa: E402
 
@@ -66,13 +64,7 @@ def measure(recipe: Path, entries: list[str], data: Path | None = None) -> list[
         path, retrieval = parse(entry, ws)
         model, meta = load_model(ws, path)
         retrieval = retrieval and bool(model.retro_layers)
-        eos = meta.get("eos_id", tok.eos_id)
-        if data is None:
-            samples = open_samples(dataclasses.replace(cfg, model=model.cfg), ws, "valid", model.pad_id, eos,
-                                   retrieval, drop_last=False)
-        else:
-            samples = _file_samples(cfg, ws, data, tok, model.cfg, meta["chunk_length"], retrieval, model.pad_id,
-                                    eos)[0]
+        samples = evaluation_samples(cfg, ws, model, meta, tok, retrieval, data)[0]
         nll = token_losses(model, samples, retrieval)
         if losses and len(nll) != len(losses[0]):
             sys.exit(f"{entry} scores {len(nll):,} tokens, {entries[0]} {len(losses[0]):,}: paired losses need "

@@ -75,6 +75,27 @@ def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int
     return samples, nbytes
 
 
+def evaluation_samples(cfg: Config, ws: Workspace, model: RetroModel, meta: dict[str, Any], tok, retrieval: bool,
+                       data: Path | None = None) -> tuple[Samples, int, str]:
+    """What `retro ppl` scores: the samples of the validation documents (or of a file, its neighbours
+    retrieved now), their UTF-8 bytes, and what they are. The checkpoint's model settings (seq_length, k, r)
+    decide the samples, not the current TOML."""
+    eos_id = meta.get("eos_id", tok.eos_id)
+    if data is not None:
+        samples, nbytes = _file_samples(cfg, ws, data, tok, model.cfg, meta["chunk_length"], retrieval, model.pad_id,
+                                        eos_id)
+        return samples, nbytes, str(data)
+    mcfg = dataclasses.replace(cfg, model=model.cfg)
+    samples = open_samples(mcfg, ws, "valid", model.pad_id, eos_id, retrieval, drop_last=False)
+    if len(samples) == 0:
+        raise UserError(f"the workspace has no validation documents (corpus.valid_fraction = "
+                        f"{cfg.corpus.valid_fraction} when built): pass --data FILE")
+    lengths = samples.docs.lengths
+    nbytes = sum(len(tok.decode(samples.docs.tokens_of(d, 0, int(lengths[d])).tolist()).encode("utf-8"))
+                 for d in range(len(lengths)))
+    return samples, nbytes, "validation documents"
+
+
 def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True,
         data: Path | None = None) -> dict[str, Any]:
     ws = workspace_of(cfg)
@@ -91,22 +112,8 @@ def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True
     tok = open_tokenizer(ws)
     model_cfg = model.cfg
     use_retrieval = retrieval and bool(model.retro_layers)
-    eos_id = meta.get("eos_id", tok.eos_id)
     started = time.time()
-    if data is None:
-        # the checkpoint's model settings (seq_length, k, r) decide the samples, not the current TOML
-        mcfg = dataclasses.replace(cfg, model=model_cfg)
-        samples = open_samples(mcfg, ws, "valid", model.pad_id, eos_id, use_retrieval, drop_last=False)
-        if len(samples) == 0:
-            raise UserError(f"the workspace has no validation documents (corpus.valid_fraction = "
-                            f"{cfg.corpus.valid_fraction} when built): pass --data FILE")
-        lengths = samples.docs.lengths
-        nbytes = sum(len(tok.decode(samples.docs.tokens_of(d, 0, int(lengths[d])).tolist()).encode("utf-8"))
-                     for d in range(len(lengths)))
-        what = "validation documents"
-    else:
-        samples, nbytes = _file_samples(cfg, ws, data, tok, model_cfg, m, use_retrieval, model.pad_id, eos_id)
-        what = str(data)
+    samples, nbytes, what = evaluation_samples(cfg, ws, model, meta, tok, use_retrieval, data)
     D = dist()
     device = device_for_rank()
     model.to(device)

@@ -153,6 +153,12 @@ class PretrainConfig(TrainingConfig):
                              "start fresh, no optimizer state: retro-fitting); empty: random init")
     freeze_decoder: bool = opt(False, "train only the retrieval encoder and CCA; the decoder keeps the weights of "
                                       "init_from (RETRO's retrofitting of a pretrained GPT, Borgeaud et al. §4.4)")
+    copy_warmup_steps: int = opt(0, "train the first this many steps on copy windows only (random token ids "
+                                    "repeated with a random period, and neighbours that hold the continuation): "
+                                    "a small model forms the copy circuit there, which text alone does not teach "
+                                    "it at CPU scale (retrocli/curriculum.py)")
+    copy_share: float = opt(0.0, "after copy_warmup_steps, this share of the training samples are copy windows "
+                                 "(keeps the circuit while text trains the rest)")
     run: str = opt("pretrain", "name of this training run: checkpoints in WORKSPACE/checkpoints/RUN/ (e.g. 'gpt' "
                                "for a baseline with model.retro_layers = [] beside the Retro run)")
 
@@ -545,6 +551,10 @@ def validate(cfg: Config) -> None:
     if m.num_neighbors > d.num_neighbors_query:
         p.append(f"model.num_neighbors ({m.num_neighbors}) exceeds db.num_neighbors_query ({d.num_neighbors_query})")
     _validate_training("pretrain", cfg.pretrain, p)
+    if cfg.pretrain.copy_warmup_steps < 0:
+        p.append(f"pretrain.copy_warmup_steps must be >= 0, got {cfg.pretrain.copy_warmup_steps}")
+    if not 0 <= cfg.pretrain.copy_share < 1:
+        p.append(f"pretrain.copy_share must be in [0, 1), got {cfg.pretrain.copy_share}")
     _validate_training("sft", cfg.sft, p)
     _validate_sft(cfg.sft, p)
     _validate_generate(cfg.generate, p)

@@ -20,6 +20,7 @@ import torch
 from . import checkpoint
 from .chunks import ChunkStore
 from .config import Config, ModelConfig, to_commented_toml
+from .curriculum import CopyWindows
 from .db import open_tokenizer, workspace_of
 from .errors import UserError
 from .model import RetroModel, ffn_width, resolve_retro_layers
@@ -175,6 +176,14 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     meta["eos_id"] = tok.eos_id
     job = Job("pretrain", out, model, train_samples, valid_samples, meta,
               to_commented_toml(resolved, "# the resolved configuration of this checkpoint"))
+    p = cfg.pretrain
+    if p.copy_warmup_steps or p.copy_share:
+        windows = CopyWindows(model_cfg.seq_length, m, model_cfg.num_neighbors, retrieved_length(cfg),
+                              model_cfg.vocab_size, {tok.pad_id, tok.eos_id},
+                              p.copy_warmup_steps * settings.global_batch_size, p.copy_share, settings.seed,
+                              neighbours=retrieval)
+        job.synthetic = windows.at
+        meta["copy_windows"] = {"warmup_steps": p.copy_warmup_steps, "share": p.copy_share}
     return job, settings, resume_from
 
 

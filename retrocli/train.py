@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,8 @@ class Job:
     meta: dict[str, Any]  # recorded in each checkpoint's meta.json (model config, tokenizer reference, ...)
     config_toml: str  # the resolved workspace configuration, saved beside the weights
     extra: dict[str, Any] = field(default_factory=dict)
+    # the sample at a global training position in place of a `train` one, or None (pretrain's copy windows)
+    synthetic: Callable[[int], dict[str, np.ndarray] | None] | None = None
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -390,12 +392,16 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def sample_at(position: int) -> dict[str, np.ndarray]:
+        made = job.synthetic(position) if job.synthetic is not None else None
+        return made if made is not None else job.train.get(order[position])
+
     def load_step(consumed: int) -> list[dict[str, np.ndarray]]:
         """This rank's micro-batches of the step that starts at sample position `consumed`."""
         out = []
         for a in range(accum):
             first = consumed + (a * D.world + D.rank) * s.micro_batch_size
-            out.append(collate([job.train.get(order[p]) for p in range(first, first + s.micro_batch_size)]))
+            out.append(collate([sample_at(p) for p in range(first, first + s.micro_batch_size)]))
         return out
 
     net.train()

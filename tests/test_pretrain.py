@@ -20,9 +20,12 @@ from retrocli import checkpoint, db
 from retrocli.chunks import ChunkStore
 from retrocli.cli import main
 from retrocli.config import load_config
+from retrocli.curriculum import PERIODS, CopyWindows
 from retrocli.errors import UserError
 from retrocli.pretrain import build, open_samples, run, run_dir
+from retrocli.samples import collate
 from retrocli.tokenizer import EOS_ID, PAD_ID
+from retrocli.train import batch_nll
 
 from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
 
@@ -248,6 +251,51 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
         build(load_config(toml, [init, "pretrain.freeze_decoder=true", "model.retro_layers=[]"]))
     with pytest.raises(UserError, match="decoder shapes differ"):
         build(load_config(toml, [f"pretrain.init_from={json.dumps(str(gpt_dir))}", "model.hidden=64"]))
+
+
+def test_copy_windows_repeat_carry_their_continuation_and_are_fixed_by_position() -> None:
+    n, m, k, r, vocab = 32, 16, 2, 32, 50
+    w = CopyWindows(n, m, k, r, vocab, {PAD_ID, EOS_ID}, warmup_samples=100, share=0.25, seed=7, neighbours=True)
+    made = [w.at(p) for p in range(4000)]
+    assert all(x is not None for x in made[:100])  # the warmup: copy windows only
+    share = np.mean([x is not None for x in made[100:]])
+    assert 0.22 < share < 0.28, share
+    again = w.at(5)
+    assert all(np.array_equal(again[key], made[5][key]) for key in again)  # a resumed run sees the same window
+    matched = slots = repeating = 0
+    for x in made[:100]:
+        assert np.array_equal(x["tokens"][1:], x["targets"][:-1]) and x["loss_mask"].all()
+        assert not np.isin(x["neighbours"], [PAD_ID, EOS_ID]).any() and not np.isin(x["tokens"], [PAD_ID, EOS_ID]).any()
+        stream = np.concatenate([x["tokens"], x["targets"][-1:]])
+        # the shortest period the window shows (the 33 tokens hold one when it is shorter than 32)
+        shown = [p for p in range(1, n) if np.array_equal(stream[p:], stream[:-p])]
+        assert not shown or shown[0] >= PERIODS[0]
+        repeating += bool(shown)
+        for j in range(n // m):
+            for slot in x["neighbours"][j]:
+                slots += 1
+                if np.array_equal(slot[:m], x["tokens"][j * m : (j + 1) * m]):  # the chunk itself, then ...
+                    matched += 1
+                    known = stream[j * m : j * m + r]
+                    assert np.array_equal(slot[: len(known)], known)  # ... its continuation
+    assert 8 <= repeating <= 35  # periods 8..31 of 8..128: about a fifth
+    assert 0.4 < matched / slots < 0.6
+    gpt = CopyWindows(n, m, k, r, vocab, {PAD_ID}, warmup_samples=0, share=0.5, seed=7, neighbours=False)
+    assert all("neighbours" not in x for x in map(gpt.at, range(50)) if x is not None)
+
+
+def test_pretrain_copy_warmup_trains_on_the_copy_windows(workspace: Path) -> None:
+    cfg = load_config(workspace, ["pretrain.copy_warmup_steps=1", "pretrain.copy_share=0.5", "pretrain.run='copy'",
+                                  "pretrain.train_steps=1"])
+    job, settings, _ = build(cfg)
+    windows = [job.synthetic(p) for p in range(settings.global_batch_size)]
+    assert all(w is not None for w in windows)
+    assert any(job.synthetic(p) is None for p in range(settings.global_batch_size, 10 * settings.global_batch_size))
+    batch = {key: torch.from_numpy(v) for key, v in collate(windows).items()}
+    with torch.no_grad():
+        expected = float(batch_nll(job.model, batch)) / float(batch["loss_mask"].sum())  # at the initial weights
+    run(cfg)
+    assert metrics(run_dir(db.workspace_of(cfg), "copy"))[1] == pytest.approx(expected, rel=1e-5)
 
 
 def test_tokenizer_mismatch_names_both_values() -> None:

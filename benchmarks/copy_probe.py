@@ -9,7 +9,12 @@ tokens is shown twice in a row; the mean loss (nats per token) on its second cop
   text     L consecutive tokens of a validation document of the database
 
 A model that copies predicts the second copy almost perfectly (loss near 0 for random tokens); one that does
-not scores both copies alike ("drop" near 0). Retro checkpoints run with retrieval off.
+not scores both copies alike ("drop" near 0). Retro checkpoints run with retrieval off for these two, and
+are also asked to copy from their neighbours:
+
+  nbr-random, nbr-text   a sequence of seq_length + 1 tokens shown once, while each chunk's first neighbour
+                         holds that chunk and its continuation; "first" is the loss without neighbours,
+                         "repeat" with them, on the tokens the neighbours hold
 
     python benchmarks/copy_probe.py --recipe recipes/small-cpu.toml --runs pretrain,gpt [--json FILE]
     python benchmarks/copy_probe.py --recipe R --checkpoint WS/checkpoints/pretrain/step-000500 ...
@@ -63,6 +68,26 @@ def probe(model, seg: torch.Tensor) -> dict[str, float]:
     return {"first": first, "repeat": second, "drop": first - second}
 
 
+@torch.no_grad()
+def probe_neighbours(model, seg: torch.Tensor) -> dict[str, float]:
+    """A Retro checkpoint's reading of its neighbours: `seg` (b, n + 1) shown once, while the first neighbour
+    of each chunk j holds seg[j*m : j*m + r] (the chunk and its continuation, as a perfect retrieval returns
+    it; the other slots are padding). Mean NLL of the targets the neighbours hold (positions m-1 on, after
+    the causal shift), without neighbours ("first") and with them ("repeat")."""
+    b, m, r, k = seg.shape[0], model.chunk_length, model.retrieved_length, model.cfg.num_neighbors
+    n = seg.shape[1] - 1
+    nbr = torch.full((b, n // m, k, r), model.pad_id, dtype=torch.long)
+    for j in range(n // m):
+        held = seg[:, j * m : j * m + r]
+        nbr[:, j, 0, : held.shape[1]] = held
+    out = {}
+    for name, kwargs in (("first", {"retrieval": False}), ("repeat", {"neighbours": nbr})):
+        logits = model(seg[:, :-1], **kwargs)
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), seg[:, 1:], reduction="none")  # (b, n)
+        out[name] = nll[:, m - 1 :].mean().item()
+    return {**out, "drop": out["first"] - out["repeat"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", required=True)
@@ -78,17 +103,22 @@ def main() -> None:
     store = ChunkStore.open(ws, cfg.db.chunk_length)
     paths = [Path(p) for p in a.checkpoint] or [resolve_checkpoint(ws, None, r) for r in a.runs.split(",")]
     results = []
-    print(f"{'checkpoint':<48} {'probe':<7} {'first':>7} {'repeat':>7} {'drop':>7}  (nats per token)")
+    print(f"{'checkpoint':<48} {'probe':<10} {'first':>7} {'repeat':>7} {'drop':>7}  (nats per token)")
     for path in paths:
         model, meta = load_model(ws, path)
         if 2 * a.length > model.cfg.seq_length + 1:
             sys.exit(f"--length {a.length}: two copies exceed the model's seq_length {model.cfg.seq_length}")
-        for kind in ("random", "text"):
-            seg = segments(kind, store, model.cfg.vocab_size, a.length, a.batch, a.seed)
-            r = {"checkpoint": str(path), "step": meta.get("step"), "probe": kind, **probe(model, seg)}
+        kinds = ["random", "text"] + (["nbr-random", "nbr-text"] if model.retro_layers else [])
+        for kind in kinds:
+            if kind.startswith("nbr-"):
+                seg = segments(kind[4:], store, model.cfg.vocab_size, model.cfg.seq_length + 1, a.batch, a.seed)
+                found = probe_neighbours(model, seg)
+            else:
+                found = probe(model, segments(kind, store, model.cfg.vocab_size, a.length, a.batch, a.seed))
+            r = {"checkpoint": str(path), "step": meta.get("step"), "probe": kind, **found}
             results.append(r)
             name = f"{path.parent.name}/{path.name}"
-            print(f"{name:<48} {kind:<7} {r['first']:7.3f} {r['repeat']:7.3f} {r['drop']:7.3f}")
+            print(f"{name:<48} {kind:<10} {r['first']:7.3f} {r['repeat']:7.3f} {r['drop']:7.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"length": a.length, "batch": a.batch, "results": results}, indent=1))
 

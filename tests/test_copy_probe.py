@@ -59,6 +59,36 @@ def test_a_model_that_copies_from_the_wrong_place_gains_nothing():
     assert r["repeat"] > math.log(VOCAB)
 
 
+class NeighbourCopier(torch.nn.Module):
+    """A Retro stand-in that reads the target of position t, with probability p, where a perfect retrieval puts
+    it: neighbour slot 0 of chunk j = (t + 1) // m - 1, offset t + 1 - j*m (uniform without neighbours)."""
+
+    chunk_length, retrieved_length, pad_id = 4, 8, 0
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.cfg = type("Cfg", (), {"num_neighbors": 2})()
+
+    def forward(self, tokens, neighbours=None, retrieval=True):
+        b, n = tokens.shape
+        probs = torch.full((b, n, VOCAB), 1.0 / VOCAB)
+        m = self.chunk_length
+        for t in range(m - 1, n) if neighbours is not None and retrieval else ():
+            j = (t + 1) // m - 1
+            probs[:, t, :] = (1 - self.p) / (VOCAB - 1)
+            probs[torch.arange(b), t, neighbours[:, j, 0, t + 1 - j * m]] = self.p
+        return probs.log()
+
+
+def test_the_neighbour_probe_puts_each_chunks_continuation_in_its_first_neighbour():
+    cp = _module()
+    seg = torch.randint(1, VOCAB, (3, 17), generator=torch.Generator().manual_seed(2))  # seq_length 16, m 4
+    r = cp.probe_neighbours(NeighbourCopier(p=0.8), seg)
+    assert r["first"] == pytest.approx(math.log(VOCAB), rel=1e-5)
+    assert r["repeat"] == pytest.approx(-math.log(0.8), rel=1e-5)
+
+
 def test_the_script_reports_both_probes_for_a_workspace_checkpoint(trained, tmp_path, monkeypatch, capsys):
     cp = _module()
     out = tmp_path / "probe.json"
@@ -66,7 +96,7 @@ def test_the_script_reports_both_probes_for_a_workspace_checkpoint(trained, tmp_
                                      "--json", str(out)])
     cp.main()
     report = json.loads(out.read_text())
-    assert [r["probe"] for r in report["results"]] == ["random", "text"]
+    assert [r["probe"] for r in report["results"]] == ["random", "text", "nbr-random", "nbr-text"]  # a Retro
     for r in report["results"]:
         assert r["checkpoint"].endswith("step-000002") and r["step"] == 2
         assert r["first"] > 0 and r["repeat"] > 0 and r["drop"] == pytest.approx(r["first"] - r["repeat"])

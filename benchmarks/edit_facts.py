@@ -147,12 +147,14 @@ def main() -> None:
                "answer_original_before": sum(contains(b[i]["prediction"], q["answer"]) for i, q in by_id.items()) / n,
                "answer_new_after": sum(contains(f[i]["prediction"], q["new_answer"]) for i, q in by_id.items()) / n,
                "answer_original_after": sum(contains(f[i]["prediction"], q["answer"]) for i, q in by_id.items()) / n}
-        row["follows"] = sum(contains(f[i]["prediction"], q["new_answer"]) and not contains(f[i]["prediction"],
-                                                                                           q["answer"])
-                             for i, q in by_id.items())
-        row["examples"] = [{"question": q["question"], "old": q["answer"], "new": q["new_answer"],
-                            "before": b[i]["prediction"], "after": f[i]["prediction"]}
-                           for i, q in list(by_id.items())[:3]]
+        followed = [i for i, q in by_id.items()
+                    if contains(f[i]["prediction"], q["new_answer"]) and not contains(f[i]["prediction"], q["answer"])]
+        row["follows"] = len(followed)
+        # every question that followed its edit, then the first others, up to 5
+        shown = (followed + [i for i in by_id if i not in followed])[: max(5, len(followed))]
+        row["examples"] = [{"question": by_id[i]["question"], "old": by_id[i]["answer"], "new": by_id[i]["new_answer"],
+                            "before": b[i]["prediction"], "after": f[i]["prediction"], "follows": i in followed}
+                           for i in shown]
         rows.append(row)
     print(f"{len(questions)} edited facts, {time.time() - started:.0f} s; contexts from the database "
           f"(question as the query), workspace {ws}")
@@ -163,8 +165,8 @@ def main() -> None:
               f"{r['cited_original_after']:>17.2f}{r['answer_original_before']:>16.2f}{r['answer_new_after']:>14.2f}"
               f"{r['answer_original_after']:>15.2f}{r['follows']:>6}/{r['questions']}")
         for ex in r["examples"]:
-            print(f"    {ex['question'][:60]!r}: {ex['old']!r} -> {ex['new']!r}; before {ex['before'][:40]!r}, "
-                  f"after {ex['after'][:40]!r}")
+            print(f"  {'*' if ex['follows'] else ' '} {ex['question'][:60]!r}: {ex['old']!r} -> {ex['new']!r}; "
+                  f"before {ex['before'][:40]!r}, after {ex['after'][:40]!r}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
 

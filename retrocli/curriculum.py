@@ -11,8 +11,9 @@ Each copy window also has neighbours a perfect retrieval would return: for its c
 slots holds, with probability 1/2, the window's own tokens from chunk j on (the chunk and its continuation,
 r tokens, as the database stores a neighbour) and otherwise r random ids (a neighbour that does not match).
 Where the period is longer than a chunk, the neighbours tell a Retro model the next chunk before the window
-does: the CCA learns to copy from a neighbour whose first chunk matches. A GPT sees the same tokens and
-ignores the neighbours, so a Retro run and its GPT baseline still train on the same tokens.
+does, so the CCA sees examples of copying from a neighbour whose first chunk matches (few of them: a 20%
+share did not teach it that in 600 steps, docs/results.md). A GPT sees the same tokens and ignores the
+neighbours, so a Retro run and its GPT baseline still train on the same tokens.
 
 Which training positions are copy windows is fixed by the seed and the position alone: the first
 `pretrain.copy_warmup_steps` steps are all copy windows, later steps a `pretrain.copy_share` of them. A

@@ -174,16 +174,15 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     resolved = dataclasses.replace(cfg, model=model_cfg)
     meta = checkpoint.model_meta(model_cfg, m, tok.pad_id, tok_ref, model.retro_layers)
     meta["eos_id"] = tok.eos_id
-    job = Job("pretrain", out, model, train_samples, valid_samples, meta,
-              to_commented_toml(resolved, "# the resolved configuration of this checkpoint"))
-    p = cfg.pretrain
+    p, synthetic = cfg.pretrain, None
     if p.copy_warmup_steps or p.copy_share:
-        windows = CopyWindows(model_cfg.seq_length, m, model_cfg.num_neighbors, retrieved_length(cfg),
-                              model_cfg.vocab_size, {tok.pad_id, tok.eos_id},
-                              p.copy_warmup_steps * settings.global_batch_size, p.copy_share, settings.seed,
-                              neighbours=retrieval)
-        job.synthetic = windows.at
+        synthetic = CopyWindows(model_cfg.seq_length, m, model_cfg.num_neighbors, retrieved_length(cfg),
+                                model_cfg.vocab_size, {tok.pad_id, tok.eos_id},
+                                p.copy_warmup_steps * settings.global_batch_size, p.copy_share, settings.seed,
+                                neighbours=retrieval).at
         meta["copy_windows"] = {"warmup_steps": p.copy_warmup_steps, "share": p.copy_share}
+    job = Job("pretrain", out, model, train_samples, valid_samples, meta,
+              to_commented_toml(resolved, "# the resolved configuration of this checkpoint"), synthetic=synthetic)
     return job, settings, resume_from
 
 

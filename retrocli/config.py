@@ -137,7 +137,8 @@ class TrainingConfig:
     eval_steps: int = opt(10, "batches of global_batch_size validation sequences in each evaluation")
     save_interval: int = opt(500, "write a checkpoint every this many steps (and at the end)")
     keep_last: int = opt(3, "checkpoints kept (older ones are deleted); 0: keep all")
-    precision: str = opt("fp32", "'fp32' or 'bf16' (autocast; weights and optimizer stay fp32)")
+    precision: str = opt("fp32", "'fp32' or 'bf16' (autocast; weights and optimizer stay fp32); bf16 pays off on "
+                         "GPUs and on CPUs with AVX-512 BF16 or AMX (1.6x faster Retro steps on a Zen 4)")
     compile: bool = opt(False, "torch.compile the model")
     fsdp: bool = opt(False, "with several processes ([launch]): shard parameters, gradients and optimizer state "
                             "across them (FSDP) instead of replicating them (DDP), for models that do not fit one "

@@ -41,6 +41,8 @@ def test_int_accepted_for_float(tmp_path: Path):
     ({"launch": {"fsdp": True}}, "'launch.fsdp' in"),  # the old place: the message says where it moved
     ({"launch": {"backend": "mpi"}}, "launch.backend must be 'auto', 'nccl' or 'gloo'"),
     ({"launch": {"rdzv_endpoint": "node0"}}, "launch.rdzv_endpoint must be HOST:PORT"),
+    ({"pretrain": {"copy_warmup_steps": -1}}, "pretrain.copy_warmup_steps must be >= 0, got -1"),
+    ({"pretrain": {"copy_share": 1.0}}, "pretrain.copy_share must be in [0, 1), got 1.0"),
 ])
 def test_bad_values_name_the_key_and_file(tmp_path: Path, sections, needle):
     toml = write_toml(tmp_path / "w.toml", sections)

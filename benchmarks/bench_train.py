@@ -96,8 +96,11 @@ def worker(a) -> dict:
     tokens = torch.randint(1, a.vocab, (a.batch, a.seq + 1))
     neighbours = torch.randint(1, a.vocab, (a.batch, l, a.k, 2 * a.chunk))
 
+    def autocast():  # --precision bf16: the forward under CPU autocast, as pretrain.precision = "bf16" runs it
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16")
+
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+        with autocast():
             loss = loss_of(tokens, neighbours)
         loss.backward()
         opt.step()
@@ -107,8 +110,7 @@ def worker(a) -> dict:
     if a.worker in PEERS:
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as fc, torch.autocast("cpu", dtype=torch.bfloat16,
-                                                                  enabled=a.precision == "bf16"):
+        with FlopCounterMode(display=False) as fc, autocast():
             loss_of(tokens, neighbours).backward()
         opt.zero_grad(set_to_none=True)
         counted = fc.get_total_flops()

@@ -357,7 +357,7 @@ def generate(
     fmt: str = typer.Option("auto", "--format", help="format of TASK: auto (from its first record), squad, qed, "
                                                      "nq, instructretro, qa, chat, self_instruct"),
     out: Optional[Path] = typer.Option(None, "--out", help="the answers' JSON lines (default: "
-                                       "WORKSPACE/generate/TASK.CONTEXTS.jsonl)"),
+                                       "WORKSPACE/generate/TASK.CONTEXTS.RUN.STEP.jsonl, RUN/STEP: the checkpoint's)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="a step or run folder (default: "
                                               "generate.checkpoint, else the latest SFT, else pretraining one)"),
     skip_bad: bool = typer.Option(False, "--skip-bad-records", help="skip malformed records (counted) instead "

@@ -220,6 +220,13 @@ def resolve_generate_checkpoint(cfg: Config, ws, given: Path | None) -> Path:
     return resolve_checkpoint(ws, given, cfg.pretrain.run, what="--checkpoint")
 
 
+def default_out(ws, task: Path, contexts: str, checkpoint_path: Path) -> Path:
+    """WORKSPACE/generate/TASK.CONTEXTS.RUN.STEP.jsonl: named by the checkpoint too, so that a second model's
+    (or a later step's) answers to the same task never overwrite the first's."""
+    stem = task.name.split(".")[0]
+    return ws.root / "generate" / f"{stem}.{contexts}.{checkpoint_path.parent.name}.{checkpoint_path.name}.jsonl"
+
+
 def neighbour_mode(cfg: Config, model: RetroModel, meta: dict[str, Any], path: Path) -> str:
     """generate.neighbors, with "auto" read as the checkpoint was trained: an SFT checkpoint as its
     sft.neighbors, a pretrained Retro with database neighbours, a GPT with none."""
@@ -345,7 +352,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     eos_id = meta.get("eos_id", tok.eos_id)
 
     if out is None and task is not None:
-        out = ws.root / "generate" / f"{task.name.split('.')[0]}.{g.contexts}.jsonl"
+        out = default_out(ws, task, g.contexts, path)
     D = dist()
     done: dict[int, dict] = {}
     mine = pattern = None

@@ -222,6 +222,29 @@ def test_two_ranks_share_the_questions_and_merge_them_in_order(workspace: Path) 
     assert strip(answers(two)) == strip(answers(one))
 
 
+def test_the_default_output_names_the_checkpoint_so_a_second_model_keeps_the_first_ones_answers(
+        workspace: Path) -> None:
+    import shutil
+
+    from retrocli import checkpoint
+    from retrocli.config import load_config
+    from retrocli.db import workspace_of
+    from retrocli.generate import run
+    from retrocli.pretrain import run_dir
+
+    cfg = load_config(workspace, ["generate.max_new_tokens=2", 'generate.contexts="none"'])
+    ws = workspace_of(cfg)
+    first = checkpoint.latest(run_dir(ws, "pretrain"))
+    second = run_dir(ws, "other") / first.name
+    shutil.copytree(first, second)
+    squad = workspace.parent / "squad.json"
+    a = Path(run(cfg, str(squad), limit=2, checkpoint_path=first)["out"])
+    b = Path(run(cfg, str(squad), limit=3, checkpoint_path=second)["out"])
+    assert a.parent == b.parent == ws.root / "generate"
+    assert (a.name, b.name) == (f"squad.none.pretrain.{first.name}.jsonl", f"squad.none.other.{first.name}.jsonl")
+    assert len(answers(a)) == 2 and len(answers(b)) == 3  # the first model's answers are still there
+
+
 def test_prompts_from_the_command_line_and_stdin(workspace: Path) -> None:
     proc = run_cli("generate", "-c", str(workspace), "--prompt", "what colour is the apple?", "--prompt",
                    "and the river?", *GEN, env={"OMP_NUM_THREADS": "1"})

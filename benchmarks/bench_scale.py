@@ -10,7 +10,12 @@ grows it through the sizes asked (default 1M, 3M, 10M vectors), and at each size
 - index bytes per vector (the file `faiss.write_index` writes, over ntotal);
 - peak RSS of this process (`ru_maxrss`). Above `--max-rss-gib` (default 4) the script exits with 1;
 - the 1-minute load average at the end of the step: on a shared machine, a step that ran beside other
-  jobs shows it (2 means both cores busy).
+  jobs shows it (2 means both cores busy);
+- a sweep (`--sweep-nprobe`, default 16, 64, 256, 1024): at each nprobe, queries/s and recall@10 in the
+  index's order and re-ranked at each depth N (`--rerank`, default 50, 100, 200) exactly as `db.rerank`
+  does: the product's `neighbours.Reranked` reads the candidates' vectors from float16 blocks written as
+  the embed stage writes them (`--store-dir`, a temporary folder by default; the page cache may hold them,
+  so this is the warm-disk cost).
 
 Data. Chunk embeddings are random but shaped like real ones (`ClusteredVectors`): 4,096 cluster centres
 and, around each, offsets of norm ~1, both drawn with one decaying variance profile (91% of it in a
@@ -45,7 +50,7 @@ k-means, whose cost is ~ training vectors x lists x 10 iterations. Faiss' prefer
 (`--train` sets it; `--nlist` sets fewer lists when a larger --sizes makes k-means unaffordable). The
 output names the index, the lists and why.
 
-    python benchmarks/bench_scale.py                                # 1M, 3M, 10M: 11 min on 2 cores
+    python benchmarks/bench_scale.py                                # 1M, 3M, 10M: ~10 min on 2 cores
     python benchmarks/bench_scale.py --sizes 20000,50000 --train 20000 --spec IVF64_HNSW32,SQ8  # seconds
     python benchmarks/bench_scale.py --compare runs/books-qa/db/embed  # the data against real embeddings
 
@@ -73,6 +78,9 @@ sys.path.insert(0, str(REPO))
 
 from retrocli import index as faiss_index  # noqa: E402
 from retrocli.config import DBConfig  # noqa: E402
+from retrocli.db import EmbeddingStore  # noqa: E402
+from retrocli.neighbours import Reranked  # noqa: E402
+from retrocli.workspace import save_npy_atomic  # noqa: E402
 
 DIM = 384
 # seeded streams: one per purpose, so that the database, the queries and the centres never share draws
@@ -225,9 +233,58 @@ def recall_at(got: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(g[:k]) & set(t)) / k for g, t in zip(got, truth)]))
 
 
+class StoredVectors:
+    """The database's vectors as `retro db build` stores embeddings: float16 blocks of `block_size` rows
+    (db/embed/block-NNNNNN.npy), read back by the product's own `EmbeddingStore.take`, the reader
+    `db.rerank` uses. `block_size` must divide every span written."""
+
+    def __init__(self, folder: Path, block_size: int):
+        self.folder, self.block_size = folder, block_size
+        self.settings = {"settings": {"block_size": block_size}}
+
+    def require(self, stage: str) -> dict:  # the two Workspace methods EmbeddingStore calls
+        return self.settings
+
+    def embed_block(self, i: int) -> Path:
+        return self.folder / f"block-{i:06d}.npy"
+
+    def write(self, first: int, x: np.ndarray) -> None:
+        assert first % self.block_size == 0 and len(x) % self.block_size == 0, (first, len(x))
+        for j in range(0, len(x), self.block_size):
+            save_npy_atomic(self.embed_block((first + j) // self.block_size), x[j : j + self.block_size]
+                            .astype(np.float16))
+
+    def take(self, size: int):
+        return EmbeddingStore(self, size).take
+
+
+def sweep(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, take, nprobes: list[int],
+          depths: list[int], ef_search: int) -> list[dict]:
+    """At each nprobe: queries/s for the batch and recall@k, in the index's order and re-ranked at each depth
+    (`db.rerank`: the product's `Reranked` over the stored float16 blocks, timed end to end)."""
+    k, n = truth.shape[1], len(truth)
+    rows = []
+    for nprobe in nprobes:
+        faiss_index.set_search_params(index, nprobe, ef_search)
+        row: dict = {"nprobe": nprobe, "reranked": {}}
+        for depth in [0, *depths]:
+            searcher = Reranked(index, take, depth) if depth else index
+            searcher.search(queries[:10], k)  # warm-up
+            t = time.perf_counter()
+            got = searcher.search(queries, k)[1]
+            rate, recall = len(queries) / (time.perf_counter() - t), recall_at(got[:n], truth)
+            if depth:
+                row["reranked"][depth] = {"queries_per_s": rate, "recall_at_10": recall}
+            else:
+                row.update(queries_per_s=rate, recall_at_10=recall)
+        rows.append(row)
+    return rows
+
+
 def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | None, n_queries: int,
         n_recall: int, k: int, nprobe: int, ef_search: int, block_size: int, seed: int,
-        max_rss_gib: float) -> dict:
+        max_rss_gib: float, nprobes: list[int] | None = None, depths: list[int] | None = None,
+        store_dir: Path | None = None) -> dict:
     started = time.perf_counter()
     block_size = min(block_size, sizes[0])
     gen = ClusteredVectors(seed, block_size=block_size)
@@ -263,6 +320,11 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
     add_ef = quantizer.hnsw.efSearch if isinstance(quantizer, faiss.IndexHNSW) else None
     queries = gen.queries(n_queries)
     exact = RunningTopK(queries[:n_recall], k)
+    stored = None
+    if nprobes and store_dir is not None:  # blocks that divide every growth step, at most db.block_size
+        stored = StoredVectors(store_dir, math.gcd(math.gcd(*sizes), block_size, DBConfig().block_size))
+        print(f"storing the vectors as float16 blocks of {stored.block_size:,} in {store_dir} "
+              f"({2 * DIM * sizes[-1] / 1e9:.2f} GB at {sizes[-1]:,}) for the re-ranking sweep", flush=True)
     rows, done = [], 0
     print(f"{'vectors':>12}{'add/s':>10}{'queries/s':>11}{'ms/query':>10}{'recall@10':>11}{'B/vector':>10}"
           f"{'peak RSS GiB':>14}{'step s':>8}{'load':>6}", flush=True)
@@ -270,7 +332,7 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
         step_t = time.perf_counter()
         if add_ef is not None:
             quantizer.hnsw.efSearch = add_ef
-        gen_s = add_s = exact_s = 0.0
+        gen_s = add_s = exact_s = store_s = 0.0
         t = time.perf_counter()
         for first, x in gen.rows(done, size):
             gen_s += time.perf_counter() - t
@@ -280,6 +342,10 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
             t = time.perf_counter()
             exact.update(first, x)
             exact_s += time.perf_counter() - t
+            if stored is not None:
+                t = time.perf_counter()
+                stored.write(first, x)
+                store_s += time.perf_counter() - t
             if (first + len(x)) // 1_000_000 > first // 1_000_000:
                 print(f"  ... {first + len(x):,} vectors, peak RSS {peak_rss_gib():.2f} GiB", flush=True)
             t = time.perf_counter()
@@ -288,7 +354,7 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
         qps, latency_ms = measure_search(index, queries, k)
         _, got = index.search(queries[:n_recall], k)
         row = {"vectors": size, "added": added, "add_s": add_s, "add_per_s": added / add_s,
-               "generate_s": gen_s, "exact_s": exact_s, "queries": n_queries, "queries_per_s": qps,
+               "generate_s": gen_s, "exact_s": exact_s, "store_s": store_s, "queries": n_queries, "queries_per_s": qps,
                "latency_ms": latency_ms, "recall_queries": n_recall, "recall_at_10": recall_at(got, exact.ids),
                "index_bytes": index_bytes(index), "peak_rss_gib": peak_rss_gib(),
                "load_avg_1min": os.getloadavg()[0]}
@@ -298,12 +364,24 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
         print(f"{size:>12,}{row['add_per_s']:>10,.0f}{qps:>11,.0f}{latency_ms:>10.2f}{row['recall_at_10']:>11.3f}"
               f"{row['bytes_per_vector']:>10.1f}{row['peak_rss_gib']:>14.2f}{row['step_s']:>8.0f}"
               f"{row['load_avg_1min']:>6.1f}", flush=True)
+        if stored is not None:
+            t = time.perf_counter()
+            row["sweep"] = sweep(index, queries, exact.ids, stored.take(size), nprobes, depths, ef_search)
+            row["sweep_s"] = time.perf_counter() - t
+            print(f"{'':>12}{'nprobe':>8}{'queries/s':>11}{'recall@10':>11}"
+                  + "".join(f"{f'rerank {d}: q/s':>17}{'recall':>8}" for d in depths), flush=True)
+            for r in row["sweep"]:
+                print(f"{'':>12}{r['nprobe']:>8}{r['queries_per_s']:>11,.0f}{r['recall_at_10']:>11.3f}"
+                      + "".join(f"{r['reranked'][d]['queries_per_s']:>17,.0f}{r['reranked'][d]['recall_at_10']:>8.3f}"
+                                for d in depths), flush=True)
 
     peak = peak_rss_gib()
     result = {"spec": spec, "auto_spec": faiss_index.auto_spec(sizes[-1]), "nlist": ivf_lists, "add_ef_search": add_ef,
               "train_vectors": train_n, "train_s": train_s, "nprobe": nprobe, "ef_search": ef_search, "k": k,
               "dim": DIM, "block_size": block_size, "seed": seed, "threads": faiss.omp_get_max_threads(),
-              "faiss": faiss.__version__, "sizes": rows, "peak_rss_gib": peak, "max_rss_gib": max_rss_gib,
+              "faiss": faiss.__version__, "sweep_nprobe": nprobes, "rerank_depths": depths,
+              "sweep_block_size": stored.block_size if stored else None, "sizes": rows, "peak_rss_gib": peak,
+              "max_rss_gib": max_rss_gib,
               "total_s": time.perf_counter() - started}
     print(f"peak RSS {peak:.2f} GiB (limit {max_rss_gib} GiB); total {result['total_s']:.0f} s", flush=True)
     return result
@@ -323,6 +401,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, default=d.nprobe)
     ap.add_argument("--ef-search", type=int, default=d.ef_search)
+    ap.add_argument("--sweep-nprobe", default="16,64,256,1024",
+                    help="after each size, recall@10 and queries/s at these nprobe too ('': no sweep)")
+    ap.add_argument("--rerank", default="50,100,200",
+                    help="in the sweep, also re-rank the index's top N by the stored vectors (db.rerank), each N")
+    ap.add_argument("--store-dir", default=None,
+                    help="where the sweep's float16 blocks go, 2 x 384 bytes a vector (7.7 GB at 10M); default: "
+                         "a temporary folder, removed at the end")
     ap.add_argument("--block-size", type=int, default=100_000, help="vectors generated and added at a time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-rss-gib", type=float, default=4.0, help="exit 1 when peak RSS exceeds this")
@@ -338,8 +423,14 @@ def main() -> None:
         ap.error(f"--sizes must be positive and ascending, got {args.sizes}")
     if args.recall_queries > args.queries:
         ap.error("--recall-queries cannot exceed --queries")
-    result = run(sizes, args.train, args.nlist, args.spec, args.queries, args.recall_queries, args.k, args.nprobe,
-                 args.ef_search, args.block_size, args.seed, args.max_rss_gib)
+    nprobes = [int(x) for x in args.sweep_nprobe.split(",") if x.strip()]
+    depths = [int(x) for x in args.rerank.split(",") if x.strip()]
+    if nprobes and depths and min(depths) <= args.k:
+        ap.error(f"--rerank depths must exceed --k ({args.k}), got {args.rerank!r}")
+    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.store_dir) as store:
+        result = run(sizes, args.train, args.nlist, args.spec, args.queries, args.recall_queries, args.k,
+                     args.nprobe, args.ef_search, args.block_size, args.seed, args.max_rss_gib, nprobes, depths,
+                     Path(store))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if result["peak_rss_gib"] > args.max_rss_gib:

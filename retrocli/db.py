@@ -11,6 +11,7 @@ blocks across ranks; rank 0 alone does everything else and writes every shared f
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -24,11 +25,11 @@ from .config import Config, DBConfig, min_chunk_tokens
 from .corpus import CorpusStats, corpus_files, fingerprint, iter_documents
 from .embed import LEXICAL, LEXICAL_SCHEME, Embedder, embed_blocks, lexical_idf, make_embedder
 from .errors import UserError
-from .neighbours import search_excluding
+from .neighbours import Reranked, search_excluding
 from .runtime import dist, fault_point, log, progress, warn
 from .samples import neighbour_tokens
 from .tokenizer import load_tokenizer, train_sentencepiece
-from .workspace import DB_STAGES, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
+from .workspace import DB_STAGES, NpyRows, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
 
 
 def workspace_of(cfg: Config) -> Workspace:
@@ -108,9 +109,12 @@ class EmbeddingStore:
     """Read access to the embedding blocks as if they were one (num_chunks, dim) array. The block size is the
     one the embed stage recorded, whatever db.block_size says now."""
 
+    SCATTERED = 64  # a block with fewer rows wanted is read row by row (NpyRows), else mapped
+
     def __init__(self, ws: Workspace, num_chunks: int):
         self.ws, self.n = ws, num_chunks
         self.block_size = int(ws.require("embed")["settings"]["block_size"])
+        self.scattered = NpyRows()
 
     def block(self, i: int) -> np.ndarray:
         return load_npy(self.ws.embed_block(i))
@@ -125,18 +129,21 @@ class EmbeddingStore:
         return np.concatenate(parts).astype(np.float32)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows in the order given (read block by block)."""
+        """Rows in the order given, (n, dim) float32 (read block by block)."""
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
         out = None
         sorted_rows = rows[order]
         blocks_of = sorted_rows // self.block_size
-        for b in np.unique(blocks_of):
-            sel = blocks_of == b
-            data = self.block(int(b))[sorted_rows[sel] - b * self.block_size].astype(np.float32)
+        bounds = np.flatnonzero(np.diff(blocks_of)) + 1
+        for lo, hi in zip([0, *bounds], [*bounds, len(rows)]):  # each block's run of the sorted rows
+            b = int(blocks_of[lo])
+            local = sorted_rows[lo:hi] - b * self.block_size
+            data = (self.scattered.read(self.ws.embed_block(b), local) if len(local) < self.SCATTERED
+                    else self.block(b)[local])
             if out is None:
                 out = np.empty((len(rows), data.shape[1]), dtype=np.float32)
-            out[order[sel]] = data
+            out[order[lo:hi]] = data  # (converted to float32 as it is copied)
         return out
 
 
@@ -232,6 +239,8 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     d = cfg.db
     settings = {"num_neighbors_query": d.num_neighbors_query, "nprobe": d.nprobe, "ef_search": d.ef_search,
                 "block_size": d.block_size, "index": index_meta["fingerprint"]}
+    if depth := faiss_index.rerank_depth(d.rerank, index_meta["counts"]["spec"]):
+        settings["rerank"] = depth  # (only when on: databases built before the key existed keep their settings)
     done = begin_shared(ws, "neighbours", settings, rebuild)
     if done:
         return done
@@ -239,7 +248,7 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
     emb = EmbeddingStore(ws, store.num_chunks)
-    index = open_index(ws, d, edits=False)
+    index = open_index(ws, d, edits=False, store=store)
     chunk_docs = np.ascontiguousarray(store.chunks["doc"])
     k = d.num_neighbors_query
     spans = blocks(store.num_chunks, d.block_size)
@@ -259,14 +268,20 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
 
 def open_index(ws: Workspace, d: DBConfig, edits: bool = True, store: ChunkStore | None = None):
     """The trained index; with edits=True also the segments `retro db add` added and without the chunks
-    `retro db remove` removed (edits.EditedIndex), as of the edits `store` was opened with (default: now)."""
-    if edits:
-        from .edits import edited_index
+    `retro db remove` removed (edits.EditedIndex), as of the edits `store` was opened with (default: now).
+    With db.rerank (resolved for the index built) = N > 0 its top N are put in exact order by the stored
+    embeddings (neighbours.Reranked)."""
+    from .edits import edited_index, embeddings_of
 
-        return edited_index(ws, d, store or ChunkStore.open(ws, d.chunk_length))
-    index = faiss_index.load(ws.index_file, mmap=True)  # one copy per machine, however many ranks search it
-    faiss_index.set_search_params(index, d.nprobe, d.ef_search)
-    return index
+    depth = faiss_index.rerank_depth(d.rerank, ws.require("index")["counts"]["spec"])
+    if edits or depth:
+        store = store or ChunkStore.open(ws, d.chunk_length, edits=edits)
+    if edits:
+        index = edited_index(ws, d, store)
+    else:
+        index = faiss_index.load(ws.index_file, mmap=True)  # one copy per machine, however many ranks search it
+        faiss_index.set_search_params(index, d.nprobe, d.ef_search)
+    return Reranked(index, embeddings_of(ws, store), depth) if depth else index
 
 
 def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
@@ -483,7 +498,9 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     ok_nb = [b for b in sampled.get("neighbours", [])
              if f"block-{b:06d}.npy" not in out["damaged"].get("neighbours", {})]
     if ok_nb and upstream_ok and not out["damaged"].get("embed") and not out["damaged"].get("index"):
-        index = open_index(ws, d, edits=False)
+        built = ws.read_meta("neighbours")["settings"]  # searched as built, whatever [db] says now
+        index = open_index(ws, dataclasses.replace(d, nprobe=built["nprobe"], ef_search=built["ef_search"],
+                                                   rerank=built.get("rerank", 0)), edits=False, store=store)
         chunk_docs = np.ascontiguousarray(store.chunks["doc"])
         k = ws.read_meta("neighbours")["counts"]["k"]
         same = total = 0

@@ -326,7 +326,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     relative to the current folder), as a new segment. Documents already present (same id, or the same
     tokens) are skipped and counted. `retrain`: train the index afresh on every chunk now in the database
     (base and added), for when the added text differs from what the index was trained on."""
-    from .db import Retriever, open_tokenizer, workspace_of
+    from .db import Retriever, open_index, open_tokenizer, workspace_of
 
     ws = workspace_of(cfg)
     _require_database(ws)
@@ -400,7 +400,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     after = with_edits(ws, ChunkStore.open(ws, m, edits=False), pending)
     chunk_docs = np.ascontiguousarray(after.chunks["doc"])
     t_search = time.time()
-    ids, _ = search_excluding(edited_index(ws, d, after), vectors, chunk_docs[first_chunk:], chunk_docs,
+    ids, _ = search_excluding(open_index(ws, d, store=after), vectors, chunk_docs[first_chunk:], chunk_docs,
                               d.num_neighbors_query)
     t_search = time.time() - t_search
     save_npy_atomic(folder / name / "neighbours.npy", ids)
@@ -452,22 +452,50 @@ def _all_rows(ws: Workspace, d: DBConfig, store: ChunkStore) -> Iterator[tuple[n
     return _rows_where(ws, d, store, np.ones(store.num_chunks, dtype=bool))
 
 
-def _rows_where(ws: Workspace, d: DBConfig, store: ChunkStore, ok: np.ndarray) -> Iterator[tuple[np.ndarray, Callable]]:
+def _embedding_layout(ws: Workspace, store: ChunkStore) -> tuple[Any, list[tuple[int, int, Path]]]:
+    """Where the embeddings of `store`'s chunks lie: the base's blocks (db.EmbeddingStore, rows from 0) and
+    each added segment's (first row, chunks, embeddings.npy)."""
     from .db import EmbeddingStore
 
-    base_n = store.num_chunks - sum(seg["chunks"] for seg in (store.manifest or {}).get("segments", []))
-    emb = EmbeddingStore(ws, base_n)
-    for _, s, e in blocks(base_n, emb.block_size):
+    segments = (store.manifest or {}).get("segments", [])
+    first = store.num_chunks - sum(seg["chunks"] for seg in segments)
+    base = EmbeddingStore(ws, first)
+    out = []
+    for seg in segments:
+        out.append((first, seg["chunks"], edits_dir(ws) / seg["name"] / "embeddings.npy"))
+        first += seg["chunks"]
+    return base, out
+
+
+def embeddings_of(ws: Workspace, store: ChunkStore) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from chunk rows of `store` to their stored embeddings, (n, dim) float32 (`db.rerank`)."""
+    base, segments = _embedding_layout(ws, store)
+    dim = int(ws.require("embed")["counts"]["dim"])
+
+    def vectors(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        sel = rows < base.n
+        if sel.any():
+            out[sel] = base.take(rows[sel])
+        for first, n, path in segments:
+            sel = (rows >= first) & (rows < first + n)
+            if sel.any():
+                out[sel] = load_npy(path)[rows[sel] - first]
+        return out
+
+    return vectors
+
+
+def _rows_where(ws: Workspace, d: DBConfig, store: ChunkStore, ok: np.ndarray) -> Iterator[tuple[np.ndarray, Callable]]:
+    base, segments = _embedding_layout(ws, store)
+    for _, s, e in blocks(base.n, base.block_size):
         rows = s + np.flatnonzero(ok[s:e])
-        yield rows, (lambda s=s, e=e, rows=rows: emb.rows(s, e)[rows - s])
-    first = base_n
-    for seg in (store.manifest or {}).get("segments", []):
-        n = seg["chunks"]
+        yield rows, (lambda s=s, e=e, rows=rows: base.rows(s, e)[rows - s])
+    for first, n, path in segments:
         rows = first + np.flatnonzero(ok[first : first + n])
-        path = edits_dir(ws) / seg["name"] / "embeddings.npy"
         yield rows, (lambda path=path, rows=rows, first=first: np.asarray(load_npy(path)[rows - first],
                                                                           dtype=np.float32))
-        first += n
 
 
 def _retrain(cfg: Config, ws: Workspace, store: ChunkStore, name: str) -> dict[str, Any]:
@@ -510,6 +538,8 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
     if (manifest.get("refresh") or {}).get("removals") == len(manifest["removed"]):
         return manifest["refresh"]  # up to date
     _clear_unlisted(edits_dir(ws), manifest)  # what a killed refresh left, which would block this one's rename
+    from .db import open_index
+
     d = cfg.db
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length)
@@ -546,7 +576,7 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
         chunk_docs = np.ascontiguousarray(store.chunks["doc"])
         x = np.stack([vectors[int(r)] for r in stale])
         with progress("refresh neighbours", len(stale), "chunks") as bar:
-            new_ids, _ = search_excluding(edited_index(ws, d, store), x, chunk_docs[stale], chunk_docs, k)
+            new_ids, _ = search_excluding(open_index(ws, d, store=store), x, chunk_docs[stale], chunk_docs, k)
             bar.advance(len(stale))
     keep = ~np.isin(old_rows, stale)
     rows = np.concatenate([np.asarray(old_rows)[keep], stale]).astype(np.int64)

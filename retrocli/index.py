@@ -36,6 +36,19 @@ def auto_spec(num_vectors: int) -> str:
     return f"OPQ32_64,IVF{nlist}_HNSW32,PQ32"
 
 
+RERANK_PQ = 200  # db.rerank = -1 for PQ codes: recall@10 0.34-0.49 -> 0.90-0.97 at 1-10M (docs/benchmarks.md)
+
+
+def stores_pq_codes(spec: str) -> bool:
+    """Whether the index keeps product-quantised codes ("PQ32", "IVF4096,PQ32", "OPQ32_64,...,PQ32x8")."""
+    return any(part.strip().startswith("PQ") for part in spec.split(","))
+
+
+def rerank_depth(rerank: int, spec: str) -> int:
+    """db.rerank resolved for an index built as `spec`: -1 gives RERANK_PQ for PQ codes and 0 otherwise."""
+    return rerank if rerank >= 0 else RERANK_PQ if stores_pq_codes(spec) else 0
+
+
 def new_index(spec: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)

@@ -68,7 +68,8 @@ def test_default_lists_are_auto_specs():
 
 def test_exhaustive_probe_gives_exact_recall_and_every_field(tmp_path):
     # 64 lists, all probed, uncompressed: the index answers exactly, so recall must come out 1.0
-    proc, result = _run(tmp_path, "--spec", "IVF64_HNSW32,Flat", "--nprobe", "64")
+    proc, result = _run(tmp_path, "--spec", "IVF64_HNSW32,Flat", "--nprobe", "64", "--sweep-nprobe", "1,64",
+                        "--rerank", "30", "--store-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [r["vectors"] for r in result["sizes"]] == [4000, 10000]
     assert [r["added"] for r in result["sizes"]] == [4000, 6000]
@@ -77,13 +78,21 @@ def test_exhaustive_probe_gives_exact_recall_and_every_field(tmp_path):
         assert r["recall_at_10"] == 1.0
         assert r["bytes_per_vector"] >= 4 * 384 + 8  # float32 vector and int64 id
         assert 0 < r["peak_rss_gib"] < 4
+        one, every = r["sweep"]  # nprobe 1 of 64 lists misses neighbours; all 64 are exact, re-ranked or not
+        assert one["recall_at_10"] < 1.0 and every["recall_at_10"] == 1.0
+        assert every["reranked"]["30"]["recall_at_10"] == 1.0  # (JSON keys) from the float16 blocks
+        assert one["reranked"]["30"]["recall_at_10"] >= one["recall_at_10"]
+        assert one["queries_per_s"] > every["queries_per_s"] > 0 and one["reranked"]["30"]["queries_per_s"] > 0
+    assert result["sweep_block_size"] == 1000  # gcd of 4,000, 10,000 and the 3,000 generated at a time
+    assert not list(tmp_path.glob("bench-scale-*")), "the stored blocks are removed at the end"
     assert result["peak_rss_gib"] >= result["sizes"][-1]["peak_rss_gib"]
     assert result["train_vectors"] == 4000 and result["nprobe"] == 64
     assert "recall@10" in proc.stdout and "peak RSS" in proc.stdout
 
 
 def test_compressed_index_and_the_memory_limit(tmp_path):
-    proc, result = _run(tmp_path, "--spec", "IVF64_HNSW32,SQ8", "--nprobe", "4", "--max-rss-gib", "0.001")
+    proc, result = _run(tmp_path, "--spec", "IVF64_HNSW32,SQ8", "--nprobe", "4", "--max-rss-gib", "0.001",
+                        "--sweep-nprobe", "")
     assert proc.returncode == 1 and "exceeds --max-rss-gib 0.001" in proc.stderr
     for r in result["sizes"]:  # the report is written before the limit fails the run
         assert 0.0 <= r["recall_at_10"] <= 1.0 and r["queries_per_s"] > 0

@@ -31,6 +31,7 @@ def test_int_accepted_for_float(tmp_path: Path):
     ({"dbase": {"x": 1}}, "unknown section [dbase]"),
     ({"db": {"nprobe": "many"}}, "'db.nprobe' must be an integer"),
     ({"db": {"chunk_length": 0}}, "db.chunk_length must be positive"),
+    ({"db": {"rerank": -2}}, "db.rerank must be -1 (auto) or in 0..16384 (the widest search), got -2"),
     ({"corpus": {"valid_fraction": 1.5}}, "corpus.valid_fraction must be in [0, 1)"),
     ({"db": {"num_neighbors_query": 3}, "model": {"num_neighbors": 5}},
      "model.num_neighbors (5) exceeds db.num_neighbors_query (3)"),

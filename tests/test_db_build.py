@@ -85,6 +85,48 @@ def test_changed_settings_are_refused_not_reused(small_workspace):
     assert all(after[k] == v for k, v in before.items() if k.startswith(("db/chunks", "db/embed")))
 
 
+def test_a_compressed_index_reranked_by_the_stored_vectors_finds_the_exact_neighbours(small_workspace):
+    toml = small_workspace(n_docs=12, words=250)  # ~600 chunks, every one a candidate below
+    run_cli("db", "build", "-c", str(toml), check=True)  # db.index = "Flat": exact
+    cfg = load_config(toml)
+    ws = workspace_of(cfg)
+    store = ChunkStore.open(ws, cfg.db.chunk_length)
+    vectors = np.concatenate([np.load(p) for p in sorted(ws.stage_dir("embed").glob("block-*.npy"))])
+
+    def neighbours() -> tuple[np.ndarray, np.ndarray]:
+        """The stored neighbour ids, and the exact similarity of each to its chunk (ties make ids unstable)."""
+        ids = np.concatenate([np.load(p) for p in sorted(ws.stage_dir("neighbours").glob("block-*.npy"))])
+        return ids, np.einsum("nd,nkd->nk", vectors, vectors[ids])
+
+    exact_ids, exact = neighbours()
+    # 4-byte PQ codes of the 1,024-dimensional vectors: in their own order most neighbours are wrong
+    pq = ["--set", 'db.index="PQ4"']
+    run_cli("db", "build", "-c", str(toml), *pq, "--set", "db.rerank=0", "--rebuild", "index", check=True)
+    pq_ids, coded = neighbours()
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(pq_ids, exact_ids)]) / exact_ids.shape[1] < 0.8
+    assert "rerank" not in ws.read_meta("neighbours")["settings"]
+    # by default (-1) a PQ index is re-ranked at depth 200: better, though not every chunk is a candidate
+    run_cli("db", "build", "-c", str(toml), *pq, "--rebuild", "neighbours", check=True)
+    assert ws.read_meta("neighbours")["settings"]["rerank"] == 200
+    auto = neighbours()[1]  # the k best of candidates that hold the codes' k: better at every rank
+    assert (auto >= -np.sort(-coded, axis=1) - 1e-5).all() and auto.mean() > coded.mean()
+    # a changed db.rerank is a changed neighbours stage: refused, then rebuilt when asked for
+    every = ["--set", f"db.rerank={store.num_chunks}"]  # every chunk a candidate, put in exact order
+    proc = run_cli("db", "build", "-c", str(toml), *pq, *every)
+    assert proc.returncode == 2 and "'neighbours' stage" in proc.stderr, proc.stderr
+    run_cli("db", "build", "-c", str(toml), *pq, *every, "--rebuild", "neighbours", check=True)
+    ids, reranked = neighbours()
+    assert np.allclose(reranked, exact, atol=1e-5) and not np.allclose(coded, exact, atol=1e-5)
+    # verify searches as the stage was built (db.rerank as recorded, not as [db] says now)
+    report = json.loads(run_cli("db", "verify", "-c", str(toml), *pq, "--fraction", "1", "--json",
+                                check=True).stdout)
+    assert report["recomputed"]["neighbours"]["rows_identical"] == 1.0
+    # and a query's hits come back in exact order too
+    hits = json.loads(run_cli("db", "query", "-c", str(toml), *pq, *every, "--json", "-k", "5",
+                              "sail boat wind harbour mast keel", check=True).stdout)
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+
+
 def test_a_corpus_moved_elsewhere_still_matches_its_database(small_workspace):
     toml = small_workspace()
     run_cli("db", "build", "-c", str(toml), check=True)

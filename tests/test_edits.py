@@ -44,6 +44,11 @@ def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
     proc = run_cli("db", "add", str(new), "-c", str(built), env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert hits(built)[0] == "zebra"
+    # re-ranked by the stored vectors (the segment's embeddings.npy and the base's float16 blocks), the exact
+    # index answers with the same similarities
+    exact, reranked = (db.query(load_config(built, sets), [QUERY], 8)[0] for sets in ([], ["db.rerank=50"]))
+    assert reranked[0]["doc_id"] == "zebra" and {h["doc_id"] for h in reranked} == {h["doc_id"] for h in exact}
+    assert np.allclose([h["distance"] for h in reranked], [h["distance"] for h in exact], atol=2e-3)
     found = db.query(load_config(built), [QUERY], 1)[0][0]
     assert found["source"].endswith("new.jsonl") and found["text"] in ZEBRA
     again = run_cli("db", "add", str(new), "-c", str(built))  # the same id

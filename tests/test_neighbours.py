@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 
 from retrocli import index as faiss_index
-from retrocli.neighbours import search_excluding
+from retrocli.neighbours import Reranked, search_excluding
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -67,3 +67,66 @@ def test_bad_factory_string_is_a_user_error():
         faiss_index.new_index("IVFxx,Nope", 16)
     with pytest.raises(UserError, match="needs at least 1024 training vectors"):
         faiss_index.train("IVF1024,Flat", unit(np.ones((100, 16))), seed=0)
+
+
+def test_reranked_search_orders_the_candidates_exactly_for_both_metrics():
+    rng = np.random.default_rng(3)
+    data = unit(rng.normal(size=(3000, 32)))
+    queries = unit(rng.normal(size=(300, 32)))
+    for metric, spec in ((faiss.METRIC_INNER_PRODUCT, "IVF8,PQ4"), (faiss.METRIC_L2, "IVF8,PQ4")):
+        coded = faiss.index_factory(32, spec, metric)
+        coded.train(data)
+        coded.add(data)
+        faiss.extract_index_ivf(coded).nprobe = 8  # every list: only the codes' order is approximate
+        candidates = coded.search(queries, 100)[1]
+        scores = queries @ data.T if metric == faiss.METRIC_INNER_PRODUCT else -((queries[:, None] - data) ** 2).sum(-1)
+        truth = np.argsort(-scores, axis=1)[:, :10]
+        D, I = Reranked(coded, lambda ids: data[ids], depth=100).search(queries, 10)
+        # the top 10 of the 100 candidates by the exact score: every true neighbour among them, in order
+        want = np.take_along_axis(candidates, np.argsort(-np.take_along_axis(scores, candidates, 1), axis=1), 1)[:, :10]
+        assert (I == want).all()
+        sign = 1 if metric == faiss.METRIC_INNER_PRODUCT else -1  # Faiss' convention: similarity, or distance
+        assert np.allclose(D, sign * np.take_along_axis(scores, I, 1), atol=1e-5)
+        covered = np.mean([len(set(c) & set(t)) for c, t in zip(candidates, truth)]) / 10
+        assert np.mean([len(set(i) & set(t)) for i, t in zip(I, truth)]) / 10 == covered
+        assert covered > np.mean([len(set(c[:10]) & set(t)) for c, t in zip(candidates, truth)]) / 10 + 0.2
+        # fewer vectors than asked for: -1 padded, as Faiss pads
+        small = Reranked(flat(data[:5]), lambda ids: data[ids], depth=100)
+        assert (small.search(queries[:2], 8)[1][:, 5:] == -1).all()
+
+
+def test_auto_rerank_is_on_for_pq_codes_only():
+    assert faiss_index.rerank_depth(-1, faiss_index.auto_spec(20_000_000)) == faiss_index.RERANK_PQ  # OPQ...,PQ32
+    assert faiss_index.rerank_depth(-1, "PQ4x4") == faiss_index.RERANK_PQ
+    for spec in (faiss_index.auto_spec(5_000_000), "Flat", "HNSW32", "IVF64,SQ4"):
+        assert faiss_index.rerank_depth(-1, spec) == 0, spec
+    assert faiss_index.rerank_depth(0, "IVF64,PQ8") == 0 and faiss_index.rerank_depth(50, "Flat") == 50
+
+
+def test_stored_rows_are_read_alike_scattered_or_mapped_and_damage_is_named(tmp_path):
+    """EmbeddingStore.take reads a block with few rows wanted row by row (NpyRows), else maps it: the same
+    rows either way, in the order asked; a missing or cut block is a UserError naming the file."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from retrocli.db import EmbeddingStore
+    from retrocli.errors import UserError
+    from retrocli.workspace import save_npy_atomic
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(250, 24)).astype(np.float16)
+    path = lambda i: tmp_path / f"block-{i:06d}.npy"  # noqa: E731
+    for i in range(3):
+        save_npy_atomic(path(i), data[i * 100 : (i + 1) * 100])
+    ws = SimpleNamespace(require=lambda stage: {"settings": {"block_size": 100}}, embed_block=path)
+    store = EmbeddingStore(ws, len(data))
+    rows = np.concatenate([rng.permutation(100)[:80], [249, 101, 5, 5, 230]])  # block 0 mapped; 1, 2 by rows
+    got = store.take(rows)
+    assert got.dtype == np.float32 and np.array_equal(got, data[rows].astype(np.float32))
+    path(2).write_bytes(path(2).read_bytes()[:-100])
+    with pytest.raises(UserError, match="block-000002.npy is damaged"):
+        EmbeddingStore(ws, len(data)).take(np.array([249]))
+    path(1).unlink()
+    with pytest.raises(UserError, match="block-000001.npy is missing"):
+        EmbeddingStore(ws, len(data)).take(np.array([101]))

@@ -308,7 +308,9 @@ class RetroEncoder(nn.Module):
         key_mask = rearrange(mask, "b l k r -> (b l k) r")
         for layer in self.layers:
             h = layer(h, key_mask, context, rope, k)
-        return rearrange(self.norm(h), "(b l k) r d -> b l k r d", b=b, l=l)
+        # normed after the unfolding, so the output is a tensor of its own, not a view: FSDP2 hooks a module's
+        # output for backward, and an in-place op on a view would slip past the hook
+        return self.norm(rearrange(h, "(b l k) r d -> b l k r d", b=b, l=l))
 
 
 # ----------------------------------------------------------------------------------------------- model

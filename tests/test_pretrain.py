@@ -245,6 +245,17 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
     with pytest.raises(UserError, match="trained [0-9,]+ parameters, this run would train [0-9,]+ .*freeze_decoder"):
         run(load_config(toml, [init, "pretrain.train_steps=3"]))  # resuming it with every weight training
     shutil.rmtree(run_dir(ws))
+    # the same under FSDP on two ranks (the same global batches): the same weights, written as shards
+    proc = subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), "--set", init, "--set",
+                           "pretrain.freeze_decoder=true", "--set", "pretrain.fsdp=true", "--set",
+                           "launch.nproc_per_node=2"], capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD}, timeout=300)
+    assert proc.returncode == 0 and "view tensor" not in proc.stderr, proc.stderr[-3000:]
+    assert (checkpoint.step_dir(run_dir(ws), 2) / "shards").is_dir()
+    sharded = checkpoint.load_weights(checkpoint.step_dir(run_dir(ws), 2))
+    for name, value in frozen.items():
+        assert torch.allclose(sharded[name], value, atol=1e-6), name
+    shutil.rmtree(run_dir(ws))
     with pytest.raises(UserError, match="freeze_decoder = true needs pretrain.init_from"):
         build(load_config(toml, ["pretrain.freeze_decoder=true"]))
     with pytest.raises(UserError, match="nothing to train in a plain GPT"):

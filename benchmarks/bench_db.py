@@ -5,7 +5,8 @@
    blocks) on the same chunks at the same batch size. Target: the stage within 80% of the forward.
 2. Index and query: on a workspace's real embeddings (or on synthetic clustered vectors when none is
    built), for several Faiss index types: train and add time, queries/s and recall@10 against exact
-   search for the same queries, index bytes per chunk.
+   search for the same queries, index bytes per chunk; an index of PQ codes also re-ranked as `db.rerank`
+   = -1 does (its top 200 in order by the stored embeddings, read back from the embed blocks).
 3. `retro db add`: 1,000 new documents added to synthetic databases of 10,000 and 100,000 chunks (lexical
    embedder, IVF,SQ8): seconds per 1,000 added chunks for each size. Target (issue 7): proportional to the
    new documents, not to the database (the two figures about equal).
@@ -13,6 +14,7 @@
 
     python benchmarks/bench_db.py [--config recipes/books-qa-db.toml] [--chunks 512] [--queries 2000]
     python benchmarks/bench_db.py --only-edits
+    python benchmarks/bench_db.py --only-indexes --specs "auto;IVF1024,PQ32"
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from retrocli.chunks import ChunkStore  # noqa: E402
 from retrocli.config import load_config  # noqa: E402
 from retrocli.db import EmbeddingStore, chunk_texts, open_tokenizer, workspace_of  # noqa: E402
 from retrocli.embed import HFEmbedder, embed_blocks, resolve_embedder_path  # noqa: E402
+from retrocli.neighbours import Reranked  # noqa: E402
 from retrocli.workspace import save_npy_atomic  # noqa: E402
 
 
@@ -83,7 +86,10 @@ def bench_embed(cfg, store: ChunkStore, tok, n_chunks: int, batch_size: int) -> 
             "forward_chunks_per_s": fwd, "stage_chunks_per_s": stage, "stage_over_forward": stage / fwd}
 
 
-def bench_indexes(vectors: np.ndarray, queries: np.ndarray, specs: list[str], nprobe: int, k: int = 10) -> list:
+def bench_indexes(vectors: np.ndarray, queries: np.ndarray, specs: list[str], nprobe: int, k: int = 10,
+                  take=None) -> list:
+    """Each index against exact search; an index of PQ codes also as `db.rerank` = -1 searches it, its top
+    RERANK_PQ put in order by `take(positions)`, the stored vectors of those database positions."""
     n, dim = vectors.shape
     ids = np.arange(n, dtype=np.int64)
     exact = faiss.IndexFlatIP(dim)
@@ -103,15 +109,19 @@ def bench_indexes(vectors: np.ndarray, queries: np.ndarray, specs: list[str], np
         index.add_with_ids(vectors, ids)
         add_s = time.perf_counter() - t
         faiss_index.set_search_params(index, nprobe, 64)
-        t = time.perf_counter()
-        _, got = index.search(queries, k)
-        qps = len(queries) / (time.perf_counter() - t)
-        recall = float(np.mean([len(set(g) & set(tr)) / k for g, tr in zip(got, truth)]))
         with tempfile.NamedTemporaryFile() as f:
             faiss.write_index(index, f.name)
             size = Path(f.name).stat().st_size
-        rows.append({"index": spec, "train_s": train_s, "add_s": add_s, "qps": qps, "recall@10": recall,
-                     "bytes_per_chunk": size / n})
+        searchers = [(spec, index)]
+        if take is not None and faiss_index.stores_pq_codes(spec):
+            searchers.append((f"{spec} +rerank {faiss_index.RERANK_PQ}", Reranked(index, take, faiss_index.RERANK_PQ)))
+        for name, searcher in searchers:
+            t = time.perf_counter()
+            _, got = searcher.search(queries, k)
+            qps = len(queries) / (time.perf_counter() - t)
+            recall = float(np.mean([len(set(g) & set(tr)) / k for g, tr in zip(got, truth)]))
+            rows.append({"index": name, "train_s": train_s, "add_s": add_s, "qps": qps, "recall@10": recall,
+                         "bytes_per_chunk": size / n})
     return rows
 
 
@@ -261,6 +271,7 @@ def main() -> None:
                     help="expected doc id <TAB> paraphrase, checked on the books-qa workspace")
     ap.add_argument("--only-edits", action="store_true", help="only the `retro db add` measurement")
     ap.add_argument("--only-sharing", action="store_true", help="only the index memory-sharing measurement")
+    ap.add_argument("--only-indexes", action="store_true", help="only the index and query measurement")
     args = ap.parse_args()
     if args.only_edits:
         print_edits(bench_edits())
@@ -285,12 +296,13 @@ def main() -> None:
     print(f"workspace {ws.root}: {store.num_chunks:,} chunks; faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} threads, GPUs {faiss.get_num_gpus()}")
 
-    e = bench_embed(cfg, store, tok, args.chunks, args.batch_size)
-    print(f"\n== embed ({e['embedder']}, {e['precision']}, batch {e['batch_size']}, {e['chunks']} chunks, "
-          f"~{e['mean_wordpieces']} word pieces each)")
-    print(f"  embedder forward alone : {e['forward_chunks_per_s']:8.1f} chunks/s")
-    print(f"  whole embed stage      : {e['stage_chunks_per_s']:8.1f} chunks/s")
-    print(f"  stage / forward        : {e['stage_over_forward']:8.2f}   (target >= 0.80)")
+    if not args.only_indexes:
+        e = bench_embed(cfg, store, tok, args.chunks, args.batch_size)
+        print(f"\n== embed ({e['embedder']}, {e['precision']}, batch {e['batch_size']}, {e['chunks']} chunks, "
+              f"~{e['mean_wordpieces']} word pieces each)")
+        print(f"  embedder forward alone : {e['forward_chunks_per_s']:8.1f} chunks/s")
+        print(f"  whole embed stage      : {e['stage_chunks_per_s']:8.1f} chunks/s")
+        print(f"  stage / forward        : {e['stage_over_forward']:8.2f}   (target >= 0.80)")
 
     emb = EmbeddingStore(ws, store.num_chunks)
     train = np.flatnonzero(store.train_mask())
@@ -302,10 +314,13 @@ def main() -> None:
     specs = list(dict.fromkeys(specs))
     print(f"\n== index and query ({len(vectors):,} database chunks, {len(queries):,} queries, top 10, "
           f"nprobe {nprobe}; 'auto' -> {faiss_index.auto_spec(len(train))})")
-    print(f"  {'index':<22}{'train s':>9}{'add s':>9}{'queries/s':>11}{'recall@10':>11}{'B/chunk':>9}")
-    for r in bench_indexes(vectors, queries, [s for s in specs if s != "Flat"], nprobe):
-        print(f"  {r['index']:<22}{r['train_s']:9.2f}{r['add_s']:9.2f}{r['qps']:11.0f}{r['recall@10']:11.3f}"
+    print(f"  {'index':<30}{'train s':>9}{'add s':>9}{'queries/s':>11}{'recall@10':>11}{'B/chunk':>9}")
+    for r in bench_indexes(vectors, queries, [s for s in specs if s != "Flat"], nprobe,
+                           take=lambda positions: emb.take(train[positions])):
+        print(f"  {r['index']:<30}{r['train_s']:9.2f}{r['add_s']:9.2f}{r['qps']:11.0f}{r['recall@10']:11.3f}"
               f"{r['bytes_per_chunk']:9.0f}")
+    if args.only_indexes:
+        return
     if args.paraphrases and Path(args.paraphrases).exists() and "books-qa" in str(ws.root):
         bench_paraphrases(cfg, Path(args.paraphrases))
     print_edits(bench_edits())

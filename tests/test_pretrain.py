@@ -377,6 +377,25 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     assert metrics(run_path)[3] == pytest.approx(one[3], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path: Path) -> None:
+    """The other direction of a change of world size: a plain checkpoint (model.safetensors) taken up by two
+    FSDP ranks, which reach the one-process step-3 loss and write their step as shards."""
+    toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 2, "eval_interval": 3})
+    cfg = load_config(toml)
+    run(cfg)
+    run_path = run_dir(db.workspace_of(cfg))
+    one = metrics(run_path)
+    shutil.rmtree(checkpoint.step_dir(run_path, 3))
+    assert (checkpoint.step_dir(run_path, 2) / checkpoint.WEIGHTS).is_file()
+    proc = subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), "--set",
+                           "launch.nproc_per_node=2", "--set", "pretrain.fsdp=true"], capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD}, timeout=300)
+    assert proc.returncode == 0 and "resuming pretrain from" in proc.stderr, proc.stderr[-3000:]
+    assert metrics(run_path)[3] == pytest.approx(one[3], rel=1e-5)
+    assert (checkpoint.step_dir(run_path, 3) / "shards").is_dir()
+
+
 @pytest.mark.parametrize("flags,warned", [({"avx2", "fma"}, True), ({"avx2", "avx512_bf16"}, False), (None, False)])
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about_once(monkeypatch, capsys, flags, warned) -> None:
     from retrocli import train

@@ -14,7 +14,7 @@ grows it through the sizes asked (default 1M, 3M, 10M vectors), and at each size
 - a sweep (`--sweep-nprobe`, default 16, 64, 256, 1024): at each nprobe, queries/s and recall@10 in the
   index's order and re-ranked at each depth N (`--rerank`, default 50, 100, 200) exactly as `db.rerank`
   does: the product's `neighbours.Reranked` reads the candidates' vectors from float16 blocks written as
-  the embed stage writes them (`--store-dir`, a temporary folder by default; the page cache may hold them,
+  the embed stage writes them (a temporary folder under `--store-dir`, runs/; the page cache may hold them,
   so this is the warm-disk cost).
 
 Data. Chunk embeddings are random but shaped like real ones (`ClusteredVectors`): 4,096 cluster centres
@@ -405,9 +405,9 @@ def main() -> None:
                     help="after each size, recall@10 and queries/s at these nprobe too ('': no sweep)")
     ap.add_argument("--rerank", default="50,100,200",
                     help="in the sweep, also re-rank the index's top N by the stored vectors (db.rerank), each N")
-    ap.add_argument("--store-dir", default=None,
-                    help="where the sweep's float16 blocks go, 2 x 384 bytes a vector (7.7 GB at 10M); default: "
-                         "a temporary folder, removed at the end")
+    ap.add_argument("--store-dir", default=str(REPO / "runs"),
+                    help="where the sweep's float16 blocks go, in a temporary folder removed at the end: 2 x 384 "
+                         "bytes a vector, 7.7 GB at 10M (default: runs/ of the repository, on disk, not a tmpfs)")
     ap.add_argument("--block-size", type=int, default=100_000, help="vectors generated and added at a time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-rss-gib", type=float, default=4.0, help="exit 1 when peak RSS exceeds this")
@@ -427,6 +427,7 @@ def main() -> None:
     depths = [int(x) for x in args.rerank.split(",") if x.strip()]
     if nprobes and depths and min(depths) <= args.k:
         ap.error(f"--rerank depths must exceed --k ({args.k}), got {args.rerank!r}")
+    Path(args.store_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.store_dir) as store:
         result = run(sizes, args.train, args.nlist, args.spec, args.queries, args.recall_queries, args.k,
                      args.nprobe, args.ef_search, args.block_size, args.seed, args.max_rss_gib, nprobes, depths,

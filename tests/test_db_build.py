@@ -99,11 +99,11 @@ def test_a_compressed_index_reranked_by_the_stored_vectors_finds_the_exact_neigh
         return ids, np.einsum("nd,nkd->nk", vectors, vectors[ids])
 
     exact_ids, exact = neighbours()
-    # 4-byte PQ codes of the 1,024-dimensional vectors: in their own order most neighbours are wrong
+    # 4-byte PQ codes of the 1,024-dimensional vectors: in their own order a third of the neighbours are wrong
     pq = ["--set", 'db.index="PQ4"']
     run_cli("db", "build", "-c", str(toml), *pq, "--set", "db.rerank=0", "--rebuild", "index", check=True)
     pq_ids, coded = neighbours()
-    assert np.mean([len(set(a) & set(b)) for a, b in zip(pq_ids, exact_ids)]) / exact_ids.shape[1] < 0.8
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(pq_ids, exact_ids)]) / exact_ids.shape[1] < 0.9  # 0.69
     assert "rerank" not in ws.read_meta("neighbours")["settings"]
     # by default (-1) a PQ index is re-ranked at depth 200: better, though not every chunk is a candidate
     run_cli("db", "build", "-c", str(toml), *pq, "--rebuild", "neighbours", check=True)

@@ -144,8 +144,10 @@ def test_a_corpus_moved_elsewhere_still_matches_its_database(small_workspace):
 
 @pytest.mark.slow
 def test_two_rank_torchrun_equals_one_process(small_workspace, tmp_path):
-    toml = small_workspace(n_docs=50)
-    run_cli("db", "build", "-c", str(toml), check=True)
+    # a PQ index: each rank's share of the neighbours is also re-ranked by the stored vectors (db.rerank = -1)
+    toml = small_workspace(n_docs=50, db={"index": "IVF16,PQ16x4"})
+    run_cli("db", "build", "-c", str(toml), check=True, env={"OMP_NUM_THREADS": "1"})  # (k-means: as the ranks)
+    assert workspace_of(load_config(toml)).read_meta("neighbours")["settings"]["rerank"] == 200
     two = tmp_path / "two.toml"
     two.write_text(toml.read_text().replace('dir = "ws"', 'dir = "ws-two"'))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

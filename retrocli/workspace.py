@@ -95,14 +95,21 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
 
-def load_npy(path: Path, mmap: bool = True) -> np.ndarray:
-    """Load a .npy file (memory-mapped by default); a damaged file is a UserError naming it."""
+@contextmanager
+def npy_problems(path: Path) -> Iterator[None]:
+    """Reading the .npy file `path` inside: a missing or damaged file becomes one UserError naming it."""
     try:
-        return np.load(path, mmap_mode="r" if mmap else None)
+        yield
     except FileNotFoundError:
         raise UserError(f"{path} is missing: run `retro db build` to (re)create it") from None
     except (ValueError, OSError, EOFError) as e:
         raise UserError(f"{path} is damaged ({e}); delete it and rerun `retro db build`") from None
+
+
+def load_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    """Load a .npy file (memory-mapped by default); a damaged file is a UserError naming it."""
+    with npy_problems(path):
+        return np.load(path, mmap_mode="r" if mmap else None)
 
 
 class NpyRows:
@@ -115,19 +122,14 @@ class NpyRows:
 
     def header(self, path: Path) -> tuple[int, np.dtype, int, int]:
         if path not in self.headers:
-            try:
-                with open(path, "rb") as f:
-                    version = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    shape, fortran, dtype = read(f)
-                    if fortran or len(shape) != 2:
-                        raise ValueError(f"expected a 2-D C-ordered array, found shape {shape}")
-                    self.headers[path] = (f.tell(), dtype, shape[0], shape[1])
-            except FileNotFoundError:
-                raise UserError(f"{path} is missing: run `retro db build` to (re)create it") from None
-            except (ValueError, OSError, EOFError) as e:
-                raise UserError(f"{path} is damaged ({e}); delete it and rerun `retro db build`") from None
+            with npy_problems(path), open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                if fortran or len(shape) != 2:
+                    raise ValueError(f"expected a 2-D C-ordered array, found shape {shape}")
+                self.headers[path] = (f.tell(), dtype, shape[0], shape[1])
         return self.headers[path]
 
     def read(self, path: Path, rows: np.ndarray) -> np.ndarray:
@@ -136,13 +138,14 @@ class NpyRows:
         size = cols * dtype.itemsize
         if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < n:
             raise IndexError(f"rows outside 0..{n - 1} of {path}")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = b"".join(os.pread(fd, size, offset + int(r) * size) for r in rows)
-        finally:
-            os.close(fd)
-        if len(data) != size * len(rows):
-            raise UserError(f"{path} is damaged (shorter than its header says); delete it and rerun `retro db build`")
+        with npy_problems(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = b"".join(os.pread(fd, size, offset + int(r) * size) for r in rows)
+            finally:
+                os.close(fd)
+            if len(data) != size * len(rows):
+                raise ValueError("shorter than its header says")
         return np.frombuffer(data, dtype=dtype).reshape(len(rows), cols)
 
 

@@ -56,6 +56,16 @@ def workspace(tmp_path_factory) -> Path:
     return make_workspace(tmp_path_factory.mktemp("pretrain"))
 
 
+def pretrain_on_two_ranks(toml: Path, *sets: str, fsdp: bool = True, env: dict | None = None
+                          ) -> subprocess.CompletedProcess:
+    """`retro pretrain` started through `[launch] nproc_per_node = 2` (torchrun, gloo, one thread a rank), with
+    FSDP unless fsdp=False; `sets`: further --set overrides."""
+    flags = ["launch.nproc_per_node=2", *(["pretrain.fsdp=true"] if fsdp else []), *sets]
+    return subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml),
+                           *[a for f in flags for a in ("--set", f)]], capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=300)
+
+
 def metrics(run: Path) -> dict[int, float]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
@@ -246,10 +256,7 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
         run(load_config(toml, [init, "pretrain.train_steps=3"]))  # resuming it with every weight training
     shutil.rmtree(run_dir(ws))
     # the same under FSDP on two ranks (the same global batches): the same weights, written as shards
-    proc = subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), "--set", init, "--set",
-                           "pretrain.freeze_decoder=true", "--set", "pretrain.fsdp=true", "--set",
-                           "launch.nproc_per_node=2"], capture_output=True, text=True,
-                          env={**os.environ, **ONE_THREAD}, timeout=300)
+    proc = pretrain_on_two_ranks(toml, init, "pretrain.freeze_decoder=true")
     assert proc.returncode == 0 and "view tensor" not in proc.stderr, proc.stderr[-3000:]
     assert (checkpoint.step_dir(run_dir(ws), 2) / "shards").is_dir()
     sharded = checkpoint.load_weights(checkpoint.step_dir(run_dir(ws), 2))
@@ -349,16 +356,13 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     run_path = run_dir(db.workspace_of(cfg))
     one = metrics(run_path)
     shutil.rmtree(run_path)
-    sets = ["--set", "launch.nproc_per_node=2"] + (["--set", "pretrain.fsdp=true"] if fsdp else [])
-    command = [sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), *sets]
     if not fsdp:  # one rank dies after step 2: the job ends promptly, non-zero, and the rerun resumes
         started = time.time()
         kill_rank_1 = {"RETRO_FAULT": "pretrain:step:2", "RETRO_FAULT_RANK": "1"}
-        died = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, **ONE_THREAD, **kill_rank_1})
+        died = pretrain_on_two_ranks(toml, fsdp=fsdp, env=kill_rank_1)
         assert died.returncode != 0 and "dying at pretrain:step" in died.stderr, died.stderr[-3000:]
         assert time.time() - started < 120  # no hang on the collective the dead rank never joins
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
+    proc = pretrain_on_two_ranks(toml, fsdp=fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launching 2 process(es)" in proc.stdout + proc.stderr
     assert not (db.workspace_of(cfg).root / "retro.lock").exists()  # released by the job's rank 0
@@ -388,9 +392,7 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path: Path) -
     one = metrics(run_path)
     shutil.rmtree(checkpoint.step_dir(run_path, 3))
     assert (checkpoint.step_dir(run_path, 2) / checkpoint.WEIGHTS).is_file()
-    proc = subprocess.run([sys.executable, "-m", "retrocli", "pretrain", "-c", str(toml), "--set",
-                           "launch.nproc_per_node=2", "--set", "pretrain.fsdp=true"], capture_output=True, text=True,
-                          env={**os.environ, **ONE_THREAD}, timeout=300)
+    proc = pretrain_on_two_ranks(toml)
     assert proc.returncode == 0 and "resuming pretrain from" in proc.stderr, proc.stderr[-3000:]
     assert metrics(run_path)[3] == pytest.approx(one[3], rel=1e-5)
     assert (checkpoint.step_dir(run_path, 3) / "shards").is_dir()

@@ -60,6 +60,7 @@ output names the index, the lists and why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -427,11 +428,14 @@ def main() -> None:
     depths = [int(x) for x in args.rerank.split(",") if x.strip()]
     if nprobes and depths and min(depths) <= args.k:
         ap.error(f"--rerank depths must exceed --k ({args.k}), got {args.rerank!r}")
-    Path(args.store_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.store_dir) as store:
+    with contextlib.ExitStack() as stack:  # the sweep's blocks, in a folder of their own, removed at the end
+        store = None
+        if nprobes:
+            Path(args.store_dir).mkdir(parents=True, exist_ok=True)
+            store = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.store_dir)))
         result = run(sizes, args.train, args.nlist, args.spec, args.queries, args.recall_queries, args.k,
                      args.nprobe, args.ef_search, args.block_size, args.seed, args.max_rss_gib, nprobes, depths,
-                     Path(store))
+                     store)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if result["peak_rss_gib"] > args.max_rss_gib:

@@ -9,6 +9,7 @@ section (plus resolved values such as paths), never the whole `Config`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -33,16 +34,19 @@ INT32_MAX = 2**31 - 1  # Faiss and SentencePiece take seeds, nprobe, efSearch an
 MAX_SEARCH_K = 16384
 
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with its one-line documentation."""
+def opt(default: Any, help: str, path: bool = False) -> Any:
+    """A config field with its one-line documentation; `path`: its value is a path relative to the TOML file
+    (or a list of them), which `retro init` rewrites when it copies a recipe elsewhere."""
+    meta = {"help": help, "path": path}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class WorkspaceConfig:
-    dir: str = opt("runs/default", "folder for every artefact of this workspace, relative to the TOML file")
+    dir: str = opt("runs/default", "folder for every artefact of this workspace, relative to the TOML file",
+                   path=True)
     seed: int = opt(1234, "seed for the train/valid split, index-training sample and training")
 
 
@@ -50,7 +54,7 @@ class WorkspaceConfig:
 class CorpusConfig:
     train: list[str] = opt(
         [], "globs of corpus files relative to the TOML file: .txt (one document), .jsonl, .json (+ .gz); "
-        "the name 'builtin:tiny' is the small corpus shipped with the package"
+        "the name 'builtin:tiny' is the small corpus shipped with the package", path=True
     )
     text_key: str = opt("text", "JSON key holding a document's text")
     valid_fraction: float = opt(0.02, "fraction of documents held out (seeded hash of the id) for `retro ppl`")
@@ -60,7 +64,8 @@ class CorpusConfig:
 @dataclass
 class TokenizerConfig:
     type: str = opt("sentencepiece", "'sentencepiece' (trained on the corpus, or loaded) or 'hf' (a local folder)")
-    path: str = opt("", "a tokenizer to load (.model file or HF folder); empty: train SentencePiece on the corpus")
+    path: str = opt("", "a tokenizer to load (.model file or HF folder); empty: train SentencePiece on the corpus",
+                    path=True)
     vocab_size: int = opt(8000, "vocabulary size when training a tokenizer")
     train_bytes: int = opt(100_000_000, "at most this many bytes of corpus text are used to train the tokenizer")
 
@@ -70,7 +75,7 @@ class DBConfig:
     chunk_length: int = opt(64, "tokens per chunk (RETRO's m)")
     embedder: str = opt(
         "all-MiniLM-L6-v2", "'all-MiniLM-L6-v2' (packaged), a local Hugging Face encoder folder, or 'lexical' "
-        "(model-free hashing of word n-grams: thousands of chunks/s, lower recall on paraphrases)"
+        "(model-free hashing of word n-grams: thousands of chunks/s, lower recall on paraphrases)", path=True
     )
     embed_batch_size: int = opt(128, "chunks per forward pass of the embedder")
     embed_precision: str = opt("auto", "'auto' (bf16 where it matches fp32 to cosine >= 0.99), 'bf16', 'fp32'")
@@ -155,7 +160,7 @@ class TrainingConfig:
 @dataclass
 class PretrainConfig(TrainingConfig):
     init_from: str = opt("", "start from this checkpoint folder (GPT or Retro; a GPT's CCA and encoder weights "
-                             "start fresh, no optimizer state: retro-fitting); empty: random init")
+                             "start fresh, no optimizer state: retro-fitting); empty: random init", path=True)
     freeze_decoder: bool = opt(False, "train only the retrieval encoder and CCA; the decoder keeps the weights of "
                                       "init_from (RETRO's retrofitting of a pretrained GPT, Borgeaud et al. §4.4)")
     copy_warmup_steps: int = opt(0, "train the first this many steps on copy windows only (random token ids "
@@ -171,7 +176,7 @@ class PretrainConfig(TrainingConfig):
 @dataclass
 class BlendEntry:
     name: str = opt("", "dataset name, for tables and per-dataset eval loss")
-    path: str = opt("", "the file, relative to the TOML (.gz accepted)")
+    path: str = opt("", "the file, relative to the TOML (.gz accepted)", path=True)
     format: str = opt("", "'squad', 'qed', 'nq', 'instructretro', 'chat', 'self_instruct' or 'qa'")
     weight: float = opt(1.0, "sampling weight: probability = weight / sum of weights")
 
@@ -193,7 +198,7 @@ class SFTConfig(TrainingConfig):
     context_template: str = opt("title: {title}, source: {text}", "how each context is written in the prompt")
     user_template: str = opt("User: {question}\n\nAssistant:", "the user turn; the answer follows it")
     init_from: str = opt("", "the checkpoint to fine-tune; empty: the latest complete checkpoint of the "
-                             "pretraining run (pretrain.run)")
+                             "pretraining run (pretrain.run)", path=True)
     run: str = opt("sft", "name of this run: checkpoints in WORKSPACE/checkpoints/RUN/")
     # InstructRetro's SFT: lr 5e-6, beta2 0.98, weight decay 0.01, 1000 steps of 128
     lr: float = opt(5e-6, "peak learning rate (AdamW)")
@@ -212,7 +217,8 @@ GENERATE_NEIGHBORS = ("auto", "database", "context", "none")
 @dataclass
 class GenerateConfig:
     checkpoint: str = opt("", "the checkpoint to answer with (a step folder or a run folder); empty: the latest "
-                              "complete checkpoint of the SFT run (sft.run), else of the pretraining run")
+                              "complete checkpoint of the SFT run (sft.run), else of the pretraining run",
+                    path=True)
     contexts: str = opt("file", "contexts in the prompt: 'file' (the task file's own paragraphs / ctxs), "
                                 "'database' (retrieved with the question as the query: open-domain QA) or "
                                 "'none' (closed book)")
@@ -243,10 +249,11 @@ class ReproduceConfig:
                                "'sft-gpt', model.retro_layers = []): every claim is measured against it")
     sft: bool = opt(True, "run instruction tuning ([[sft.blend]]) and the QA stages after pretraining")
     qa_task: str = opt("", "the QA file answered and scored after SFT (relative to this file, or "
-                           "'builtin:tiny-cloze-test'); empty: no QA stages")
+                           "'builtin:tiny-cloze-test'); empty: no QA stages", path=True)
     qa_limit: int = opt(0, "answer the first qa_limit questions of qa_task; 0: all")
     contexts: list[str] = opt(["file", "database", "none"], "generate.contexts modes answered and scored")
-    ppl_data: list[str] = opt([], "more held-out text files for `retro ppl --data` (relative to this file)")
+    ppl_data: list[str] = opt([], "more held-out text files for `retro ppl --data` (relative to this file)",
+                              path=True)
 
 
 @dataclass
@@ -298,6 +305,9 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: Path = Path("retro.toml")
     """The TOML file this came from; relative paths in it are relative to its folder."""
+    origins: dict[str, str] = field(default_factory=dict)
+    """Where each key given was set, by `section.key`: the file that set it (the TOML or a file it `extends`), or
+    `--set`. A key not in it has its default."""
 
     @property
     def base_dir(self) -> Path:
@@ -353,7 +363,9 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(item,
+                                                                                                     str(item))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -366,16 +378,33 @@ def _table_type(tp: Any) -> type | None:
     return None
 
 
-def _build_section(name: str, cls: type, values: dict[str, Any], where: str, problems: list[str]) -> Any:
+def _origin(origins: dict[str, str], dotted: str, default: str) -> str:
+    """Where a key's value came from, as an error message says it: `in FILE` or `given by --set`."""
+    src = origins.get(dotted, default)
+    return "given by --set" if src == SET else f"in {src}"
+
+
+def _did_you_mean(word: str, known: typing.Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], where: str, problems: list[str],
+                   origins: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        origin = _origin(origins, name.split("[")[0] if "[" in name else f"{name}.{key}", where)
         if key not in known:
-            hint = f" (known keys: {', '.join(sorted(known))})" if known else " (this section has no keys yet)"
+            close = _did_you_mean(key, known)
             if f"{name}.{key}" in MOVED:
                 hint = f": it moved to {MOVED[f'{name}.{key}']}"
-            problems.append(f"unknown key '{name}.{key}' in {where}{hint}")
+            elif close:
+                hint = f": did you mean '{name}.{close}'?"
+            else:
+                hint = f" (known keys: {', '.join(sorted(known))})" if known else " (this section has no keys yet)"
+            problems.append(f"unknown key '{name}.{key}' {origin}{hint}")
             continue
         if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float and abs(value) < 2**63:
             value = float(value)  # (a larger integer stays one, for _bad_scalar to name: float() would overflow)
@@ -383,17 +412,20 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
         if table is not None:  # an array of tables ([[sft.blend]]): each one built and checked like a section
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 problems.append(f"'{name}.{key}' must be a list of tables ([[{name}.{key}]]), got {value!r} "
-                                f"(in {where})")
+                                f"({origin})")
                 continue
-            kwargs[key] = [_build_section(f"{name}.{key}[{i}]", table, v, where, problems)
+            kwargs[key] = [_build_section(f"{name}.{key}[{i}]", table, v, where, problems, origins)
                            for i, v in enumerate(value)]
             continue
         if not _type_ok(value, hints[key]):
-            problems.append(f"'{name}.{key}' must be {_type_name(hints[key])}, got {value!r} (in {where})")
+            hint = ""
+            if typing.get_origin(hints[key]) is list and not isinstance(value, list) and origin == "given by --set":
+                hint = f"; write a TOML list: --set {name}.{key}='{_toml_value([value])}'"
+            problems.append(f"'{name}.{key}' must be {_type_name(hints[key])}, got {value!r} ({origin}){hint}")
             continue
         bad = _bad_scalar(value)
         if bad:
-            problems.append(f"'{name}.{key}' {bad} (in {where})")
+            problems.append(f"'{name}.{key}' {bad} ({origin})")
             continue
         kwargs[key] = value
     return cls(**kwargs)
@@ -402,7 +434,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
 def parse_override(item: str) -> tuple[str, str, Any]:
     """`section.key=value` -> (section, key, value). The value is read as TOML, else taken as a string."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set db.nprobe=32")
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set db.nprobe=32 (one --set for each "
+                        "value)")
     dotted, raw = item.split("=", 1)
     section, key = dotted.strip().split(".", 1)
     try:
@@ -418,7 +451,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if not source.is_file():
         how = "pass -c/--config PATH" if path is None else "check the path"
         raise UserError(f"workspace file {source} not found: {how}, or create one with `retro init DIR`")
-    return config_from_dict(_expand_env(_read_with_extends(source, []), source), overrides, source)
+    origins: dict[str, str] = {}
+    data = _expand_env(_read_with_extends(source, [], origins), source)
+    return config_from_dict(data, overrides, source, origins)
 
 
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -444,7 +479,7 @@ def _expand_env(data: Any, source: Path, where: str = "") -> Any:
     return _ENV_VAR.sub(value, data)
 
 
-def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
+def _read_with_extends(source: Path, chain: list[Path], origins: dict[str, str]) -> dict[str, Any]:
     """The TOML of `source`; a top-level `extends = "base.toml"` (relative to it) starts from that file's
     sections and replaces them key by key (an array of tables as a whole). Paths written in the base file
     are read relative to the extending file, so keep both in one folder (as recipes/ does)."""
@@ -459,6 +494,9 @@ def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
     except RecursionError:
         raise UserError(f"{source} is not valid TOML: arrays or tables nested too deeply") from None
     base = data.pop("extends", None)
+    for name, values in data.items():  # this file sets these keys (an extending file then replaces some)
+        for key in values if isinstance(values, dict) else [""]:
+            origins[f"{name}.{key}" if key else name] = str(source)
     if base is None:
         return data
     if not isinstance(base, str):
@@ -467,7 +505,9 @@ def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
     if not base_path.is_file():
         raise UserError(f"{source}: extends {base!r}, but {base_path} "
                         + ("is a folder" if base_path.is_dir() else "does not exist"))
-    merged = _read_with_extends(base_path, chain + [source.resolve()])
+    origins_here = dict(origins)
+    merged = _read_with_extends(base_path, chain + [source.resolve()], origins)
+    origins.update(origins_here)  # the extending file's keys win
     for name, values in data.items():
         if isinstance(values, dict) and isinstance(merged.get(name), dict):
             merged[name] = {**merged[name], **values}
@@ -476,25 +516,35 @@ def _read_with_extends(source: Path, chain: list[Path]) -> dict[str, Any]:
     return merged
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: Path = Path("retro.toml")) -> Config:
+SET = "--set"  # the origin of a value given on the command line
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: Path = Path("retro.toml"),
+                     origins: dict[str, str] | None = None) -> Config:
     problems: list[str] = []
+    origins = dict(origins or {})
     for item in overrides:
         section, key, value = parse_override(item)
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise UserError(f"--set {item!r}: [{section}] is not a section")
         data[section][key] = value
+        origins[f"{section}.{key}"] = SET
     sections = {}
     for name, values in data.items():
         if name not in SECTIONS:
-            problems.append(f"unknown section [{name}] in {source} (known: {', '.join(SECTIONS)})")
+            close = _did_you_mean(name, SECTIONS)
+            hint = f": did you mean [{close}]?" if close else f" (known: {', '.join(SECTIONS)})"
+            where = _origin(origins, next((k for k in origins if k.startswith(f"{name}.") or k == name), name),
+                            str(source))
+            problems.append(f"unknown section [{name}] {where}{hint}")
             continue
         if not isinstance(values, dict):
             problems.append(f"'{name}' must be a [section] table in {source}")
             continue
-        sections[name] = _build_section(name, SECTIONS[name], values, str(source), problems)
+        sections[name] = _build_section(name, SECTIONS[name], values, str(source), problems, origins)
     check(problems, "invalid workspace configuration")
-    cfg = Config(**sections, source=source)
+    cfg = Config(**sections, source=source, origins=origins)
     validate(cfg)
     return cfg
 
@@ -706,6 +756,63 @@ def to_commented_toml(cfg: Config, header: str = "") -> str:
                     lines.append(f"{'' if items else '# '}{g.name} = {_toml_value(getattr(item, g.name))}"
                                  f"  # {g.metadata['help']}")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def to_annotated_toml(cfg: Config) -> str:
+    """The resolved configuration as TOML, each value followed by where it came from (`retro config show`): its
+    default, the TOML file, a file it `extends`, or `--set`."""
+
+    def origin(dotted: str) -> str:
+        src = cfg.origins.get(dotted)
+        if src is None:
+            return "default"
+        if src == SET:
+            return SET
+        return "file" if Path(src) == cfg.source else f"extends {src}"
+
+    lines = [f"# {cfg.source}, as `retro` reads it (precedence: --set > the file > a file it extends > defaults)"]
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        lines.append(f"\n[{name}]")
+        tables = []
+        for f in dataclasses.fields(cls):
+            value = getattr(section, f.name)
+            if _table_type(typing.get_type_hints(cls)[f.name]) is not None:
+                tables.append((f, value))
+                continue
+            text = "# (unset)" if value is None else _toml_value(value)
+            lines.append(f"{f.name} = {text}  # {origin(f'{name}.{f.name}')}")
+        for f, items in tables:  # arrays of tables last: TOML puts no plain key after them
+            lines.append(f"# [[{name}.{f.name}]]: {origin(f'{name}.{f.name}')}")
+            for item in items:
+                lines.append(f"[[{name}.{f.name}]]")
+                lines += [f"{g.name} = {_toml_value(getattr(item, g.name))}" for g in dataclasses.fields(item)]
+    return "\n".join(lines) + "\n"
+
+
+def rebase_paths(cfg: Config, base: Path) -> None:
+    """Rewrite the relative paths of `cfg` (the fields declared with `path=True`) as absolute ones, so that the
+    configuration means the same when written to a TOML file in another folder (`retro init`). Names that are
+    not paths stay: `builtin:...`, and an embedder name that is no folder beside the TOML."""
+
+    def fix(value: str, must_exist: bool = False) -> str:
+        if not value or value.startswith("builtin:") or Path(os.path.expanduser(value)).is_absolute():
+            return value
+        full = base / value
+        return str(full) if not must_exist or full.exists() else value
+
+    def walk(obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                for item in value:
+                    walk(item)
+            elif f.metadata.get("path"):
+                exists_only = f.name == "embedder"  # a packaged model's name, or a local folder
+                setattr(obj, f.name, [fix(v) for v in value] if isinstance(value, list) else fix(value, exists_only))
+
+    for name in SECTIONS:
+        walk(getattr(cfg, name))
 
 
 SFT_FORMATS = ("squad", "qed", "nq", "instructretro", "chat", "self_instruct", "qa")

@@ -164,3 +164,50 @@ def fault_point(name: str) -> None:
         sys.stderr.write(f"RETRO_FAULT: dying at {name} (hit {_FAULT_HITS[name]})\n")
         sys.stderr.flush()
         os._exit(137)
+
+
+# ------------------------------------------------------------------------------------------ interruption
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) arrived. A BaseException, like KeyboardInterrupt, so
+    no `except Exception` in a stage swallows it; not a KeyboardInterrupt, so typer does not turn it into a bare
+    exit code. `retro` exits 128 + signum (130, 143) with one line from `kept_note()`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name
+
+
+_KEPT = "finished blocks and checkpoints are kept"
+
+
+def set_kept_note(note: str) -> None:
+    """What an interruption now keeps (said in the one line `retro` prints when interrupted)."""
+    global _KEPT
+    _KEPT = note
+
+
+def kept_note() -> str:
+    return _KEPT
+
+
+def install_interrupt_handlers() -> None:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread (where Python runs signal handlers). The stage's
+    `finally`/`with` blocks then run as for Ctrl-C; a second signal while they run ends the process at once
+    (every write that matters is atomic, so that loses only the unfinished block)."""
+    import signal
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

@@ -51,7 +51,9 @@ def test_build_query_info(small_workspace):
     # a chunk's own text finds itself first
     text = run_cli("db", "query", "-c", str(toml), "--json", "-k", "3", "sail boat wind harbour mast keel",
                    check=True).stdout
-    hits = json.loads(text)
+    (answer,) = json.loads(text)  # one {"query", "results"} object per query
+    assert answer["query"] == "sail boat wind harbour mast keel"
+    hits = answer["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert set(hits[0]) == {"rank", "distance", "chunk_id", "doc_id", "title", "source", "text", "continuation"}
     assert all(h["title"].startswith("sailing") for h in hits)
@@ -123,7 +125,7 @@ def test_a_compressed_index_reranked_by_the_stored_vectors_finds_the_exact_neigh
     assert report["recomputed"]["neighbours"]["rows_identical"] == 1.0
     # and a query's hits come back in exact order too
     hits = json.loads(run_cli("db", "query", "-c", str(toml), *pq, *every, "--json", "-k", "5",
-                              "sail boat wind harbour mast keel", check=True).stdout)
+                              "sail boat wind harbour mast keel", check=True).stdout)[0]["results"]
     assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
 
 
@@ -167,7 +169,7 @@ def test_default_embedder_end_to_end(small_workspace):
     toml = small_workspace(n_docs=10, words=120, db={"embedder": "all-MiniLM-L6-v2", "embed_batch_size": 32})
     run_cli("db", "build", "-c", str(toml), check=True, env={"HF_HUB_OFFLINE": "1"})
     hits = json.loads(run_cli("db", "query", "-c", str(toml), "--json", "-k", "2",
-                              "a cake needs flour, sugar and butter in a hot oven", check=True).stdout)
+                              "a cake needs flour, sugar and butter in a hot oven", check=True).stdout)[0]["results"]
     assert hits[0]["title"].startswith("cooking")
 
 
@@ -179,7 +181,7 @@ def test_tiny_recipe_cli_lexical(tmp_path):
     assert "neighbours" in proc.stderr
     hits = json.loads(run_cli("db", "query", "-c", str(REPO / "recipes/tiny.toml"), "--set",
                               "db.embedder=lexical", "--set", f"workspace.dir={json.dumps(str(ws))}", "--json",
-                              "the if statement is used for conditional execution", check=True).stdout)
+                              "the if statement is used for conditional execution", check=True).stdout)[0]["results"]
     assert any(h["doc_id"] in ("pydoc:if", "pydoc:else") for h in hits[:3])
 
 

@@ -20,7 +20,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,9 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from retrocli.config import load_config  # noqa: E402
 from retrocli.db import open_tokenizer, workspace_of  # noqa: E402
-from retrocli.ppl import evaluation_samples, load_model, resolve_checkpoint  # noqa: E402
-from retrocli.samples import collate  # noqa: E402
-from retrocli.train import to_device, token_nll  # noqa: E402
+from retrocli.errors import UserError  # noqa: E402
+from retrocli.ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint  # noqa: E402
 
 
 def parse(entry: str, ws) -> tuple[Path, bool]:
@@ -43,40 +41,26 @@ def parse(entry: str, ws) -> tuple[Path, bool]:
     return path, mode != "off"
 
 
-@torch.no_grad()
-def token_losses(model, samples, retrieval: bool, batch: int = 16) -> np.ndarray:
-    """The loss of every target token of `samples`, in order (padding dropped)."""
-    out = []
-    for start in range(0, len(samples), batch):
-        b = to_device(collate([samples.get(i) for i in range(start, min(start + batch, len(samples)))]),
-                      torch.device("cpu"))
-        losses = token_nll(model, b, retrieval)
-        out.append(losses[b["loss_mask"].bool()].numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def measure(recipe: Path, entries: list[str], data: Path | None = None) -> list[dict]:
+    """One row per entry, scored as `retro ppl` scores (retrocli.ppl); against the first entry, the paired
+    per-token difference."""
     cfg = load_config(recipe)
     ws = workspace_of(cfg)
     tok = open_tokenizer(ws)
-    rows, losses = [], []
+    rows, first = [], None
     for entry in entries:
         path, retrieval = parse(entry, ws)
-        model, meta = load_model(ws, path)
-        retrieval = retrieval and bool(model.retro_layers)
-        samples = evaluation_samples(cfg, ws, model, meta, tok, retrieval, data)[0]
-        nll = token_losses(model, samples, retrieval)
-        if losses and len(nll) != len(losses[0]):
-            sys.exit(f"{entry} scores {len(nll):,} tokens, {entries[0]} {len(losses[0]):,}: paired losses need "
-                     "models of the same seq_length")
-        losses.append(nll)
+        nll, retrieval = checkpoint_token_losses(cfg, ws, tok, path, retrieval, data)
         row = {"entry": entry, "checkpoint": str(path), "retrieval": retrieval, "tokens": len(nll),
                "loss": float(nll.mean()), "perplexity": math.exp(float(nll.mean()))}
-        if len(losses) > 1:
-            diff = nll - losses[0]
-            row["diff_vs_first"] = float(diff.mean())
-            row["diff_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff)))
-            row["ppl_ratio_vs_first"] = math.exp(row["diff_vs_first"])
+        if first is None:
+            first = nll
+        else:
+            try:
+                paired = paired_difference(nll, first)
+            except UserError as e:
+                sys.exit(f"{entry} against {entries[0]}: {e}")
+            row.update(diff_vs_first=paired["diff"], diff_se=paired["se"], ppl_ratio_vs_first=paired["ratio"])
         rows.append(row)
     return rows
 

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from . import checkpoint
 from .chunks import ChunkStore, chunk_spans
 from .config import Config, CorpusConfig
@@ -25,8 +28,8 @@ from .errors import UserError
 from .model import RetroModel
 from .pretrain import open_samples, run_dir
 from .runtime import dist, log
-from .samples import Samples, StreamDocs
-from .train import all_sum, device_for_rank, evaluate
+from .samples import Samples, StreamDocs, collate
+from .train import all_sum, device_for_rank, evaluate, to_device, token_nll
 from .workspace import Workspace, write_json_atomic
 
 
@@ -133,3 +136,46 @@ def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True
         if retrieval and not model.retro_layers:
             log(f"checkpoint {path} is a plain GPT (no CCA layers): evaluated without retrieval")
     return result
+
+
+# ------------------------------------------------------------------------------------ paired per token
+# Two runs that share every token still differ by 1-2% in perplexity when they train different weights, so
+# a small retrieval effect needs a paired measurement: every model scores the same target tokens, and the
+# difference of their per-token losses has a standard error.
+
+
+@torch.no_grad()
+def token_losses(model: RetroModel, samples: Samples, retrieval: bool, device: torch.device | None = None,
+                 batch: int = 16) -> np.ndarray:
+    """The loss (nats) of every target token of `samples`, in order, padding dropped: the terms `run` sums."""
+    device = device or torch.device("cpu")
+    was_training = model.training
+    model.eval().to(device)
+    out = []
+    for start in range(0, len(samples), batch):
+        b = to_device(collate([samples.get(i) for i in range(start, min(start + batch, len(samples)))]), device)
+        out.append(token_nll(model, b, retrieval)[b["loss_mask"].bool()].double().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def checkpoint_token_losses(cfg: Config, ws: Workspace, tok, path: Path, retrieval: bool = True,
+                            data: Path | None = None) -> tuple[np.ndarray, bool]:
+    """The per-token losses of checkpoint `path` on what `retro ppl` scores (the validation documents, or
+    `data`), and whether retrieval was used (never for a plain GPT)."""
+    model, meta = load_model(ws, path)
+    retrieval = retrieval and bool(model.retro_layers)
+    samples = evaluation_samples(cfg, ws, model, meta, tok, retrieval, data)[0]
+    return token_losses(model, samples, retrieval, device_for_rank()), retrieval
+
+
+def paired_difference(losses: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """losses - reference, token by token: the mean difference in nats per token, its standard error, and the
+    perplexity ratio exp(mean). Both must score the same tokens (the same seq_length and data)."""
+    if len(losses) != len(reference):
+        raise UserError(f"paired losses need the same tokens: {len(losses):,} scored against {len(reference):,} "
+                        "(checkpoints of another seq_length?)")
+    diff = np.asarray(losses, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"diff": mean, "se": se, "ratio": math.exp(mean)}

@@ -147,7 +147,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     for e in entries:
         if not Path(e.path).is_file():
             raise UserError(f"sft.blend {e.name!r}: no such file {e.path} (paths are relative to {cfg.source})")
-    full, skipped = load_blend(entries, s.on_bad_record)
+    full, counts = load_blend(entries, s.on_bad_record)
     splits = [split_records(recs, s.valid_fraction, cfg.workspace.seed) for recs in full.records]
     blend = Blend(entries, [train_recs or recs for (train_recs, _), recs in zip(splits, full.records)])
     template = template_of(cfg)
@@ -175,7 +175,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
 
     table = blend.table(len(draws))
     for row, (_, held_out) in zip(table, splits):
-        row.update(held_out=len(held_out), bad_records=skipped[row["name"]])
+        row.update(held_out=len(held_out), **counts[row["name"]])  # answered, bad_records, unanswerable
     table.append({"name": "(all)", "too_long_dropped": len(order) - len(train_records), **cut})
     train_samples = SFTSamples(train_records, template, tok, seq, s.num_contexts, neighbours)
     job_meta = {**checkpoint.model_meta(model.cfg, model.chunk_length, model.pad_id, tok_ref, model.retro_layers),
@@ -191,19 +191,26 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
 
 
 def print_blend_table(rows: list[dict[str, Any]]) -> None:
-    """InstructRetro's blend table: per dataset its records, probability, samples and epochs; then what the
-    sequence length cost (records dropped as too long, context tokens cut)."""
+    """InstructRetro's blend table: per dataset its records, probability, samples and epochs, and what was left
+    out (malformed records skipped, questions without a short answer); then what the sequence length cost
+    (records dropped as too long, context tokens cut)."""
     from rich.table import Table
 
     if not dist().main:
         return
     table = Table(title="SFT blend")
-    for col in ("dataset", "format", "train records", "held out", "bad records", "probability", "samples", "epochs"):
+    for col in ("dataset", "format", "train records", "held out", "bad records", "no answer", "probability",
+                "samples", "epochs"):
         table.add_column(col, justify="left" if col in ("dataset", "format") else "right")
     for r in rows[:-1]:
         table.add_row(r["name"], r["format"], f"{r['records']:,}", f"{r['held_out']:,}", f"{r['bad_records']:,}",
-                      f"{r['probability']:.3f}", f"{r['expected_samples']:,.0f}", f"{r['epochs']:.2f}")
+                      f"{r['unanswerable']:,}", f"{r['probability']:.3f}", f"{r['expected_samples']:,.0f}",
+                      f"{r['epochs']:.2f}")
     console.print(table)
+    for r in rows[:-1]:
+        if r["unanswerable"]:
+            console.print(f"{r['name']}: {r['answered'] + r['unanswerable']:,} questions, {r['unanswerable']:,} "
+                          f"without a short answer left out")
     last = rows[-1]
     console.print(f"{last['too_long_dropped']:,} drawn samples dropped (question + answer longer than the sequence); "
                   f"{last['context_tokens_cut']:,} context tokens cut, {last['contexts_dropped']:,} contexts dropped "

@@ -15,9 +15,14 @@ follows as " " + answer. A sample is [prompt][answer][EOS][pad]; the loss covers
 When a sample is too long, context text is cut (whole trailing contexts first, then the tail of the last kept
 one), never the answer; a record whose question and answer alone do not fit is skipped and counted.
 
-Bad input (invalid JSON, a record of the wrong shape, a missing or empty question or answer, a non-string
-field) is a UserError naming the file and line ("path:LINE" for JSON lines) or record ("path:record N",
-counted from 1, for JSON files), or is skipped and counted with on_bad_record="skip".
+Questions without a short answer are data, not damage: NQ and QED give them as an empty answer list or [""],
+SQuAD v2 as `is_impossible: true` with no answers, the qa and instructretro formats as an empty answer list.
+They are left out of SFT and of scoring and counted (`FileRecords.unanswerable`); nothing here trains a model
+to answer "unanswerable". The chat and self_instruct formats have no such notion: an empty reply is damage.
+
+Bad input (invalid JSON, a record of the wrong shape, a missing question or answer field, an empty question
+or reply, a field of the wrong type) is a UserError naming the file and line ("path:LINE" for JSON lines) or
+record ("path:record N", counted from 1, for JSON files), or is skipped and counted with on_bad_record="skip".
 """
 
 from __future__ import annotations
@@ -70,24 +75,44 @@ class _BadRecord(Exception):
         self.why = why
 
 
+@dataclass
+class FileRecords:
+    """What reading one dataset file gave."""
+
+    records: list[Record]  # the questions with an answer, in file order
+    unanswerable: list[Record] = field(default_factory=list)  # questions without a short answer (answers == [])
+    malformed: int = 0  # bad records skipped with on_bad_record="skip"
+
+
 class _Out:
     """Collects the records of one file and handles bad ones (raise, or skip and count)."""
 
     def __init__(self, on_bad_record: str):
         self.on_bad_record = on_bad_record
         self.records: list[Record] = []
-        self.skipped = 0
+        self.unanswerable: list[Record] = []
+        self.malformed = 0
+
+    def add(self, record: Record) -> None:
+        (self.records if record.answers else self.unanswerable).append(record)
 
     def bad(self, where: str, why: str) -> None:
         if self.on_bad_record == "skip":
-            self.skipped += 1
+            self.malformed += 1
             return
         raise UserError(f"{where}: {why} (skip such records and count them with on_bad_record = \"skip\")")
 
 
 def read_records(path: Path, fmt: str, on_bad_record: str = "error") -> tuple[list[Record], int]:
-    """The records of a dataset file and how many were skipped (bad records in "skip" mode, and SQuAD v2
-    questions without an answer). `.gz` files are read compressed."""
+    """The questions with an answer in a dataset file, and how many records were left out in all (malformed
+    ones skipped in "skip" mode, and questions without a short answer). `read_file` tells the two apart."""
+    got = read_file(path, fmt, on_bad_record)
+    return got.records, got.malformed + len(got.unanswerable)
+
+
+def read_file(path: Path, fmt: str, on_bad_record: str = "error") -> FileRecords:
+    """The records of a dataset file: those with an answer, those without one (left out of SFT and scoring,
+    counted), and the count of malformed ones skipped in "skip" mode. `.gz` files are read compressed."""
     path = Path(path)
     if fmt not in FORMATS:
         raise UserError(f"unknown SFT data format {fmt!r} for {path} (known: {', '.join(FORMATS)})")
@@ -102,8 +127,9 @@ def read_records(path: Path, fmt: str, on_bad_record: str = "error") -> tuple[li
     else:
         _read_jsonl(path, _LINE_PARSERS[fmt], out)
     if not out.records:
-        raise UserError(f"{path}: no usable {fmt} records ({out.skipped} skipped): check the file and its format")
-    return out.records, out.skipped
+        raise UserError(f"{path}: no usable {fmt} records ({out.malformed} malformed skipped, "
+                        f"{len(out.unanswerable)} without an answer): check the file and its format")
+    return FileRecords(out.records, out.unanswerable, out.malformed)
 
 
 def detect_format(path: Path) -> str:
@@ -199,7 +225,8 @@ def _text(obj: dict, keys: tuple[str, ...], required: bool = True) -> str:
 
 
 def _answers(obj: dict, keys: tuple[str, ...]) -> list[str]:
-    """A string or a list of strings under the first of `keys` present: the non-empty ones, stripped."""
+    """A string or a list of strings under the first of `keys` present: the non-empty ones, stripped (none:
+    a question without a short answer). The field itself must be there."""
     for key in keys:
         value = obj.get(key)
         if value is None:
@@ -212,14 +239,12 @@ def _answers(obj: dict, keys: tuple[str, ...]) -> list[str]:
 
 
 def answer_list(value: object) -> list[str]:
-    """A string or a list of strings -> its non-empty answers, stripped; ValueError saying what is wrong."""
+    """A string or a list of strings -> its non-empty answers, stripped: [] when there is none ("", [], [""]:
+    how NQ and QED write a question without a short answer). ValueError for any other type."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(a, str) for a in items):
         raise ValueError("must be a string or a list of strings")
-    answers = [a.strip() for a in items if a.strip()]
-    if not answers:
-        raise ValueError("holds no non-empty answer")
-    return answers
+    return [a.strip() for a in items if a.strip()]
 
 
 def _contexts(obj: dict, key: str) -> list[dict]:
@@ -257,13 +282,13 @@ def _parse_qed(obj: dict, src: str, default_id: str, out: _Out) -> None:
     answers = _answers(obj, ("answer_text", "answer"))
     paragraph, title = _text(obj, ("paragraph_text",), required=False), _text(obj, ("title_text",), required=False)
     contexts = [{"title": title, "text": paragraph}] if paragraph else []
-    out.records.append(Record(_record_id(obj, ("example_id", "id"), default_id), question, answers, contexts,
+    out.add(Record(_record_id(obj, ("example_id", "id"), default_id), question, answers, contexts,
                               src, group=title))
 
 
 def _parse_qa(obj: dict, src: str, default_id: str, out: _Out) -> None:
     question, answers = _text(obj, ("question",)), _answers(obj, ("answer", "answers"))
-    out.records.append(Record(_record_id(obj, ("id",), default_id), question, answers, [], src))
+    out.add(Record(_record_id(obj, ("id",), default_id), question, answers, [], src))
 
 
 def _parse_chat(obj: dict, src: str, default_id: str, out: _Out) -> None:
@@ -355,11 +380,11 @@ def _walk_instructretro(data: object, path: Path, out: _Out) -> None:
         except _BadRecord as e:
             out.bad(src, e.why)
             continue
-        out.records.append(record)
+        out.add(record)
 
 
 def _walk_squad(data: object, path: Path, out: _Out) -> None:
-    """SQuAD v1.1/v2: one record per answerable question; v2's unanswerable ones are skipped and counted."""
+    """SQuAD v1.1/v2: one record per question; v2's unanswerable ones are kept apart (`out.add`)."""
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise UserError(f"{path}: expected a SQuAD JSON object {{\"data\": [{{\"title\", \"paragraphs\"}}]}}")
     n = 0
@@ -373,10 +398,7 @@ def _walk_squad(data: object, path: Path, out: _Out) -> None:
                 except _BadRecord as e:
                     out.bad(f"{src} (data[{i}].paragraphs[{j}].qas[{k}])", e.why)
                     continue
-                if record is None:
-                    out.skipped += 1  # v2: no answer
-                else:
-                    out.records.append(record)
+                out.add(record)
 
 
 def _squad_paragraphs(article: object, i: int, path: Path, out: _Out) -> Iterator[tuple[int, dict, list]]:
@@ -401,21 +423,24 @@ def _squad_paragraphs(article: object, i: int, path: Path, out: _Out) -> Iterato
         yield j, {"title": title, "text": context}, par["qas"]
 
 
-def _squad_question(qa: object, paragraph: dict, src: str, default_id: str) -> Record | None:
+def _squad_question(qa: object, paragraph: dict, src: str, default_id: str) -> Record:
+    """A question; its answers are [] when v2 marks it `is_impossible` or gives no non-empty answer text."""
     if not isinstance(qa, dict):
         raise _BadRecord(f"expected a question object, got {type(qa).__name__}")
     question = _text(qa, ("question",))
-    given = qa.get("answers") or []
+    impossible = qa.get("is_impossible", False)
+    if not isinstance(impossible, bool):
+        raise _BadRecord(f"'is_impossible' is a {type(impossible).__name__}, not true or false")
+    given = qa.get("answers")
+    if given is None and not impossible:
+        raise _BadRecord("no 'answers'")
+    given = given or []
     if not isinstance(given, list) or not all(isinstance(a, dict) for a in given):
         raise _BadRecord("'answers' must be a list of {\"text\"} objects")
     texts = [a.get("text") for a in given]
     if not all(isinstance(t, str) for t in texts):
         raise _BadRecord("an answer has no string 'text'")
-    answers = [t.strip() for t in texts if t.strip()]
-    if not answers:
-        if qa.get("is_impossible") is True or not given:
-            return None
-        raise _BadRecord("the answers are all empty")
+    answers = [] if impossible else [t.strip() for t in texts if t.strip()]
     return Record(_record_id(qa, ("id",), default_id), question, answers, [dict(paragraph)], src,
                   group=paragraph["title"])
 
@@ -600,14 +625,17 @@ class Blend:
         return rows
 
 
-def load_blend(entries: list[BlendEntry], on_bad_record: str = "error") -> tuple[Blend, dict[str, int]]:
-    """Read every entry's file (paths already resolved); the blend and the records skipped per dataset name."""
-    records, skipped = [], {}
+def load_blend(entries: list[BlendEntry], on_bad_record: str = "error") -> tuple[Blend, dict[str, dict[str, int]]]:
+    """Read every entry's file (paths already resolved): the blend of the questions with an answer, and per
+    dataset name the counts {"answered": records in the blend, "bad_records": malformed ones skipped,
+    "unanswerable": questions without a short answer, left out}."""
+    records, counts = [], {}
     for entry in entries:
-        recs, n = read_records(Path(entry.path), entry.format, on_bad_record)
-        records.append(recs)
-        skipped[entry.name] = n
-    return Blend(entries, records), skipped
+        got = read_file(Path(entry.path), entry.format, on_bad_record)
+        records.append(got.records)
+        counts[entry.name] = {"answered": len(got.records), "bad_records": got.malformed,
+                              "unanswerable": len(got.unanswerable)}
+    return Blend(entries, records), counts
 
 
 # --------------------------------------------------------------------------------------------------- split

@@ -1,5 +1,6 @@
-"""SFT data: every format to records, bad records (error naming file and line, or skipped and counted), the
-prompt, the answer-only loss mask, cutting contexts (never the answer), the weighted blend and the split."""
+"""SFT data: every format to records, questions without a short answer (left out and counted, through
+`retro sft` too), bad records (error naming file and line, or skipped and counted), the prompt, the
+answer-only loss mask, cutting contexts (never the answer), the weighted blend and the split."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from retrocli.sft_data import (
     Record,
     encode_sample,
     load_blend,
+    read_file,
     read_records,
     render_prompt,
     split_records,
@@ -178,6 +180,93 @@ def test_self_instruct_and_qa(tmp_path: Path):
     assert records[0].answers == ["She sold 48/2 = 24 ...\n#### 72"] and records[0].id == "gsm8k.jsonl.gz:1"
 
 
+# ------------------------------------------------------------------------------ questions without an answer
+
+
+def _qed(i: int, answers: list[str]) -> dict:
+    return {"example_id": i, "question_text": f"question {i}?", "title_text": f"Title {i}",
+            "paragraph_text": f"paragraph {i}", "answer_text": answers,
+            "answer_spans": [[0, 3]] if any(answers) else [[-1, -1]]}
+
+
+# Per format: two answerable records, two without a short answer and a malformed one, as each format writes
+# them, and how the error names the malformed one. QED's unanswerable shape is the real file's: answer_text
+# [""], answer_spans [[-1, -1]].
+UNANSWERABLE_CASES = {  # fmt: (answerable, unanswerable, malformed record or raw line, message)
+    "qed": ([_qed(1, ["one"]), _qed(3, ["three", "3"])], [_qed(2, [""]), _qed(4, [])],
+            {**_qed(5, ["five"]), "answer_text": [5]}, ":5: 'answer_text' must be a string or a list of strings"),
+    "nq": ([{"question": "q1", "answer": ["a1"]}, {"question": "q3", "answer": "a3"}],
+           [{"question": "q2", "answer": []}, {"question": "q4", "answer": [" ", ""]}],
+           '{"question": "q5", "answer": ', ":5: not JSON"),
+    "qa": ([{"question": "q1", "answer": "a1"}, {"question": "q3", "answer": ["a3"]}],
+           [{"question": "q2", "answer": ""}, {"question": "q4", "answer": []}],
+           {"question": "q5"}, ":5: no 'answer' or 'answers'"),
+    "instructretro": ([{"question": "q1", "answers": ["a1"]}, {"question": "q3", "answer": "a3"}],
+                      [{"question": "q2", "answers": []}, {"question": "q4", "answers": [""]}],
+                      {"question": "q5", "answers": {"text": "a5"}},
+                      ":record 5: 'answers' must be a string or a list of strings"),
+    "squad": ([{"id": "q1", "question": "q1", "answers": [{"text": "a1", "answer_start": 0}], "is_impossible": False},
+               {"id": "q3", "question": "q3", "answers": [{"text": "a3"}]}],
+              [{"id": "q2", "question": "q2", "answers": [], "is_impossible": True,
+                "plausible_answers": [{"text": "p2", "answer_start": 0}]},
+               {"id": "q4", "question": "q4", "answers": []}],
+              {"id": "q5", "question": 5, "answers": []},
+              ":record 5 (data[0].paragraphs[0].qas[4]): 'question' is a int, not a string"),
+}
+
+
+def unanswerable_file(tmp_path: Path, fmt: str, malformed: bool) -> Path:
+    """Records 1 and 3 answerable, 2 and 4 without a short answer, 5 (with malformed=True) damaged."""
+    answerable, unanswerable, bad, _ = UNANSWERABLE_CASES[fmt]
+    rows = [answerable[0], unanswerable[0], answerable[1], unanswerable[1]] + ([bad] if malformed else [])
+    if fmt == "squad":
+        path = tmp_path / "squad_v2.json"
+        path.write_text(json.dumps({"version": "v2.0", "data": [
+            {"title": "T", "paragraphs": [{"context": "the context", "qas": rows}]}]}))
+        return path
+    if fmt == "instructretro":
+        path = tmp_path / "ir.json"
+        path.write_text(json.dumps(rows))
+        return path
+    return write_jsonl(tmp_path / f"{fmt}.jsonl.gz", rows, gz=True)
+
+
+@pytest.mark.parametrize("fmt", sorted(UNANSWERABLE_CASES))
+def test_questions_without_an_answer_are_counted_and_left_out(tmp_path: Path, fmt: str):
+    path = unanswerable_file(tmp_path, fmt, malformed=False)
+    got = read_file(path, fmt)
+    assert [r.question for r in got.records] == (["question 1?", "question 3?"] if fmt == "qed" else ["q1", "q3"])
+    assert all(r.answers and all(a.strip() for a in r.answers) for r in got.records)
+    assert len(got.unanswerable) == 2 and all(r.answers == [] for r in got.unanswerable)
+    assert got.malformed == 0
+    assert [r.source.removeprefix(str(path)) for r in got.unanswerable] == (
+        [":2", ":4"] if fmt not in ("squad", "instructretro") else [":record 2", ":record 4"])
+    records, left_out = read_records(path, fmt)  # the total, as `retro generate` reports it
+    assert records == got.records and left_out == 2
+
+
+@pytest.mark.parametrize("fmt", sorted(UNANSWERABLE_CASES))
+def test_a_malformed_record_beside_unanswerable_ones_still_names_file_and_line(tmp_path: Path, fmt: str):
+    path = unanswerable_file(tmp_path, fmt, malformed=True)
+    with pytest.raises(UserError) as err:
+        read_file(path, fmt)
+    assert f"{path}{UNANSWERABLE_CASES[fmt][3]}" in str(err.value)
+    got = read_file(path, fmt, on_bad_record="skip")
+    assert (len(got.records), len(got.unanswerable), got.malformed) == (2, 2, 1)
+
+
+QED_TRAIN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "qa" / "qed_nq_train.jsonl.gz"
+
+
+@pytest.mark.skipif(not QED_TRAIN.is_file(), reason=f"the shared QED file {QED_TRAIN} is not here")
+def test_the_real_qed_file_reads_with_its_unanswerable_questions_counted():
+    got = read_file(QED_TRAIN, "qed")
+    assert got.malformed == 0 and len(got.records) + len(got.unanswerable) == 7167
+    assert len(got.unanswerable) == 20  # answer_text [""], answer_spans [[-1, -1]]
+    assert got.unanswerable[0].source == f"{QED_TRAIN}:155"
+
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
@@ -186,7 +275,13 @@ def test_self_instruct_and_qa(tmp_path: Path):
     ("qa", "noans.jsonl", '{"question": "q", "answer": "a"}\n\n{"question": "q"}\n', "noans.jsonl:3: no 'answer'"),
     ("qa", "type.jsonl", '{"question": 5, "answer": "a"}\n', "type.jsonl:1: 'question' is a int, not a string"),
     ("qa", "list.jsonl", '[1, 2]\n', "list.jsonl:1: expected a JSON object"),
-    ("qed", "empty.jsonl", '{"question_text": "q", "answer_text": []}\n', "empty.jsonl:1: 'answer_text' holds no"),
+    ("qed", "noq.jsonl", '{"answer_text": ["a"]}\n', "noq.jsonl:1: no 'question_text' or 'question'"),
+    ("qed", "int.jsonl", '{"question_text": "q", "answer_text": [""]}\n{"question_text": "q", "answer_text": 7}\n',
+     "int.jsonl:2: 'answer_text' must be a string or a list of strings"),
+    ("squad", "imp.json", '{"data": [{"paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": [], '
+     '"is_impossible": "yes"}]}]}]}', "imp.json:record 1 (data[0].paragraphs[0].qas[0]): 'is_impossible' is a str"),
+    ("squad", "noans.json", '{"data": [{"paragraphs": [{"context": "c", "qas": [{"question": "q"}]}]}]}',
+     "noans.json:record 1 (data[0].paragraphs[0].qas[0]): no 'answers'"),
     ("chat", "chat.jsonl", '{"text": "### Human: hi"}\n', "chat.jsonl:1: 'text' has no '### Assistant:'"),
     ("self_instruct", "si.jsonl", '{"instruction": "do", "instances": [{"input": "x", "output": "y"}, {"input": "x"}]}',
      "si.jsonl:1: instances[1]: no 'output'"),
@@ -233,8 +328,11 @@ def test_file_level_errors(tmp_path: Path):
     with pytest.raises(UserError, match="empty.json: empty file"):
         read_records(tmp_path / "empty.json", "squad")
     bad = write_jsonl(tmp_path / "allbad.jsonl", [{"question": "q"}, {"answer": "a"}])
-    with pytest.raises(UserError, match=r"allbad.jsonl: no usable qa records \(2 skipped\)"):
+    with pytest.raises(UserError, match=r"allbad.jsonl: no usable qa records \(2 malformed skipped, 0 without"):
         read_records(bad, "qa", on_bad_record="skip")
+    none = write_jsonl(tmp_path / "none.jsonl", [{"question": "q", "answer": []}, {"question": "q2", "answer": ""}])
+    with pytest.raises(UserError, match=r"none.jsonl: no usable qa records \(0 malformed skipped, 2 without an answer"):
+        read_records(none, "qa")
     with pytest.raises(UserError, match="not found"):
         read_records(tmp_path / "missing.jsonl", "qa")
     with pytest.raises(UserError, match="unknown SFT data format 'alpaca'"):
@@ -407,9 +505,11 @@ def test_blend_rejects_bad_entries(tmp_path: Path):
     with pytest.raises(UserError, match="has no records"):
         make_blend(sizes=(3, 0, 2))
     a = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "x"}, {"question": "q"}])
-    b = write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "answer": "y"}] * 3)
-    blend, skipped = load_blend([BlendEntry("a", a, "qa", 1), BlendEntry("b", b, "qa", 3)], on_bad_record="skip")
-    assert skipped == {"a": 1, "b": 0} and blend.sizes.tolist() == [1, 3]
+    b = write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "answer": "y"}] * 3 + [{"question": "q", "answer": []}])
+    blend, counts = load_blend([BlendEntry("a", a, "qa", 1), BlendEntry("b", b, "qa", 3)], on_bad_record="skip")
+    assert counts == {"a": {"answered": 1, "bad_records": 1, "unanswerable": 0},
+                      "b": {"answered": 3, "bad_records": 0, "unanswerable": 1}}
+    assert blend.sizes.tolist() == [1, 3]
     assert np.allclose(blend.probabilities, [0.25, 0.75])
 
 
@@ -440,3 +540,41 @@ def test_split_without_groups_is_by_id():
     assert split_records(records, 0.0, seed=0) == (records, [])
     with pytest.raises(UserError, match="valid_fraction"):
         split_records(records, 1.0, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- through retro sft
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_retro_sft_leaves_unanswerable_questions_out_and_stops_at_a_malformed_one(tmp_path: Path):
+    from retrocli.config import load_config
+    from retrocli.sft import build
+
+    from .conftest import run_cli
+    from .test_sft import sft_workspace
+
+    toml = sft_workspace(tmp_path)  # a pretrained tiny Retro and a blend of "squad" and "facts" (qa)
+    text = toml.read_text()
+    answerable, unanswerable, bad, _ = UNANSWERABLE_CASES["qed"]
+    qed = write_jsonl(tmp_path / "qed_train.jsonl.gz", [answerable[0], unanswerable[0], answerable[1],
+                                                        unanswerable[1], bad], gz=True)
+    facts = 'path = "qa.jsonl"\nformat = "qa"'
+    assert facts in text
+    toml.write_text(text.replace(facts, f'path = "{qed.name}"\nformat = "qed"'))
+    sets = [a for s in ("sft.train_steps=1", "sft.eval_interval=1", "sft.save_interval=1")
+            for a in ("--set", s)]
+    env = {"OMP_NUM_THREADS": "1"}
+
+    proc = run_cli("sft", "-c", str(toml), *sets, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{qed}:5: 'answer_text' must be a string or a list of strings" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    write_jsonl(qed, [answerable[0], unanswerable[0], answerable[1], unanswerable[1]], gz=True)
+    proc = run_cli("sft", "-c", str(toml), *sets, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "facts: 4 questions, 2 without a short answer left out" in out and "no answer" in out
+    _, _, _, table = build(load_config(toml))  # the blend table recorded with the run
+    row = {r["name"]: r for r in table}["facts"]
+    assert (row["answered"], row["unanswerable"], row["bad_records"]) == (2, 2, 0)

@@ -1,4 +1,4 @@
-"""Scoring generated answers: exact match and F1 (the SQuAD v1.1 official rules) and ROUGE-1/2/L.
+"""Scoring generated answers: exact match and F1 (the SQuAD v1.1 official rules) and ROUGE-1/2/L/Lsum.
 
 Predictions come from a file in one of two shapes:
 
@@ -7,13 +7,16 @@ Predictions come from a file in one of two shapes:
     SQuAD's prediction file: one JSON object {question_id: answer_text, ...}.
 
 Gold answers come either from each prediction's "gold" field, or from a dataset file read with
-`sft_data.read_records` (`load_gold`). With a gold file every gold question is scored: one without a
+`sft_data.read_file` (`load_gold`). With a gold file every gold question is scored: one without a
 prediction scores 0 and is counted as `missing`; predictions for ids the gold file lacks are counted as
-`unknown` and ignored. SQuAD v2 questions without an answer are skipped by `read_records` and not scored.
+`unknown` and ignored. Questions without a short answer (SQuAD v2's `is_impossible`, NQ / QED's empty answer
+list, a prediction's empty "gold") are not scored: they are counted as `unanswerable`, and a prediction for
+one is neither scored nor `unknown`.
 
 Per question, a metric is the best over the gold answers (the SQuAD rule) or, with first_gold=True,
 taken on the first gold answer only (InstructRetro's evaluation). Scores are percentages (100 * mean).
-`rouge_gm` is the geometric mean of the mean ROUGE-1, ROUGE-2 and ROUGE-L.
+ROUGE is Google's `rouge-score` package (the implementation papers cite), F-measures; `rouge_gm` is the
+geometric mean of the mean ROUGE-1, ROUGE-2 and ROUGE-L.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ from typing import Callable
 
 from .corpus import loads_json
 from .errors import UserError
-from .sft_data import answer_list, read_records
+from .sft_data import answer_list, read_file
 
 Metric = Callable[[str, str], float]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
-_WORD = re.compile(r"[a-z0-9]+")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 # ------------------------------------------------------------------------------------------- EM / F1
@@ -97,50 +100,20 @@ def first_gold(metric: Metric, pred: str, golds: list[str]) -> float:
 # ----------------------------------------------------------------------------------------------- ROUGE
 
 
-def _words(s: str) -> list[str]:
-    """Lower-cased alphanumeric word tokens (everything else separates words)."""
-    return _WORD.findall(s.lower())
+class Rouge:
+    """ROUGE-1/2/L/Lsum F-measures of a prediction against one reference, by `rouge_score.RougeScorer`:
+    lower-cased [a-z0-9]+ tokens (everything else separates words), with stem=True Porter-stemmed (words of
+    more than 3 letters). rougeLsum is the summary-level LCS over sentences split at newlines; for one-line
+    answers it equals rougeL."""
 
+    def __init__(self, stem: bool = False):
+        from rouge_score import rouge_scorer  # imports nltk (about a second): only when ROUGE is asked for
 
-def _f_measure(overlap: int, n_pred: int, n_ref: int) -> float:
-    if overlap == 0 or n_pred == 0 or n_ref == 0:
-        return 0.0
-    precision, recall = overlap / n_pred, overlap / n_ref
-    return 2 * precision * recall / (precision + recall)
+        self.stem = stem
+        self._scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem)
 
-
-def rouge_n(pred: str, ref: str, n: int) -> float:
-    """ROUGE-N F-measure: clipped n-gram overlap of lower-cased word tokens."""
-    if n < 1:
-        raise ValueError(f"rouge_n needs n >= 1, got {n}")
-    p, r = _words(pred), _words(ref)
-    p_grams = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
-    r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-    overlap = sum((p_grams & r_grams).values())
-    return _f_measure(overlap, sum(p_grams.values()), sum(r_grams.values()))
-
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b, 1):
-            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F-measure: longest common subsequence of lower-cased word tokens."""
-    p, r = _words(pred), _words(ref)
-    return _f_measure(_lcs(p, r), len(p), len(r))
-
-
-def rouge_geometric_mean(pred: str, ref: str) -> float:
-    """(ROUGE-1 * ROUGE-2 * ROUGE-L) ** (1/3) of one pair."""
-    return (rouge_n(pred, ref, 1) * rouge_n(pred, ref, 2) * rouge_l(pred, ref)) ** (1 / 3)
+    def __call__(self, pred: str, ref: str) -> dict[str, float]:
+        return {name: s.fmeasure for name, s in self._scorer.score(ref, pred).items()}  # (target, prediction)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -163,11 +136,12 @@ def _read_text(path: Path, what: str) -> str:
     return text
 
 
-def _gold_list(value: object, where: str) -> list[str]:
+def _gold_list(value: object, where: str, key: str) -> list[str]:
+    """The non-empty answers under `key` ([]: a question without a short answer)."""
     try:
         return answer_list(value)
     except ValueError as e:
-        raise UserError(f"{where}: 'gold' {e}") from None
+        raise UserError(f"{where}: {key!r} {e}") from None
 
 
 def _jsonl_record(obj: object, where: str) -> dict:
@@ -183,9 +157,9 @@ def _jsonl_record(obj: object, where: str) -> dict:
         raise UserError(f"{where}: 'prediction' is a {type(obj['prediction']).__name__}, not a string")
     record = {"id": str(qid), "prediction": obj["prediction"], "source": where}
     if obj.get("gold") is not None:
-        record["gold"] = _gold_list(obj["gold"], where)
+        record["gold"] = _gold_list(obj["gold"], where, "gold")
     if obj.get("gold_regex") is not None:  # CuratedTREC-style answers: patterns, scored by regex_match
-        record["gold"] = _gold_list(obj["gold_regex"], where)
+        record["gold"] = _gold_list(obj["gold_regex"], where, "gold_regex")
         record["regex"] = True
         _check_patterns(record["gold"], where)  # here, where the message can name the file and line
     if obj.get("question") is not None:
@@ -234,11 +208,12 @@ def read_predictions(path: Path | str) -> dict[str, dict]:
 
 
 def load_gold(path: Path | str, fmt: str) -> dict[str, list[str]]:
-    """{id: gold answers} of a dataset file in one of sft_data's formats (squad, qed, nq, instructretro, qa)."""
-    records, _ = read_records(Path(path), fmt)
+    """{id: gold answers} of a dataset file in one of sft_data's formats (squad, qed, nq, instructretro, qa);
+    a question without a short answer maps to [] (`score` counts it as unanswerable)."""
+    got = read_file(Path(path), fmt)
     gold: dict[str, list[str]] = {}
     first: dict[str, str] = {}
-    for rec in records:
+    for rec in got.records + got.unanswerable:
         if rec.id in gold:
             raise UserError(f"{rec.source}: question id {rec.id!r} again (first at {first[rec.id]})")
         gold[rec.id], first[rec.id] = list(rec.answers), rec.source
@@ -249,28 +224,36 @@ def load_gold(path: Path | str, fmt: str) -> dict[str, list[str]]:
 
 
 def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None, first_gold: bool = False,
-          rouge: bool = False, regex: bool = False) -> dict:
-    """EM and F1 (and ROUGE with rouge=True) as percentages, plus count / missing / unknown.
+          rouge: bool = False, regex: bool = False, rouge_stem: bool = False) -> dict:
+    """EM and F1 (and ROUGE with rouge=True, Porter-stemmed with rouge_stem=True) as percentages, plus count /
+    missing / unknown / unanswerable / regex.
 
-    gold=None: each prediction's own "gold" answers are used (a UserError when one has none). Otherwise every
-    gold question is scored (0 when it has no prediction: `missing`); predictions not in gold are `unknown`.
-    Regex answers (regex=True for every gold answer, or a prediction record's "gold_regex"): EM is
-    `regex_match` and F1 equals it (a pattern has no tokens to overlap); counted in `regex`.
+    gold=None: each prediction's own "gold" answers are used (a UserError when one has no "gold"). Otherwise
+    every gold question is scored (0 when it has no prediction: `missing`); predictions not in gold are
+    `unknown`. A question whose gold answers are [] has no short answer: it is counted in `unanswerable`, not
+    scored. Regex answers (regex=True for every gold answer, or a prediction record's "gold_regex"): every
+    metric is `regex_match` (a pattern has no tokens to overlap); counted in `regex`.
     """
     pick = _first_gold_fn if first_gold else max_over_gold
     pairs: list[tuple[str | None, list[str], bool]] = []  # (prediction or None when missing, golds, regex)
-    missing = unknown = 0
+    missing = unknown = unanswerable = 0
     if gold is None:
         for qid, rec in predictions.items():
             rec = _as_record(qid, rec)
-            if not rec.get("gold"):
+            if rec.get("gold") is None:
                 where = rec.get("source", f"prediction {qid!r}")
                 raise UserError(f"{where}: no 'gold' answers; give a gold file to score against")
+            if not rec["gold"]:
+                unanswerable += 1
+                continue
             if regex:
                 _check_patterns(rec["gold"], rec.get("source", f"prediction {qid!r}"))
             pairs.append((rec["prediction"], list(rec["gold"]), regex or bool(rec.get("regex"))))
     else:
         for qid, golds in gold.items():
+            if not golds:
+                unanswerable += 1
+                continue
             if regex:
                 _check_patterns(golds, f"the gold answers of question {qid!r}")
             rec = predictions.get(qid)
@@ -281,24 +264,34 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
                 pairs.append((_as_record(qid, rec)["prediction"], list(golds), regex))
         unknown = sum(1 for qid in predictions if qid not in gold)
     if not pairs:
-        raise UserError("nothing to score: no predictions" + ("" if gold is None else " and no gold questions"))
+        raise UserError("nothing to score: no predictions" + ("" if gold is None else " and no gold questions")
+                        + (f" with a short answer ({unanswerable} without one)" if unanswerable else ""))
 
-    metrics: dict[str, Metric] = {"exact_match": exact_match, "f1": f1}
-    if rouge:
-        metrics.update({"rouge1": lambda p, g: rouge_n(p, g, 1), "rouge2": lambda p, g: rouge_n(p, g, 2),
-                        "rougeL": rouge_l})
-    totals = dict.fromkeys(metrics, 0.0)
+    rouge_of = Rouge(rouge_stem) if rouge else None
+    names = ["exact_match", "f1", *(ROUGE_TYPES if rouge else ())]
+    totals = dict.fromkeys(names, 0.0)
     for pred, golds, is_regex in pairs:
         if pred is None:
             continue
-        for name, metric in metrics.items():
-            totals[name] += pick(regex_match if is_regex else metric, pred, golds)
+        if is_regex:
+            hit = pick(regex_match, pred, golds)
+            for name in names:
+                totals[name] += hit
+            continue
+        totals["exact_match"] += pick(exact_match, pred, golds)
+        totals["f1"] += pick(f1, pred, golds)
+        if rouge_of is not None:  # each type's best reference on its own, as for EM and F1
+            per_gold = [rouge_of(pred, g) for g in (golds[:1] if first_gold else golds)]
+            for name in ROUGE_TYPES:
+                totals[name] += max((s[name] for s in per_gold), default=0.0)
     n = len(pairs)
     result: dict = {name: 100.0 * total / n for name, total in totals.items()}
     if rouge:
         r1, r2, rl = (result[k] / 100.0 for k in ("rouge1", "rouge2", "rougeL"))
         result["rouge_gm"] = 100.0 * (r1 * r2 * rl) ** (1 / 3)
-    result.update(count=n, missing=missing, unknown=unknown, regex=sum(1 for _, _, is_regex in pairs if is_regex))
+        result["rouge_stem"] = rouge_stem
+    result.update(count=n, missing=missing, unknown=unknown, unanswerable=unanswerable,
+                  regex=sum(1 for _, _, is_regex in pairs if is_regex))
     return result
 
 

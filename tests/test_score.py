@@ -1,12 +1,17 @@
-"""Scoring: SQuAD v1.1 normalisation, EM / F1, max-over-gold vs first-gold, ROUGE, both prediction file shapes,
-gold from a SQuAD file (missing and unknown questions), and errors naming the file and line."""
+"""Scoring: SQuAD v1.1 normalisation, EM / F1, max-over-gold vs first-gold, ROUGE (equal to Google's
+rouge-score, computed here independently), both prediction file shapes, gold from a SQuAD file (missing and
+unknown questions), questions without a short answer (counted, not scored), errors naming the file and line."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from rouge_score import rouge_scorer
 
 from retrocli.errors import UserError
 from retrocli.score import (
@@ -18,9 +23,6 @@ from retrocli.score import (
     normalize_answer,
     read_predictions,
     regex_match,
-    rouge_geometric_mean,
-    rouge_l,
-    rouge_n,
     score,
 )
 
@@ -62,23 +64,92 @@ def test_max_over_gold_vs_first_gold():
     assert max_over_gold(f1, "x", []) == 0.0
 
 
-def test_rouge_hand_computed():
-    pred, ref = "The cat sat on the mat.", "the cat is on the mat"
-    # unigrams: the x2, cat, on, mat shared -> 5 of 6 each side
-    assert rouge_n(pred, ref, 1) == pytest.approx(5 / 6)
-    # bigrams: the-cat, on-the, the-mat shared -> 3 of 5 each side
-    assert rouge_n(pred, ref, 2) == pytest.approx(3 / 5)
-    # LCS: the cat on the mat -> 5
-    assert rouge_l(pred, ref) == pytest.approx(5 / 6)
-    assert rouge_geometric_mean(pred, ref) == pytest.approx((5 / 6 * 3 / 5 * 5 / 6) ** (1 / 3))
-    # precision != recall: P = 2/3, R = 1 -> 0.8; bigrams P = 1/2, R = 1 -> 2/3
-    assert rouge_n("a b c", "a b", 1) == pytest.approx(0.8)
-    assert rouge_n("a b c", "a b", 2) == pytest.approx(2 / 3)
-    # order matters for L, not for 1
-    assert rouge_n("b a", "a b", 1) == 1.0
-    assert rouge_l("b a", "a b") == pytest.approx(0.5)
-    assert rouge_n("one", "one", 2) == 0.0  # no bigram at all
-    assert rouge_geometric_mean("x y", "z w") == 0.0
+ROUGE_TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+# (prediction, gold answers): punctuation, casing, word order, repeats, no bigram, several references (the
+# best one counts), an empty prediction, several lines (rougeLsum differs from rougeL), words stemming merges
+ROUGE_PAIRS = [
+    ("The cat sat on the mat.", ["the cat is on the mat"]),
+    ("Denver Broncos", ["Carolina Panthers", "the DENVER broncos!", "Broncos"]),
+    ("b a", ["a b"]),
+    ("one", ["one"]),
+    ("", ["Santa Clara, California"]),
+    ("Levi's Stadium, in Santa Clara", ["Levi's Stadium", "Santa Clara"]),
+    ("It rained.\nThe match was played anyway.", ["The match was played.\nIt rained all day."]),
+    ("running dogs were barking", ["the dog runs and barks", "cats"]),
+    ("14 December 1972 UTC", ["December 1972", "14 December 1972"]),
+]
+
+
+def rouge_score_means(pairs: list[tuple[str, list[str]]], stem: bool, first: bool = False) -> dict[str, float]:
+    """100 * the mean over questions of rouge-score's F-measures: score_multi takes the best reference per type;
+    first: the first reference only."""
+    scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=stem)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for pred, golds in pairs:
+        scores = scorer.score(golds[0], pred) if first else scorer.score_multi(golds, pred)
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    means = {name: 100 * total / len(pairs) for name, total in totals.items()}
+    means["rouge_gm"] = 100 * math.prod(means[k] / 100 for k in ("rouge1", "rouge2", "rougeL")) ** (1 / 3)
+    return means
+
+
+def predictions_of(pairs: list[tuple[str, list[str]]]) -> dict[str, dict]:
+    return {f"q{i}": {"id": f"q{i}", "prediction": pred, "gold": golds} for i, (pred, golds) in enumerate(pairs)}
+
+
+@pytest.mark.parametrize("stem", [False, True])
+@pytest.mark.parametrize("first", [False, True])
+def test_rouge_equals_rouge_score(stem: bool, first: bool):
+    ours = score(predictions_of(ROUGE_PAIRS), rouge=True, rouge_stem=stem, first_gold=first)
+    expected = rouge_score_means(ROUGE_PAIRS, stem, first)
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, abs=1e-9), name
+    assert ours["rouge_stem"] is stem
+    # the cases are not trivial: stemming, the best reference and sentence-level LCS all change the numbers
+    assert expected != rouge_score_means(ROUGE_PAIRS, not stem, first)
+    assert expected != rouge_score_means(ROUGE_PAIRS, stem, not first)
+    assert expected["rougeLsum"] != pytest.approx(expected["rougeL"])
+
+
+def test_rouge_of_one_pair_by_hand():
+    result = score(predictions_of([("The cat sat on the mat.", ["the cat is on the mat"])]), rouge=True)
+    # unigrams: the x2, cat, on, mat shared -> 5 of 6 each side; bigrams: the-cat, on-the, the-mat -> 3 of 5;
+    # LCS: the cat on the mat -> 5 of 6
+    assert result["rouge1"] == pytest.approx(100 * 5 / 6) and result["rouge2"] == pytest.approx(100 * 3 / 5)
+    assert result["rougeL"] == pytest.approx(100 * 5 / 6) == pytest.approx(result["rougeLsum"])
+    empty = score(predictions_of([("", ["Santa Clara"])]), rouge=True)
+    assert all(empty[k] == 0.0 for k in ROUGE_TYPES + ["rouge_gm"])
+
+
+def test_cli_rouge_through_retro_score(tmp_path: Path):
+    from .conftest import run_cli
+
+    path = tmp_path / "generated.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prediction": pred, "gold": golds}) + "\n"
+                            for i, (pred, golds) in enumerate(ROUGE_PAIRS)))
+    for flags, stem in ((["--rouge"], False), (["--rouge-stem"], True)):
+        proc = run_cli("score", str(path), *flags, "--json")
+        assert proc.returncode == 0, proc.stderr
+        printed = json.loads(proc.stdout)
+        for name, value in rouge_score_means(ROUGE_PAIRS, stem).items():
+            assert printed[name] == pytest.approx(value, abs=1e-9), (flags, name)
+        assert printed["rouge_stem"] is stem and printed["count"] == len(ROUGE_PAIRS)
+    table = run_cli("score", str(path), "--rouge")
+    assert table.returncode == 0, table.stderr
+    assert "ROUGE-Lsum" in table.stderr and f"{rouge_score_means(ROUGE_PAIRS, False)['rougeLsum']:.2f}" in table.stderr
+
+
+def test_rouge_score_is_imported_only_for_rouge(tmp_path: Path):
+    """rouge-score imports nltk (about a second): `retro score` without --rouge does not pay for it."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"id": "a", "prediction": "x", "gold": ["x"]}) + "\n")
+    probe = ("import sys; from retrocli.cli import main; code = main(sys.argv[1:]); "
+             "print(code, 'rouge_score' in sys.modules, 'nltk' in sys.modules)")
+    for flags, loaded in (([], "False False"), (["--rouge"], "True True")):
+        proc = subprocess.run([sys.executable, "-c", probe, "score", str(path), "--json", *flags],
+                              capture_output=True, text=True)
+        assert proc.stdout.splitlines()[-1] == f"0 {loaded}", proc.stdout + proc.stderr
 
 
 def _squad(tmp_path):
@@ -126,6 +197,59 @@ def test_cli_prints_writes_and_names_bad_input(tmp_path):
     assert proc.returncode == 2 and "absent.jsonl" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_gold_questions_without_a_short_answer_are_counted_not_scored(tmp_path):
+    from .conftest import run_cli
+
+    def qed(i, answers):  # the real QED / NQ shape; unanswerable: answer_text [""], answer_spans [[-1, -1]]
+        return {"example_id": i, "question_text": f"question {i}?", "title_text": "T", "paragraph_text": "p",
+                "answer_text": answers, "answer_spans": [[0, 1]] if any(answers) else [[-1, -1]]}
+
+    rows = [qed(1, ["Denver Broncos"]), qed(2, [""]), qed(3, ["Santa Clara"]), qed(4, [])]
+    gold_path = tmp_path / "qed_dev.jsonl"
+    gold_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gold = load_gold(gold_path, "qed")
+    assert gold == {"1": ["Denver Broncos"], "2": [], "3": ["Santa Clara"], "4": []}
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text("".join(json.dumps({"id": qid, "prediction": p}) + "\n"
+                             for qid, p in (("1", "Denver Broncos"), ("2", "no answer"), ("9", "?"))))
+    result = score(read_predictions(preds), gold, rouge=True)
+    # 1 right, 3 missing; 2 and 4 not scored (the prediction for 2 is not "unknown"); 9 unknown
+    assert (result["count"], result["missing"], result["unanswerable"], result["unknown"]) == (2, 1, 2, 1)
+    assert result["exact_match"] == pytest.approx(50.0) and result["rouge1"] == pytest.approx(50.0)
+
+    proc = run_cli("score", str(preds), "--gold", str(gold_path), "--gold-format", "qed", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["unanswerable"] == 2 and json.loads(proc.stdout)["count"] == 2
+    table = run_cli("score", str(preds), "--gold", str(gold_path), "--gold-format", "qed")
+    assert table.returncode == 0 and "no answer" in table.stderr
+
+    with gold_path.open("a") as f:
+        f.write(json.dumps({**qed(5, ["x"]), "answer_text": {"text": "x"}}) + "\n")
+    proc = run_cli("score", str(preds), "--gold", str(gold_path), "--gold-format", "qed")
+    assert proc.returncode == 2 and f"{gold_path}:5: 'answer_text' must be a string" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # SQuAD v2: is_impossible questions are counted the same way
+    v2 = tmp_path / "dev-v2.json"
+    v2.write_text(json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [
+        {"id": "a", "question": "q?", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": False},
+        {"id": "b", "question": "q?", "answers": [], "plausible_answers": [{"text": "Lyon"}], "is_impossible": True},
+    ]}]}]}))
+    result = score({"a": "Paris", "b": "Lyon"}, load_gold(v2, "squad"))
+    assert (result["count"], result["unanswerable"], result["unknown"], result["exact_match"]) == (1, 1, 0, 100.0)
+
+    # a generated file's own empty "gold": the same; a missing "gold" is still an error
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"id": "a", "prediction": "x", "gold": ["x"]}) + "\n"
+                   + json.dumps({"id": "b", "prediction": "y", "gold": [""]}) + "\n")
+    result = score(read_predictions(own))
+    assert (result["count"], result["unanswerable"], result["exact_match"]) == (1, 1, 100.0)
+    only = tmp_path / "only.jsonl"
+    only.write_text(json.dumps({"id": "b", "prediction": "y", "gold": []}) + "\n")
+    with pytest.raises(UserError, match=r"nothing to score: no predictions with a short answer \(1 without one\)"):
+        score(read_predictions(only))
+
+
 def test_first_gold_changes_the_score(tmp_path):
     gold = load_gold(_squad(tmp_path), "squad")
     preds = {"q1": {"id": "q1", "prediction": "Broncos"}, "q2": {"id": "q2", "prediction": "Santa Clara"},
@@ -152,11 +276,10 @@ def test_jsonl_predictions_with_gold_and_rouge(tmp_path):
     assert result["exact_match"] == pytest.approx(50.0)
     # a: normalised "cat sat on mat" vs "cat is on mat": P = R = 3/4
     assert result["f1"] == pytest.approx(100 * (0.75 + 1) / 2)
-    r1, r2, rl = (5 / 6 + 1) / 2, (3 / 5 + 1) / 2, (5 / 6 + 1) / 2
-    assert result["rouge1"] == pytest.approx(100 * r1)
-    assert result["rouge2"] == pytest.approx(100 * r2)
-    assert result["rougeL"] == pytest.approx(100 * rl)
-    assert result["rouge_gm"] == pytest.approx(100 * math.prod([r1, r2, rl]) ** (1 / 3))
+    expected = rouge_score_means([(x["prediction"], [x["gold"]] if isinstance(x["gold"], str) else x["gold"])
+                                  for x in lines], stem=False)
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value), name
 
 
 def test_errors_name_the_file_and_line(tmp_path):

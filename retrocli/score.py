@@ -102,14 +102,13 @@ def first_gold(metric: Metric, pred: str, golds: list[str]) -> float:
 
 class Rouge:
     """ROUGE-1/2/L/Lsum F-measures of a prediction against one reference, by `rouge_score.RougeScorer`:
-    lower-cased [a-z0-9]+ tokens (everything else separates words), with stem=True Porter-stemmed (words of
-    more than 3 letters). rougeLsum is the summary-level LCS over sentences split at newlines; for one-line
-    answers it equals rougeL."""
+    lower-cased [a-z0-9]+ tokens (everything else, accented letters too, separates words, as in Lin's
+    original), with stem=True Porter-stemmed (words of more than 3 letters). rougeLsum is the summary-level
+    LCS over sentences split at newlines; for one-line answers it equals rougeL."""
 
     def __init__(self, stem: bool = False):
-        from rouge_score import rouge_scorer  # imports nltk (about a second): only when ROUGE is asked for
+        from rouge_score import rouge_scorer  # imports nltk, 1-2 s: only when ROUGE is asked for
 
-        self.stem = stem
         self._scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem)
 
     def __call__(self, pred: str, ref: str) -> dict[str, float]:

@@ -236,6 +236,7 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
     pick = _first_gold_fn if first_gold else max_over_gold
     pairs: list[tuple[str | None, list[str], bool]] = []  # (prediction or None when missing, golds, regex)
     missing = unknown = unanswerable = 0
+    first_unanswerable = ""  # where the first question without a short answer is, for the message below
     if gold is None:
         for qid, rec in predictions.items():
             rec = _as_record(qid, rec)
@@ -244,6 +245,7 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
                 raise UserError(f"{where}: no 'gold' answers; give a gold file to score against")
             if not rec["gold"]:
                 unanswerable += 1
+                first_unanswerable = first_unanswerable or rec.get("source", f"prediction {qid!r}")
                 continue
             if regex:
                 _check_patterns(rec["gold"], rec.get("source", f"prediction {qid!r}"))
@@ -252,6 +254,7 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
         for qid, golds in gold.items():
             if not golds:
                 unanswerable += 1
+                first_unanswerable = first_unanswerable or f"gold question {qid!r}"
                 continue
             if regex:
                 _check_patterns(golds, f"the gold answers of question {qid!r}")
@@ -263,8 +266,10 @@ def score(predictions: dict[str, dict], gold: dict[str, list[str]] | None = None
                 pairs.append((_as_record(qid, rec)["prediction"], list(golds), regex))
         unknown = sum(1 for qid in predictions if qid not in gold)
     if not pairs:
-        raise UserError("nothing to score: no predictions" + ("" if gold is None else " and no gold questions")
-                        + (f" with a short answer ({unanswerable} without one)" if unanswerable else ""))
+        if unanswerable:
+            raise UserError(f"nothing to score: all {unanswerable} questions have no short answer (empty gold "
+                            f"answers, the first at {first_unanswerable})")
+        raise UserError("nothing to score: no predictions" + ("" if gold is None else " and no gold questions"))
 
     rouge_of = Rouge(rouge_stem) if rouge else None
     names = ["exact_match", "f1", *(ROUGE_TYPES if rouge else ())]

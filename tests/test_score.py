@@ -246,7 +246,7 @@ def test_gold_questions_without_a_short_answer_are_counted_not_scored(tmp_path):
     assert (result["count"], result["unanswerable"], result["exact_match"]) == (1, 1, 100.0)
     only = tmp_path / "only.jsonl"
     only.write_text(json.dumps({"id": "b", "prediction": "y", "gold": []}) + "\n")
-    with pytest.raises(UserError, match=r"nothing to score: no predictions with a short answer \(1 without one\)"):
+    with pytest.raises(UserError, match=rf"all 1 questions have no short answer .*the first at {only}:1"):
         score(read_predictions(only))
 
 

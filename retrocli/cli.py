@@ -564,8 +564,15 @@ def generate(
     retro generate -c my-ws/retro.toml - < prompts.txt
     ```"""
     from . import generate as gen
+    from .config import SFT_FORMATS
     from .runtime import dist, relaunch_under_torchrun
 
+    if fmt not in ("auto", *SFT_FORMATS):
+        raise UserError(f"--format {fmt!r}: expected auto or one of {', '.join(SFT_FORMATS)}")
+    if task is not None and prompt:
+        raise UserError("give a task file (or '-' for prompts on stdin) or --prompt, not both")
+    if limit < 0:
+        raise UserError(f"--limit {limit}: expected 0 (all questions) or a positive number")
     cfg = _config(config, set_)
     prompts = list(prompt) if prompt else None
     if task == "-":

@@ -254,6 +254,10 @@ class ReproduceConfig:
     contexts: list[str] = opt(["file", "database", "none"], "generate.contexts modes answered and scored")
     ppl_data: list[str] = opt([], "more held-out text files for `retro ppl --data` (relative to this file)",
                               path=True)
+    showcase: bool = opt(False, "end with what a run on builtin:tiny does show, on the terminal and in report.md: "
+                                "`db query` answers with their sources, a fact added and removed again (`db add` / "
+                                "`db remove`), Retro's perplexity with and without retrieval against the GPT (+- the "
+                                "standard error of the paired per-token difference)")
 
 
 @dataclass
@@ -628,7 +632,19 @@ def validate(cfg: Config) -> None:
         p.append(f"launch.backend must be 'auto', 'nccl' or 'gloo', got {lc.backend!r}")
     if lc.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d{1,5}", lc.rdzv_endpoint):
         p.append(f"launch.rdzv_endpoint must be HOST:PORT, got {lc.rdzv_endpoint!r}")
-    check(p, f"invalid values in {cfg.source}")
+    check([_with_origin(cfg, problem) for problem in p], "invalid values")
+
+
+_LEADING_KEY = re.compile(r"(?:[a-z]+ )?'?([a-z_]+\.[a-z_]+)")
+
+
+def _with_origin(cfg: Config, problem: str) -> str:
+    """A value check's message with where its key was set: `(given by --set)`, `(in FILE)`, or `(default)`."""
+    m = _LEADING_KEY.match(problem)
+    if m is None:
+        return f"{problem} (in {cfg.source})"
+    src = cfg.origins.get(m.group(1))
+    return f"{problem} ({'given by --set' if src == SET else f'in {src}' if src else 'the default'})"
 
 
 def _validate_paths(cfg: Config, p: list[str]) -> None:
@@ -780,8 +796,8 @@ def to_annotated_toml(cfg: Config) -> str:
             if _table_type(typing.get_type_hints(cls)[f.name]) is not None:
                 tables.append((f, value))
                 continue
-            text = "# (unset)" if value is None else _toml_value(value)
-            lines.append(f"{f.name} = {text}  # {origin(f'{name}.{f.name}')}")
+            line = f"{f.name} = {_toml_value(value)}" if value is not None else f"# {f.name} = (unset)"
+            lines.append(f"{line}  # {origin(f'{name}.{f.name}')}")
         for f, items in tables:  # arrays of tables last: TOML puts no plain key after them
             lines.append(f"# [[{name}.{f.name}]]: {origin(f'{name}.{f.name}')}")
             for item in items:

@@ -53,25 +53,26 @@ class CorpusStats:
         self.skipped[why] = self.skipped.get(why, 0) + 1
 
 
-def corpus_files(cfg: CorpusConfig, base_dir: Path) -> list[str]:
-    """The corpus files (absolute paths, sorted within each glob) or builtin names, in TOML order."""
+def corpus_files(cfg: CorpusConfig, base_dir: Path, key: str = "corpus.train") -> list[str]:
+    """The corpus files (absolute paths, sorted within each glob) or builtin names, in TOML order. `key`: what
+    the user gave them as, for the errors (`retro db add` takes them on its command line)."""
     if not cfg.train:
-        raise UserError("corpus.train is empty: list corpus files or globs, e.g. train = [\"data/*.jsonl.gz\"]")
+        raise UserError(f"{key} is empty: list corpus files or globs, e.g. train = [\"data/*.jsonl.gz\"]")
     files: list[str] = []
     for pattern in cfg.train:
         if pattern.startswith("builtin:"):
             if pattern not in BUILTINS:
-                raise UserError(f"corpus.train: unknown builtin corpus {pattern!r} (known: {', '.join(BUILTINS)})")
+                raise UserError(f"{key}: unknown builtin corpus {pattern!r} (known: {', '.join(BUILTINS)})")
             files.append(pattern)
             continue
         full = pattern if os.path.isabs(pattern) else str(base_dir / pattern)
         matches = sorted(glob.glob(os.path.expanduser(full), recursive=True))
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise UserError(f"corpus.train: {pattern!r} matches no file (looked in {base_dir})")
+            raise UserError(f"{key}: {pattern!r} matches no file (looked in {base_dir})")
         for m in matches:
             if _kind(m) is None:
-                raise UserError(f"corpus.train: {m} is not .txt, .jsonl or .json (optionally .gz)")
+                raise UserError(f"{key}: {m} is not .txt, .jsonl or .json (optionally .gz)")
         files.extend(matches)
     return files
 

@@ -2,9 +2,13 @@
 
     <run>/step-000500/
         model.safetensors   the weights (fp32)
-        trainer.pt          optimizer state, data-loader state (samples consumed), RNG states
+        trainer.safetensors optimizer state, data-loader state (samples consumed), RNG states: the tensors, and the
+                            rest as JSON in its header (checkpoints before it: trainer.pt, read weights-only)
         config.toml         the resolved workspace configuration (every key documented)
-        meta.json           step, model config, chunk length, pad id, tokenizer reference, sha256 of each file
+        meta.json           step, model config, chunk length, pad id, tokenizer (content sha256), sha256 of each file
+
+Nothing in a checkpoint is unpickled as Python objects: a checkpoint from elsewhere is data, never code
+(safetensors and JSON; an old trainer.pt and the sharded `.metadata` through allow-listing unpicklers).
 
 A run sharded with FSDP over several processes writes instead of model.safetensors and the optimizer state
 `shards/`: torch.distributed.checkpoint files, each rank its own shard, nothing gathered on one process.
@@ -22,13 +26,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from .config import ModelConfig
 from .errors import UserError
@@ -36,7 +43,9 @@ from .runtime import fault_point, warn
 from .workspace import sha256_file, write_failed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.pt", "config.toml", "meta.json"
+WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.safetensors", "config.toml", "meta.json"
+OLD_TRAINER = "trainer.pt"  # checkpoints written before trainer.safetensors: a torch pickle, read weights-only
+TRAINER_KEY = "retro.trainer_state"  # the safetensors header entry holding the trainer state's JSON
 SHARDS = "shards"  # torch.distributed.checkpoint files of a sharded (FSDP) run
 FORMAT = 1
 
@@ -46,10 +55,19 @@ def step_dir(run: Path, step: int) -> Path:
 
 
 def tokenizer_ref(ws) -> dict[str, Any]:
-    """What identifies the workspace tokenizer: its file, the fingerprint of its stage, its vocabulary."""
+    """What identifies the workspace tokenizer: the sha256 of its content (`tokenizer.content_sha256`), its
+    vocabulary and type; and, for checkpoints written before the content was recorded, the fingerprint of its
+    stage (and of earlier identical builds). Its path is recorded for the messages only."""
+    from .db import tokenizer_sha256, tokenizer_source
+    from .tokenizer import content_sha256
+
     meta = ws.require("tokenizer")
-    return {"path": str(ws.tokenizer_model), "fingerprint": meta["fingerprint"],
-            "vocab_size": meta["counts"]["vocab_size"], "type": meta["settings"]["type"]}
+    settings = meta["settings"]
+    source = tokenizer_source(ws, settings)
+    # (a Hugging Face tokenizer stage finished before its sha256 was recorded: computed now)
+    sha = tokenizer_sha256(meta) or content_sha256(settings["type"], source)
+    return {"path": str(source), "sha256": sha, "vocab_size": meta["counts"]["vocab_size"], "type": settings["type"],
+            "fingerprint": meta["fingerprint"], "earlier_fingerprints": meta.get("earlier_fingerprints", [])}
 
 
 def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any],
@@ -87,8 +105,10 @@ def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_
         try:
             if weights is not None:
                 save_file(state, str(tmp / WEIGHTS))
-            torch.save(trainer_state, tmp / TRAINER)
-        except Exception as e:  # safetensors and torch.save report a full disk in their own error types
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = json.dumps(_to_json(trainer_state, tensors, {}))
+            save_file(tensors, str(tmp / TRAINER), metadata={TRAINER_KEY: skeleton})
+        except Exception as e:  # safetensors reports a full disk in its own error type
             raise write_failed(final, e) from None
         fault_point(fault)  # tests die here: what is left is a temporary folder, never a step folder
         (tmp / CONFIG).write_text(config_toml, encoding="utf-8")
@@ -192,15 +212,15 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
     if (path / SHARDS).is_dir():
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        found = FileSystemReader(str(path / SHARDS)).read_metadata().state_dict_metadata
+        reader = ShardReader(path / SHARDS)
+        found = reader.read_metadata().state_dict_metadata
         weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in found.items()
                    if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": weights}, checkpoint_id=str(path / SHARDS))
+            dcp.load({"model": weights}, storage_reader=reader)
         return weights
     return load_file(str(path / WEIGHTS))
 
@@ -213,12 +233,125 @@ def load_sharded_optimizer(path: Path, model: torch.nn.Module, optimizer: torch.
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path / SHARDS))
+        dcp.load(state, storage_reader=ShardReader(path / SHARDS))
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a torch.distributed.checkpoint `.metadata` file, which DCP writes with pickle, allowing only
+    what such a file names (DCP's metadata records, torch dtypes, layouts and sizes, paths): any other
+    global, such as a function a crafted file would call, is refused before anything runs."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {"ChunkStorageMetadata", "_MEM_FORMAT_ENCODING", "TensorProperties",
+                                                  "TensorStorageMetadata", "BytesStorageMetadata", "StorageMeta",
+                                                  "Metadata", "MetadataIndex"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+        "builtins": {"set", "frozenset"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self.ALLOWED.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                             torch.memory_format))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata never holds")
+
+
+class ShardReader(FileSystemReader):
+    """DCP's file reader, but for its `.metadata` pickle: read through `_MetadataUnpickler`. (The tensors are
+    raw bytes; DCP reads the few non-tensor values with torch.load(weights_only=True).)"""
+
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self.folder = folder
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        rank = kwargs.get("rank")
+        file = self.folder / (".metadata" if rank is None else f"__{rank}.metadata")
+        try:
+            with open(file, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise UserError(f"the sharded checkpoint {self.folder.parent} has no {file.name}") from None
+        except Exception as e:  # a refused global, or a damaged file: nothing of it ran
+            raise UserError(f"{file} is not the metadata of a sharded checkpoint ({e}); retro does not load it. "
+                            f"Use a checkpoint written by retro") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _to_json(value: Any, tensors: dict[str, torch.Tensor], named: dict[int, str]) -> Any:
+    """`value` as JSON, each tensor moved to `tensors` and named in its place (`named`: tensor id -> name, so a
+    tensor held twice is stored once). Dicts and sequences are tagged, so that tuples and non-string keys
+    come back as they were."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in named:
+            named[id(value)] = f"t{len(tensors)}"
+            tensors[named[id(value)]] = value.detach().contiguous().cpu()
+        return {"tensor": named[id(value)]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {"dict": {k: _to_json(v, tensors, named) for k, v in value.items()}}
+        return {"pairs": [[_to_json(k, tensors, named), _to_json(v, tensors, named)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_to_json(v, tensors, named) for v in value]}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"the trainer state holds a {type(value).__name__}, which a checkpoint does not store")
+
+
+def _from_json(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(value, dict):
+        return value
+    ((kind, body),) = value.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "dict":
+        return {k: _from_json(v, tensors) for k, v in body.items()}
+    if kind == "pairs":
+        return {_from_json(k, tensors): _from_json(v, tensors) for k, v in body}
+    if kind in ("list", "tuple"):
+        items = [_from_json(v, tensors) for v in body]
+        return items if kind == "list" else tuple(items)
+    raise ValueError(f"unknown entry {kind!r}")
+
+
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / TRAINER, map_location="cpu", weights_only=False)
+    """The optimizer, data-loader and RNG state of a verified checkpoint folder. No Python object is unpickled:
+    trainer.safetensors holds tensors and JSON; an older trainer.pt is loaded weights-only (tensors and plain
+    values), and one holding anything else is refused, since unpickling it could run any code."""
+    from safetensors import safe_open
+
+    if (path / TRAINER).is_file():
+        try:
+            with safe_open(str(path / TRAINER), "pt") as f:
+                skeleton = json.loads((f.metadata() or {})[TRAINER_KEY])
+                return _from_json(skeleton, {k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:  # not what `save` writes (the file matched meta.json, so it was made so)
+            raise UserError(f"{path / TRAINER} is not a retro trainer state ({type(e).__name__}: {e}): move {path} "
+                            f"away to resume from the checkpoint before it") from None
+    if (path / OLD_TRAINER).is_file():
+        try:
+            return torch.load(path / OLD_TRAINER, map_location="cpu", weights_only=True)
+        except Exception as e:
+            found = re.search(r"(Unsupported global[^\n]*|unsupported GLOBAL[^\n]*)", str(e))
+            why = found.group(1).strip() if found else str(e).strip().splitlines()[0]
+            raise UserError(f"{path / OLD_TRAINER} holds more than tensors and plain values ({why}), and unpickling "
+                            f"it could run any code: retro does not load it. Resume from a checkpoint written by "
+                            f"retro, or move {path} away") from None
+    raise UserError(f"checkpoint {path} has no trainer state ({TRAINER}): it cannot be resumed (it can still "
+                    f"initialise a run: pretrain.init_from)")
 
 
 def model_config_of(meta: dict[str, Any]) -> ModelConfig:
@@ -226,17 +359,31 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
 
 
 def check_tokenizer(meta: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """A checkpoint must be used with the tokenizer it was trained with: an error naming both otherwise."""
+    """A checkpoint must be used with a tokenizer of the same content as the one it was trained with (in any
+    workspace, built at any time): an error naming both otherwise.
+
+    Checkpoints written before the tokenizer's sha256 was recorded name the fingerprint of the tokenizer stage
+    they were trained with; they are accepted where the workspace tokenizer has that fingerprint (the
+    workspace they were trained in), or had it before a rebuild that made the same content again."""
     theirs = meta.get("tokenizer") or {}
     if theirs.get("vocab_size") != current["vocab_size"]:
         raise UserError(f"checkpoint {path} was trained with a tokenizer of vocabulary {theirs.get('vocab_size')} "
                         f"({theirs.get('path')}), but the workspace tokenizer {current['path']} has vocabulary "
                         f"{current['vocab_size']}: use the workspace the checkpoint was trained in, or a checkpoint "
                         f"trained with this tokenizer")
-    if theirs.get("fingerprint") != current["fingerprint"]:
+    if theirs.get("sha256"):
+        if theirs["sha256"] != current.get("sha256"):
+            raise UserError(f"checkpoint {path} was trained with tokenizer {theirs.get('path')} (sha256 "
+                            f"{theirs['sha256'][:16]}), but the workspace tokenizer {current['path']} has sha256 "
+                            f"{str(current.get('sha256'))[:16]}: the token ids would not mean the same thing. Use a "
+                            f"workspace whose tokenizer has the same content, or a checkpoint trained with this one")
+        return
+    if theirs.get("fingerprint") not in {current["fingerprint"], *current.get("earlier_fingerprints", [])}:
         raise UserError(f"checkpoint {path} was trained with tokenizer {theirs.get('path')} (fingerprint "
                         f"{theirs.get('fingerprint')}), but the workspace tokenizer {current['path']} has fingerprint "
-                        f"{current['fingerprint']}: the token ids would not mean the same thing")
+                        f"{current['fingerprint']}: the token ids may not mean the same thing. The checkpoint was "
+                        f"written before retro recorded a tokenizer's content, so it is accepted only with the "
+                        f"tokenizer build it was trained with: use the workspace it was trained in")
 
 
 def model_meta(cfg: ModelConfig, chunk_length: int, pad_id: int, tok_ref: dict[str, Any],

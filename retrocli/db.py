@@ -28,7 +28,7 @@ from .errors import UserError
 from .neighbours import Reranked, search_excluding
 from .runtime import dist, fault_point, log, progress, warn
 from .samples import neighbour_tokens
-from .tokenizer import load_tokenizer, train_sentencepiece
+from .tokenizer import content_sha256, load_tokenizer, train_sentencepiece
 from .workspace import DB_STAGES, NpyRows, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
 
 
@@ -59,6 +59,7 @@ def stage_tokenizer(cfg: Config, ws: Workspace, files: list[str], rebuild: bool)
     else:
         settings = {"type": "sentencepiece", "trained_on": fingerprint(files), "vocab_size": t.vocab_size,
                     "train_bytes": t.train_bytes, "seed": cfg.workspace.seed, "text_key": cfg.corpus.text_key}
+    previous = _finished_meta(ws, "tokenizer") if rebuild else None  # before `begin` discards it
     done = ws.begin("tokenizer", settings, rebuild)
     if done:
         return done
@@ -72,14 +73,46 @@ def stage_tokenizer(cfg: Config, ws: Workspace, files: list[str], rebuild: bool)
                             ws.tokenizer_model, t.vocab_size, t.train_bytes)
     fault_point("tokenizer:trained")
     tok = open_tokenizer(ws, settings)
-    return ws.finish("tokenizer", {"vocab_size": tok.vocab_size, "seconds": round(time.time() - started, 2)})
+    sha = content_sha256(settings["type"], tokenizer_source(ws, settings))
+    # Identified by its content alone (not by when or where it was made), so a rebuilt identical tokenizer, or
+    # one built the same way in another workspace, is the same tokenizer to the chunks and to checkpoints.
+    identity = {"type": settings["type"], "sha256": sha, "vocab_size": tok.vocab_size}
+    earlier = []
+    if previous is not None and tokenizer_sha256(previous) == sha:
+        # the same content as before the rebuild: checkpoints that name the earlier build's fingerprint (written
+        # before checkpoints recorded the tokenizer's sha256) stay usable
+        earlier = [*previous.get("earlier_fingerprints", []), previous["fingerprint"]]
+    return ws.finish("tokenizer", {"vocab_size": tok.vocab_size, "sha256": sha,
+                                   "seconds": round(time.time() - started, 2)}, identity,
+                     earlier_fingerprints=sorted(set(earlier)))
+
+
+def _finished_meta(ws: Workspace, stage: str) -> dict | None:
+    """The metadata of a complete stage, or None (none, unfinished, or unreadable: a rebuild replaces it)."""
+    try:
+        meta = ws.read_meta(stage)
+    except UserError:
+        return None
+    return meta if meta and meta.get("complete") else None
+
+
+def tokenizer_source(ws: Workspace, settings: dict) -> Path:
+    """The tokenizer's own file or folder: the workspace copy of a SentencePiece model, a Hugging Face folder."""
+    return Path(settings["path"]) if settings["type"] == "hf" else ws.tokenizer_model
+
+
+def tokenizer_sha256(meta: dict) -> str | None:
+    """The content sha256 a finished tokenizer stage recorded (stages finished before it was recorded: the
+    sha256 of its SentencePiece file); None where unknown."""
+    recorded = meta.get("counts", {}).get("sha256")
+    if recorded is None and meta["settings"]["type"] == "sentencepiece":
+        recorded = (meta.get("files") or {}).get("tokenizer.model", {}).get("sha256")
+    return recorded
 
 
 def open_tokenizer(ws: Workspace, settings: dict | None = None):
     settings = settings or ws.require("tokenizer")["settings"]
-    if settings["type"] == "hf":
-        return load_tokenizer("hf", Path(settings["path"]))
-    return load_tokenizer("sentencepiece", ws.tokenizer_model)
+    return load_tokenizer(settings["type"], tokenizer_source(ws, settings))
 
 
 def stage_chunks(cfg: Config, ws: Workspace, files: list[str], tok_meta: dict, rebuild: bool) -> dict:
@@ -349,13 +382,51 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------- query
 
 
-def database_embedder(cfg: Config, ws: Workspace) -> Embedder:
-    """The embedder the database was built with, for embedding anything compared with its vectors; refused
-    when db.embedder names another one."""
-    d, built = cfg.db, ws.require("embed")["settings"]["embedder"]
-    if built != d.embedder:
-        raise UserError(f"the database in {ws.db} was embedded with {built!r} but db.embedder is now "
-                        f"{d.embedder!r}: what is compared with its vectors must use the same embedder")
+def built_db(ws: Workspace) -> dict[str, Any]:
+    """The [db] keys as the finished stages recorded them, by key (db.min_chunk_tokens and db.rerank resolved).
+    The block sizes are left out: each stage's own is read where its blocks are. The search settings come
+    from the neighbours stage, once it is finished (a query may run while it is being built)."""
+    chunks, embed, index = (ws.require(stage)["settings"] for stage in ("chunks", "embed", "index"))
+    out = {"chunk_length": chunks["chunk_length"], "embedder": embed["embedder"], "index": index["index"],
+           "index_train_samples": index["index_train_samples"], "min_chunk_tokens": index["min_chunk_tokens"]}
+    nb = ws.read_meta("neighbours") or {}
+    if nb.get("complete"):
+        out.update({k: nb["settings"][k] for k in ("num_neighbors_query", "nprobe", "ef_search")},
+                   rerank=nb["settings"].get("rerank", 0))  # (recorded only when on)
+    return out
+
+
+def config_differences(d: DBConfig, ws: Workspace) -> dict[str, tuple[Any, Any]]:
+    """{key: (as built, as the config gives it now)} for each [db] key where they differ."""
+    spec = ws.require("index")["counts"]["spec"]
+    now = {**dataclasses.asdict(d), "min_chunk_tokens": min_chunk_tokens(d),
+           "rerank": faiss_index.rerank_depth(d.rerank, spec)}
+    return {k: (v, now[k]) for k, v in built_db(ws).items() if now[k] != v}
+
+
+def as_built(cfg: Config, ws: Workspace) -> DBConfig:
+    """The [db] section a reader (db query, db info, db verify, ppl, generate, sft) searches with: the database's
+    own settings, whatever the config says now (its embedder above all: a query embedded otherwise would be
+    compared with vectors it has nothing in common with). Says so in one warning line where they differ."""
+    if differs := config_differences(cfg.db, ws):
+        listed = "; ".join(f"db.{k} {built!r} (the config: {now!r})" for k, (built, now) in differs.items())
+        warn(f"the database in {ws.db} was built with {listed}: read as built")
+    return dataclasses.replace(cfg.db, **built_db(ws))
+
+
+def require_as_built(cfg: Config, ws: Workspace, command: str) -> None:
+    """Writers (`db add`) add to what the database holds only with the settings it was built with (as `db build`
+    refuses to mix settings): a UserError naming every key that differs, with both values, otherwise."""
+    if differs := config_differences(cfg.db, ws):
+        listed = "; ".join(f"db.{k}: built with {built!r}, the config now gives {now!r}"
+                           for k, (built, now) in differs.items())
+        raise UserError(f"`retro {command}` adds to the database in {ws.db}, which was built with other settings "
+                        f"({listed}). Restore them in the config (or --set them), or rebuild the database")
+
+
+def database_embedder(cfg: Config, ws: Workspace, d: DBConfig) -> Embedder:
+    """The embedder the database was built with (`d`: `as_built`), for embedding anything compared with its
+    vectors."""
     return make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf(),
                          open_tokenizer(ws).encode)
 
@@ -366,12 +437,13 @@ class Retriever:
 
     The texts belong to no database document, so nothing is excluded. Embedded 1,024 at a time."""
 
-    def __init__(self, cfg: Config, ws: Workspace, store: ChunkStore):
+    def __init__(self, cfg: Config, ws: Workspace, store: ChunkStore, d: DBConfig | None = None):
         """`store`: the chunk store the results refer to (ChunkStore.open); the index is opened with the same
-        edits (one read of the edit manifest), so ids and documents always agree."""
-        d = cfg.db
+        edits (one read of the edit manifest), so ids and documents always agree. `d`: the [db] settings to
+        search with, by default the database's own (`as_built`)."""
         ws.require("index")
-        self.embedder: Embedder = database_embedder(cfg, ws)
+        d = d or as_built(cfg, ws)
+        self.embedder: Embedder = database_embedder(cfg, ws, d)
         self.index = open_index(ws, d, store=store)
         self.chunk_docs = np.ascontiguousarray(store.chunks["doc"])
 
@@ -405,17 +477,19 @@ def retrieve_neighbours(retriever: Retriever, store: ChunkStore, tok, chunks: li
 
 def search_texts(cfg: Config, ws: Workspace, texts: list[str], store: ChunkStore,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One search of free texts (see `Retriever`)."""
+    """One search of free texts (see `Retriever`), with the database's own settings."""
     return Retriever(cfg, ws, store).search(texts, k)
 
 
 def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
-    """The k nearest database chunks of each text, with continuation and source."""
+    """The k nearest database chunks of each text, with continuation and source, searched as the database was
+    built (`as_built`)."""
     ws = workspace_of(cfg)
     ws.require("index")  # before reading the chunk store: "run `retro db build` first", not a missing file
-    store = ChunkStore.open(ws, cfg.db.chunk_length)
+    d = as_built(cfg, ws)
+    store = ChunkStore.open(ws, d.chunk_length)
     tok = open_tokenizer(ws)
-    ids, distances = search_texts(cfg, ws, texts, store, k)
+    ids, distances = Retriever(cfg, ws, store, d).search(texts, k)
     return describe_hits(store, tok, ids, distances)
 
 
@@ -476,7 +550,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
         build(cfg)
         out["repaired"] = True
         return out
-    d = cfg.db
+    d = as_built(cfg, ws)  # recomputed as built, whatever [db] says now
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
     emb = EmbeddingStore(ws, store.num_chunks)
     spans = {stage: blocks(store.num_chunks, int(ws.read_meta(stage)["settings"]["block_size"]))
@@ -485,7 +559,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     upstream_ok = not out["damaged"].get("tokenizer") and not out["damaged"].get("chunks")
     if ok_embed and upstream_ok:  # recomputing from damaged tokens would compare garbage (or fail to decode)
         tok = open_tokenizer(ws)
-        embedder = database_embedder(cfg, ws)
+        embedder = database_embedder(cfg, ws, d)
         worst = 1.0
         for b in ok_embed:
             _, s, e = spans["embed"][b]
@@ -498,9 +572,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     ok_nb = [b for b in sampled.get("neighbours", [])
              if f"block-{b:06d}.npy" not in out["damaged"].get("neighbours", {})]
     if ok_nb and upstream_ok and not out["damaged"].get("embed") and not out["damaged"].get("index"):
-        built = ws.read_meta("neighbours")["settings"]  # searched as built, whatever [db] says now
-        index = open_index(ws, dataclasses.replace(d, nprobe=built["nprobe"], ef_search=built["ef_search"],
-                                                   rerank=built.get("rerank", 0)), edits=False, store=store)
+        index = open_index(ws, d, edits=False, store=store)
         chunk_docs = np.ascontiguousarray(store.chunks["doc"])
         k = ws.read_meta("neighbours")["counts"]["k"]
         same = total = 0
@@ -519,8 +591,12 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
 
 
 def info(cfg: Config) -> dict[str, Any]:
+    """What each stage holds and the settings it was built with (not those the config gives now: a warning
+    line names any that differ)."""
     ws = workspace_of(cfg)
     out: dict[str, Any] = {"workspace": str(ws.root), "stages": {}}
+    if all((ws.read_meta(stage) or {}).get("complete") for stage in ("chunks", "embed", "index")):
+        as_built(cfg, ws)  # (for its warning)
     for stage in DB_STAGES:
         meta = ws.read_meta(stage)
         size = sum(f.stat().st_size for f in ws.stage_dir(stage).rglob("*") if f.is_file()) \

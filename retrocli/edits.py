@@ -249,7 +249,7 @@ def _save_keys(path: Path, table: dict[str, np.ndarray]) -> None:
 
 def _read_keys(path: Path) -> dict[str, np.ndarray] | None:
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:  # arrays only: no code runs
             return {name: z[name] for name in z.files}
     except (OSError, ValueError, KeyError, EOFError):
         return None  # missing or damaged: made again
@@ -326,10 +326,11 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     relative to the current folder), as a new segment. Documents already present (same id, or the same
     tokens) are skipped and counted. `retrain`: train the index afresh on every chunk now in the database
     (base and added), for when the added text differs from what the index was trained on."""
-    from .db import Retriever, open_index, open_tokenizer, workspace_of
+    from .db import Retriever, open_index, open_tokenizer, require_as_built, workspace_of
 
     ws = workspace_of(cfg)
     _require_database(ws)
+    require_as_built(cfg, ws, "db add")  # new chunks, vectors and neighbours as the database's own
     d, m = cfg.db, cfg.db.chunk_length
     started = time.time()
     tok = open_tokenizer(ws)

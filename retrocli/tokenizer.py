@@ -3,6 +3,7 @@ Hugging Face tokenizer folder. Every stage that needs tokens loads it through `l
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -71,6 +72,27 @@ def load_tokenizer(kind: str, path: Path) -> Tokenizer:
     if not path.exists():
         raise UserError(f"tokenizer {path} not found: check tokenizer.path, or run `retro db build`")
     return SentencePieceTokenizer(path) if kind == "sentencepiece" else HFTokenizer(path)
+
+
+# The files of a Hugging Face tokenizer folder that decide its token ids (not model weights or configs).
+HF_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "*.model",
+                      "*.tiktoken")
+
+
+def content_sha256(kind: str, path: Path) -> str:
+    """What identifies a tokenizer's token ids: the sha256 of a SentencePiece model file (as `sha256sum` prints
+    it); for a Hugging Face folder, the sha256 of the `sha256sum`-style listing ("<sha256>  <name>" lines, by
+    name) of its tokenizer files (HF_TOKENIZER_FILES). Neither its path nor when it was made takes part."""
+    from .workspace import sha256_file
+
+    if kind == "sentencepiece" or path.is_file():
+        return sha256_file(path)
+    names = sorted({f.name for pattern in HF_TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()})
+    if not names:
+        raise UserError(f"the Hugging Face tokenizer folder {path} has no tokenizer files "
+                        f"({', '.join(HF_TOKENIZER_FILES)})")
+    listing = "".join(f"{sha256_file(path / name)}  {name}\n" for name in names)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
 def train_sentencepiece(texts: Iterable[str], out: Path, vocab_size: int, max_bytes: int) -> None:

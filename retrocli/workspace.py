@@ -109,7 +109,7 @@ def npy_problems(path: Path) -> Iterator[None]:
 def load_npy(path: Path, mmap: bool = True) -> np.ndarray:
     """Load a .npy file (memory-mapped by default); a damaged file is a UserError naming it."""
     with npy_problems(path):
-        return np.load(path, mmap_mode="r" if mmap else None)
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)  # arrays only: no code runs
 
 
 class NpyRows:
@@ -414,15 +414,19 @@ class Workspace:
                                                       "settings": settings, "started": time.time()})
         return None
 
-    def finish(self, stage: str, counts: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, stage: str, counts: dict[str, Any], identity: Any = None, **recorded: Any) -> dict[str, Any]:
         """Mark a stage complete with its counts and the size and sha256 of every file it made (so damage is
-        found: `damaged`, `retro db verify`)."""
+        found: `damaged`, `retro db verify`); `recorded`: further keys for its meta.json.
+
+        Its fingerprint, which the stages after it record and checkpoints compare, comes from content and
+        settings only (`stage_fingerprint`), or from `identity` when given: two builds of the same recipe on
+        the same corpus, at other times, in other folders, agree."""
         meta = self.read_meta(stage)
         assert meta is not None, stage
-        meta.update(complete=True, counts=counts, finished=time.time(), files=self.file_sums(stage))
+        meta.update(complete=True, counts=counts, finished=time.time(), files=self.file_sums(stage), **recorded)
         meta.pop("repairing", None)
         meta.pop("repair_of", None)
-        meta["fingerprint"] = hash_obj([meta["settings"], counts])
+        meta["fingerprint"] = stage_fingerprint(meta["settings"], counts) if identity is None else hash_obj(identity)
         write_json_atomic(self.meta_path(stage), meta)
         return meta
 
@@ -488,6 +492,16 @@ class Workspace:
         return False
 
 
+# Counts that say how a stage ran rather than what it made: recorded in meta.json, never fingerprinted.
+RUN_COUNTS = frozenset({"seconds", "train_seconds", "embedded_now"})
+
+
+def stage_fingerprint(settings: dict[str, Any], counts: dict[str, Any]) -> str:
+    """What identifies a finished stage: its settings (corpus files by name, size and sha256, not by folder) and
+    what it made, without its timings (RUN_COUNTS); the start and end times in meta.json are not part of it."""
+    return hash_obj([_comparable(settings), {k: v for k, v in counts.items() if k not in RUN_COUNTS}])
+
+
 def _comparable(value: Any) -> Any:
     """Settings as compared: a corpus file's [name, size, sha256] by its file name alone, so a corpus moved
     to another folder (DATA_DIR) still matches (workspaces before this recorded full paths)."""
@@ -523,7 +537,7 @@ def missing_blocks(paths: Callable[[int], Path], spans: list[tuple[int, int, int
         path = paths(i)
         if path.exists():
             try:
-                arr = np.load(path, mmap_mode="r")
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
                 if row_shape_ok(arr, e - s):
                     continue
             except (ValueError, OSError, EOFError):

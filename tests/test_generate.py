@@ -283,3 +283,27 @@ def test_context_neighbours_are_the_prompt_contexts_as_in_sft() -> None:
     assert (toks[1] == first).all() and (toks[2] == first).all() and (toks[0] == model.pad_id).all()
     assert first[0].tolist() == Chars().encode(["fruit: the apple is red"])[0][:R]  # titled, cut to r
     assert neighbour_source("none", contexts, Chars(), None, None, model) is None
+
+
+def test_an_empty_answer_says_so_on_a_terminal_and_stays_exact_in_a_pipe(workspace: Path) -> None:
+    """Every printable character is a stop string, so the answer is cut to nothing: a terminal shows
+    "(empty answer)", a pipe gets the exact (empty) line."""
+    import os
+    import pty
+    import string
+    import subprocess
+    import sys
+
+    stops = json.dumps(sorted(set(string.printable) - set("\n\r\x0b\x0c")))
+    args = ["generate", "-c", str(workspace), "--prompt", "what colour is the apple?", *GEN,
+            "--set", f"generate.stop={stops}"]
+    piped = run_cli(*args, env={"OMP_NUM_THREADS": "1"})
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert piped.stdout == "\n"
+    leader, follower = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "retrocli", *args], stdout=follower, stderr=subprocess.PIPE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    os.close(follower)
+    shown = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert proc.returncode == 0 and shown.strip() == "(empty answer)", shown

@@ -26,7 +26,7 @@ from .corpus import CorpusStats, corpus_files, fingerprint, iter_documents
 from .embed import LEXICAL, LEXICAL_SCHEME, Embedder, embed_blocks, lexical_idf, make_embedder
 from .errors import UserError
 from .neighbours import Reranked, search_excluding
-from .runtime import dist, fault_point, log, progress, warn
+from .runtime import dist, fault_point, log, progress, set_kept_note, warn
 from .samples import neighbour_tokens
 from .tokenizer import content_sha256, load_tokenizer, train_sentencepiece
 from .workspace import DB_STAGES, NpyRows, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
@@ -43,6 +43,18 @@ def begin_shared(ws: Workspace, stage: str, settings: dict, rebuild: bool) -> di
     dist().barrier()
     meta = ws.read_meta(stage)
     return meta if meta and meta.get("complete") else None
+
+
+def _note_kept(stage: str, detail: str = "not finished, made again by the rerun") -> None:
+    """What an interruption of `db build` during `stage` keeps: the stages before it, and `detail` of it."""
+    before = DB_STAGES[: DB_STAGES.index(stage)]
+    head = f"db build: {', '.join(before)} finished and kept" if before else "db build: no stage finished yet"
+    set_kept_note(f"{head}; {stage}: {detail}")
+
+
+def _note_blocks(stage: str, kept: int, total: int) -> None:
+    share = "" if dist().world == 1 else " of this process's share"
+    _note_kept(stage, f"{kept} of {total} blocks{share} are kept")
 
 
 # ------------------------------------------------------------------------------------------ the stages
@@ -63,6 +75,7 @@ def stage_tokenizer(cfg: Config, ws: Workspace, files: list[str], rebuild: bool)
     done = ws.begin("tokenizer", settings, rebuild)
     if done:
         return done
+    _note_kept("tokenizer")
     started = time.time()
     if t.path and t.type == "sentencepiece":
         shutil.copyfile(src, ws.tokenizer_model)  # the workspace keeps its own copy
@@ -123,6 +136,7 @@ def stage_chunks(cfg: Config, ws: Workspace, files: list[str], tok_meta: dict, r
     done = ws.begin("chunks", settings, rebuild)
     if done:
         return done
+    _note_kept("chunks")
     started = time.time()
     tok = open_tokenizer(ws)
     stats = CorpusStats()
@@ -192,6 +206,7 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
     done = begin_shared(ws, "embed", settings, rebuild)
     if done:
         return done
+    _note_kept("embed")
     D = dist()
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
@@ -214,12 +229,17 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
     # Shard first, then look for missing blocks: each rank checks only its own blocks, so a block another
     # rank finishes meanwhile cannot shift the assignment.
     todo = missing_blocks(ws.embed_block, D.shard(spans), lambda a, n: a.shape == (n, dim))
+    kept = len(D.shard(spans)) - len(todo)
+    _note_blocks("embed", kept, len(D.shard(spans)))
     if D.main and getattr(embedder, "dtype", None) is not None:
         log(f"embedding with {d.embedder} in {str(embedder.dtype).replace('torch.', '')}"
             + (f" (probe cosine to fp32 {embedder.probe_cosine:.4f})" if hasattr(embedder, "probe_cosine") else ""))
     with progress("embed", sum(e - s for _, s, e in todo), "chunks") as bar:
         def save(i: int, vectors: np.ndarray) -> None:
+            nonlocal kept
             save_npy_atomic(ws.embed_block(i), vectors)
+            kept += 1
+            _note_blocks("embed", kept, len(D.shard(spans)))
             fault_point("embed:block")
 
         embed_blocks(embedder, todo, lambda s, e: chunk_texts(store, tok, s, e), save, bar)
@@ -240,6 +260,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
     done = ws.begin("index", settings, rebuild)
     if done:
         return done
+    _note_kept("index")
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
     emb = EmbeddingStore(ws, store.num_chunks)
@@ -277,6 +298,7 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     done = begin_shared(ws, "neighbours", settings, rebuild)
     if done:
         return done
+    _note_kept("neighbours")
     D = dist()
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
@@ -286,10 +308,14 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     k = d.num_neighbors_query
     spans = blocks(store.num_chunks, d.block_size)
     todo = missing_blocks(ws.neighbour_block, D.shard(spans), lambda a, n: a.shape == (n, k))
+    kept = len(D.shard(spans)) - len(todo)
+    _note_blocks("neighbours", kept, len(D.shard(spans)))
     with progress("neighbours", sum(e - s for _, s, e in todo), "chunks") as bar:
         for i, s, e in todo:
             ids, _ = search_excluding(index, emb.rows(s, e), chunk_docs[s:e], chunk_docs, k)
             save_npy_atomic(ws.neighbour_block(i), ids)
+            kept += 1
+            _note_blocks("neighbours", kept, len(D.shard(spans)))
             fault_point("neighbours:block")
             bar.advance(e - s)
     D.barrier()
@@ -375,6 +401,8 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
     if D.main and (ws.db / "edits").is_dir() and rebuild is None:
         from .edits import refresh_neighbours
 
+        set_kept_note("db build: every stage finished and kept; the neighbour refresh after `db remove` is made "
+                      "again by the rerun")
         refresh_neighbours(cfg, ws)  # after `db remove`: the neighbour rows that named a removed chunk
     return metas
 

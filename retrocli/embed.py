@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from .errors import UserError
+from .runtime import Prefetcher
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 LEXICAL = "lexical"
@@ -29,11 +29,19 @@ LEXICAL_DIM = 1024
 LEXICAL_SCHEME = f"tokenizer pieces, idf, {LEXICAL_DIM} signed buckets"
 
 
+PREPARE_SLICE = 1_000  # texts decoded or tokenized at a time in the background; a cancelled prefetch stops between
+
+
+def _keep_going() -> None:
+    """The `check` of work that nobody cancels."""
+
+
 class Embedder(Protocol):
     dim: int
 
-    def prepare(self, texts: list[str]) -> Any:
-        """CPU-side work (tokenizing), safe to run in a background thread."""
+    def prepare(self, texts: list[str], check: Callable[[], None] = _keep_going) -> Any:
+        """CPU-side work (tokenizing), safe to run in a background thread; `check()` is called between slices
+        of PREPARE_SLICE texts and raises when the work is to be abandoned."""
 
     def forward(self, prepared: Any) -> np.ndarray:
         """(n, dim) float32, L2-normalised rows, in the order of the texts given to `prepare`."""
@@ -128,11 +136,16 @@ class HFEmbedder:
         fast = timings[torch.bfloat16] < timings[torch.float32]
         return torch.bfloat16 if fast and self.probe_cosine >= 0.99 else torch.float32
 
-    def prepare(self, texts: list[str]) -> tuple[np.ndarray, list[dict]]:
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
+    def prepare(self, texts: list[str], check: Callable[[], None] = _keep_going) -> tuple[np.ndarray, list[dict]]:
+        enc = []
+        for s in range(0, len(texts), PREPARE_SLICE):  # the same ids as one call: each text is tokenized alone
+            check()
+            enc += self.tokenizer(texts[s : s + PREPARE_SLICE], truncation=True, max_length=self.max_length,
+                                  padding=False)["input_ids"]
         order = np.argsort([len(x) for x in enc], kind="stable")
         batches = []
         for s in range(0, len(order), self.batch_size):
+            check()
             rows = [enc[i] for i in order[s : s + self.batch_size]]
             batches.append(self.tokenizer.pad({"input_ids": rows}, return_tensors="pt"))
         return order, batches
@@ -186,8 +199,12 @@ class LexicalEmbedder:
     def __init__(self, idf: np.ndarray, encode, dim: int = LEXICAL_DIM):
         self.idf, self.encode, self.dim = idf, encode, dim
 
-    def prepare(self, texts: list[str]) -> list[list[int]]:
-        return self.encode(texts)
+    def prepare(self, texts: list[str], check: Callable[[], None] = _keep_going) -> list[list[int]]:
+        out = []
+        for s in range(0, len(texts), PREPARE_SLICE):
+            check()
+            out += self.encode(texts[s : s + PREPARE_SLICE])
+        return out
 
     def forward(self, token_lists: list[list[int]]) -> np.ndarray:
         out = np.zeros((len(token_lists), self.dim), dtype=np.float32)
@@ -211,7 +228,7 @@ def make_embedder(name: str, base_dir: Path, batch_size: int = 128, precision: s
             raise UserError(f"the lexical embedder's IDF table {idf_path} is missing: run `retro db build`")
         if encode is None:
             raise ValueError("the lexical embedder needs the workspace tokenizer's encode function")
-        return LexicalEmbedder(np.load(idf_path), encode)
+        return LexicalEmbedder(np.load(idf_path, allow_pickle=False), encode)
     return HFEmbedder(resolve_embedder_path(name, base_dir), batch_size=batch_size, precision=precision)
 
 
@@ -222,14 +239,20 @@ def embed_blocks(embedder: Embedder, todo: list[tuple[int, int, int]], texts_of,
     """Embed each (block, start, end) span of chunk rows and `save(block, array)`.
 
     The next block's text and tokens are prepared in a background thread while the current block runs
-    through the model, so the encoder is never waiting on the tokenizer."""
+    through the model, so the encoder is never waiting on the tokenizer. When the stage is interrupted that
+    preparation stops at its next slice (runtime.Prefetcher) instead of holding the process until it ends."""
     if not todo:
         return
 
-    def prepare(span):
-        return embedder.prepare(texts_of(span[1], span[2]))
+    def prepare(span: tuple[int, int, int]) -> Any:
+        _, start, end = span
+        texts: list[str] = []
+        for s in range(start, end, PREPARE_SLICE):
+            pool.check()
+            texts += texts_of(s, min(s + PREPARE_SLICE, end))
+        return embedder.prepare(texts, pool.check)
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with Prefetcher("embed-prepare") as pool:
         pending = pool.submit(prepare, todo[0])
         for j, (block, start, end) in enumerate(todo):
             prepared = pending.result()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +24,7 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 @dataclass
@@ -144,26 +147,45 @@ class Bar:
 
 # --------------------------------------------------------------------------------------- fault injection
 
-_FAULT_HITS: dict[str, int] = {}
+_FAULT_HITS: dict[tuple[str, str], int] = {}
 
 
 def fault_point(name: str) -> None:
     """Die abruptly here when RETRO_FAULT names this point: `RETRO_FAULT=embed:block` dies at the first
     hit, `RETRO_FAULT=embed:block:3` at the third; with RETRO_FAULT_RANK=1 only that torchrun rank dies.
-    Used by tests to prove that a killed stage resumes (docs/reliability.md lists the points)."""
-    spec = os.environ.get("RETRO_FAULT")
-    if not spec:
-        return
-    if os.environ.get("RETRO_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
-        return
-    point, _, nth = spec.rpartition(":") if spec.count(":") >= 2 else (spec, "", "1")
-    if point != name:
-        return
-    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if _FAULT_HITS[name] >= int(nth):
-        sys.stderr.write(f"RETRO_FAULT: dying at {name} (hit {_FAULT_HITS[name]})\n")
+    Or stop here once and wait for a signal when RETRO_PAUSE names the point (same form): the process says
+    `RETRO_PAUSE: waiting at POINT` on stderr, so a test can send SIGINT / SIGTERM at a known moment.
+    Used by tests to prove that a killed or interrupted stage resumes (docs/reliability.md lists the points)."""
+    if _hits("RETRO_FAULT", name) >= _nth("RETRO_FAULT"):
+        sys.stderr.write(f"RETRO_FAULT: dying at {name} (hit {_FAULT_HITS['RETRO_FAULT', name]})\n")
         sys.stderr.flush()
         os._exit(137)
+    if _hits("RETRO_PAUSE", name) == _nth("RETRO_PAUSE"):
+        import time
+
+        sys.stderr.write(f"RETRO_PAUSE: waiting at {name}\n")
+        sys.stderr.flush()
+        while _DEFERRED is None:  # until a signal: its handler raises here, or (SIGTERM in training) records it
+            time.sleep(0.02)
+
+
+def _nth(variable: str) -> int:
+    spec = os.environ.get(variable, "")
+    return int(spec.rpartition(":")[2]) if spec.count(":") >= 2 else 1
+
+
+def _hits(variable: str, name: str) -> int:
+    """How often this process has reached `name`, when `variable` (POINT or POINT:N) names it for this rank;
+    else 0."""
+    spec = os.environ.get(variable)
+    if not spec:
+        return 0
+    if os.environ.get("RETRO_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return 0
+    if (spec.rpartition(":")[0] if spec.count(":") >= 2 else spec) != name:
+        return 0
+    _FAULT_HITS[variable, name] = _FAULT_HITS.get((variable, name), 0) + 1
+    return _FAULT_HITS[variable, name]
 
 
 # ------------------------------------------------------------------------------------------ interruption
@@ -201,13 +223,76 @@ def kept_note() -> str:
 def install_interrupt_handlers() -> None:
     """SIGINT and SIGTERM raise `Interrupted` in the main thread (where Python runs signal handlers). The stage's
     `finally`/`with` blocks then run as for Ctrl-C; a second signal while they run ends the process at once
-    (every write that matters is atomic, so that loses only the unfinished block)."""
+    (every write that matters is atomic, so that loses only the unfinished block). Inside
+    `sigterm_at_step_end()` a first SIGTERM is only recorded."""
     import signal
 
     def handler(signum, frame):
+        global _DEFERRED
+        if signum == signal.SIGTERM and _DEFERRING and _DEFERRED is None:
+            _DEFERRED = signum
+            return
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Interrupted(signum)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+_DEFERRING = False  # inside sigterm_at_step_end()
+_DEFERRED: int | None = None  # the signal recorded there, not yet acted on
+
+
+@contextmanager
+def sigterm_at_step_end() -> Iterator[Callable[[], bool]]:
+    """Training: a SIGTERM (a scheduler preempting the job, which leaves a grace period before SIGKILL) is only
+    recorded, and the function yielded says whether one was. The loop finishes the step under way, writes a
+    checkpoint and raises `Interrupted` itself, so the rerun loses no step. SIGINT (Ctrl-C), and a second
+    SIGTERM, interrupt at once as everywhere else. Leaving the block with a SIGTERM recorded and not acted
+    on (the run had just finished) raises `Interrupted` then, so nothing after it starts."""
+    global _DEFERRING, _DEFERRED
+    _DEFERRING, _DEFERRED = True, None
+    try:
+        yield lambda: _DEFERRED is not None
+    finally:
+        _DEFERRING = False
+        pending, _DEFERRED = _DEFERRED, None
+    if pending is not None:
+        raise Interrupted(pending)
+
+
+class Cancelled(Exception):
+    """Raised inside background work that its `Prefetcher` has left."""
+
+
+class Prefetcher:
+    """One background thread that prepares the next piece of work while the caller uses the current one (the
+    next block's tokens, the next step's batches): `submit(fn, *args)` gives a Future.
+
+    Leaving the `with` on an error or an interruption does not wait for the work in flight: it stops at its
+    next `check()` (the work calls it between slices of a few hundred milliseconds at most), so an interrupted
+    stage reports at once and the process ends soon after. The thread is not a daemon: the interpreter
+    would stop a daemon thread at exit wherever it is, and one inside a C++ tokenizer then aborts the process
+    (SIGABRT, seen in about a third of such exits)."""
+
+    def __init__(self, name: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._left = threading.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> "Future[T]":
+        return self._pool.submit(fn, *args)
+
+    def check(self) -> None:
+        """Called by the background work between its slices: it stops once the caller has left."""
+        if self._left.is_set():
+            raise Cancelled()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, kind, *rest) -> None:
+        self._left.set()
+        self._pool.shutdown(wait=kind is None, cancel_futures=True)

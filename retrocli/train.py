@@ -17,8 +17,9 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
+import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,18 @@ from torch.distributed.checkpoint.state_dict import (
 
 from . import checkpoint
 from .errors import UserError
-from .runtime import console, dist, fault_point, log, show_progress, warn
+from .runtime import (
+    Interrupted,
+    Prefetcher,
+    console,
+    dist,
+    fault_point,
+    log,
+    set_kept_note,
+    show_progress,
+    sigterm_at_step_end,
+    warn,
+)
 from .samples import SampleOrder, collate
 
 
@@ -65,6 +77,7 @@ class TrainSettings:
     resume: str = "auto"
     seed: int = 1234
     fsdp: bool = False  # shard the model over the ranks instead of replicating it
+    tensorboard: bool = False  # the metrics also as TensorBoard events (Metrics)
 
     @classmethod
     def from_section(cls, section: Any, seed: int, seq_length: int) -> "TrainSettings":
@@ -299,6 +312,88 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
     write_text_atomic(path, "".join(x + "\n" for x in keep))
 
 
+# ---------------------------------------------------------------------------------------------- metrics
+
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_INSTALL = "pip install 'retrocli[tensorboard]'"
+
+
+def require_tensorboard(phase: str) -> None:
+    """{phase}.tensorboard = true needs the optional package: refused before anything trains."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imports the tensorboard package)
+    except ImportError:
+        raise UserError(f"{phase}.tensorboard = true needs the tensorboard package, which is not installed: "
+                        f"`{TENSORBOARD_INSTALL}`, or set {phase}.tensorboard = false") from None
+
+
+class Metrics:
+    """Where the loop's numbers go: `metrics.jsonl` in the run folder, one JSON record a line, and with
+    `tensorboard` the same numbers as TensorBoard scalars in RUN/tensorboard/ (tags train/loss, train/lr,
+    ..., eval/loss, eval/ppl, eval/loss_by_set/NAME). Rank 0 writes; on the other ranks it does nothing.
+
+    A fresh run starts both afresh. A resumed one drops what the interrupted run wrote after the resumed step:
+    the lines of metrics.jsonl, and (purge_step) the TensorBoard events, so each holds one clean curve."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resumed_step: int | None):
+        self.main = dist().main
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not self.main:
+            return
+        events = run_dir / TENSORBOARD_DIR
+        if resumed_step is None:
+            self.path.unlink(missing_ok=True)
+            shutil.rmtree(events, ignore_errors=True)
+        else:
+            _rewrite_metrics(self.path, resumed_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(events), purge_step=None if resumed_step is None else resumed_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["step"]
+            for key, value in record.items():
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                if isinstance(value, dict):
+                    for name, v in value.items():
+                        self.writer.add_scalar(f"{tag}/{name}", v, step)
+                elif key != "step":
+                    self.writer.add_scalar(tag, value, step)
+            self.writer.flush()  # a killed run keeps its events up to its last step, as metrics.jsonl does
+
+    def __enter__(self) -> "Metrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def kept_by(phase: str, step: int, saved: int | None, save_interval: int) -> str:
+    """What an interruption keeps of a training run at `step` whose latest checkpoint is at `saved`."""
+    if saved is None:
+        if step == 0:
+            return f"{phase}: no step was finished yet"
+        return (f"{phase}: no checkpoint yet, so the {_steps(step)} done {'is' if step == 1 else 'are'} lost (one "
+                f"is written every {phase}.save_interval = {save_interval} steps)")
+    lost = step - saved
+    if not lost:
+        return f"{phase}: checkpoint step-{saved:06d} is kept, no step is lost"
+    return (f"{phase}: checkpoint step-{saved:06d} is kept (the {_steps(lost)} after it "
+            f"{'is' if lost == 1 else 'are'} lost)")
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 # ------------------------------------------------------------------------------------------------- loop
 
 
@@ -326,8 +421,13 @@ class _Bar:
 
 
 def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[str, Any]:
-    """Run the loop from step 0 (or from `resume_from`) up to s.train_steps; returns a summary."""
+    """Run the loop from step 0 (or from `resume_from`) up to s.train_steps; returns a summary.
+
+    Interrupted: SIGINT stops at once (the steps after the latest checkpoint are lost); SIGTERM, a scheduler's
+    preemption, lets the step under way finish, writes a checkpoint at it and then stops, so nothing is lost."""
     D = dist()
+    if s.tensorboard:
+        require_tensorboard(job.phase)
     device = device_for_rank()
     per_step = s.micro_batch_size * D.world
     if s.global_batch_size % per_step:
@@ -341,7 +441,6 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
     # what the optimizer holds state for (pretrain.freeze_decoder and sft.neighbors = "none" train a part only)
     job.meta["trained_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step, consumed, tokens_seen = 0, 0, 0
-    metrics_path = job.run_dir / "metrics.jsonl"
     state = None
     if resume_from is not None:
         meta = checkpoint.read_meta(resume_from)
@@ -367,11 +466,8 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
         log(f"resuming {job.phase} from {resume_from} (step {step}, {consumed:,} samples consumed)")
     if D.main:
         job.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            metrics_path.unlink(missing_ok=True)
-        else:
-            _rewrite_metrics(metrics_path, step)
-    D.barrier()
+    saved = None if resume_from is None else step  # the step of the latest checkpoint
+    set_kept_note(kept_by(job.phase, step, saved, s.save_interval))
 
     order = SampleOrder(len(job.train), s.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -387,11 +483,6 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
         f"global batch {s.global_batch_size} = {s.micro_batch_size} x {D.world} process(es) x {accum} accumulation, "
         f"steps {step} -> {s.train_steps}")
 
-    def write_metrics(record: dict[str, Any]) -> None:
-        if D.main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
     def sample_at(position: int) -> dict[str, np.ndarray]:
         made = job.synthetic(position) if job.synthetic is not None else None
         return made if made is not None else job.train.get(order[position])
@@ -400,13 +491,17 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
         """This rank's micro-batches of the step that starts at sample position `consumed`."""
         out = []
         for a in range(accum):
+            pool.check()  # an interrupted run stops here rather than assembling the rest
             first = consumed + (a * D.world + D.rank) * s.micro_batch_size
             out.append(collate([sample_at(p) for p in range(first, first + s.micro_batch_size)]))
         return out
 
     net.train()
+    metrics = Metrics(job.run_dir, s.tensorboard, None if resume_from is None else step)
+    D.barrier()
     # one background thread assembles the next step's batches (numpy, memory-mapped reads) during this step
-    with _Bar(job.phase, s.train_steps, step) as bar, ThreadPoolExecutor(1) as pool:
+    with (_Bar(job.phase, s.train_steps, step) as bar, Prefetcher(f"{job.phase}-batches") as pool, metrics,
+          sigterm_at_step_end() as sigterm_received):
         upcoming = pool.submit(load_step, consumed)
         while step < s.train_steps:
             t0 = time.time()
@@ -435,10 +530,11 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
             optimizer.zero_grad(set_to_none=True)
             step += 1
             consumed += s.global_batch_size
+            set_kept_note(kept_by(job.phase, step, saved, s.save_interval))
             seconds = time.time() - t0
             rate = tokens_per_step / max(seconds, 1e-9)
             tokens_seen += tokens_per_step
-            write_metrics({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens": tokens_seen, "tokens_per_s": rate,
                            "elapsed": round(time.time() - started, 3)})
             bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=f"{rate:,.0f}")
@@ -455,13 +551,19 @@ def train(s: TrainSettings, job: Job, resume_from: Path | None = None) -> dict[s
                           "eval_tokens": int(n_tok)}
                 if len(per_set) > 1 or "" not in per_set:
                     record["eval_loss_by_set"] = {name: v[0] / max(v[1], 1.0) for name, v in per_set.items()}
-                write_metrics(record)
+                metrics.write(record)
                 bar.update(eval=f"eval {eval_loss:.4f}")
                 log(f"step {step}/{s.train_steps}: loss {loss:.4f}, eval loss {eval_loss:.4f} "
                     f"(ppl {math.exp(min(eval_loss, 50)):.2f}), lr {lr:.2e}, {rate:,.0f} tokens/s")
                 summary["eval_loss"] = eval_loss
-            if step % s.save_interval == 0 or step == s.train_steps:
+            # whether any rank has had a SIGTERM: then every rank writes a checkpoint at this step and stops
+            (preempted,) = all_sum([float(sigterm_received())], device)
+            if step % s.save_interval == 0 or step == s.train_steps or preempted:
                 summary["checkpoint"] = str(save(job, s, model, optimizer, step, consumed, tokens_seen))
+                saved = step
+                set_kept_note(kept_by(job.phase, step, saved, s.save_interval))
+            if preempted:
+                raise Interrupted(signal.SIGTERM)
     summary["seconds"] = round(time.time() - started, 2)
     return summary
 

@@ -117,7 +117,8 @@ def save(index: faiss.Index, path: Path) -> None:
 def load(path: Path, mmap: bool = False) -> faiss.Index:
     """The index in `path`. `mmap`: for searching only, map the file instead of reading it, so the processes
     of one machine (torchrun ranks, concurrent queries) share one copy in the page cache rather than each
-    holding its own (flat codes and IVF lists both; measured in docs/benchmarks.md)."""
+    holding its own (flat codes and IVF lists both; measured in docs/benchmarks.md). Faiss reads its own binary
+    format (no pickle: nothing in the file runs), and only files `retro db build` / `db add` wrote."""
     if not path.exists():
         raise UserError(f"the index {path} is missing: run `retro db build`")
     if mmap:

@@ -51,7 +51,8 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            # tokenizer files are data (JSON, vocabularies, SentencePiece protos); code a folder ships is not run
+            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the Hugging Face tokenizer in {path}: {e}") from None
         self.vocab_size = len(self.tok)

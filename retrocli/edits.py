@@ -45,7 +45,7 @@ from .config import Config, DBConfig, min_chunk_tokens
 from .corpus import CorpusStats, corpus_files, iter_documents
 from .errors import UserError
 from .neighbours import search_excluding
-from .runtime import fault_point, log, progress, warn
+from .runtime import fault_point, log, progress, set_kept_note, warn
 from .workspace import (
     DB_STAGES,
     Workspace,
@@ -332,6 +332,9 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     _require_database(ws)
     require_as_built(cfg, ws, "db add")  # new chunks, vectors and neighbours as the database's own
     d, m = cfg.db, cfg.db.chunk_length
+    # the new segment goes live only when the manifest lists it, which is the add's last write
+    set_kept_note("db add: the database is as it was before (nothing of this add is live yet); the rerun adds the "
+                  "documents")
     started = time.time()
     tok = open_tokenizer(ws)
     manifest = read_manifest(ws)

@@ -35,7 +35,7 @@ from .errors import UserError
 from .model import DecodeCache, RetroModel
 from .ppl import load_model, resolve_checkpoint
 from .pretrain import run_dir
-from .runtime import dist, fault_point, log, progress
+from .runtime import dist, fault_point, log, progress, set_kept_note
 from .sft import context_neighbours, template_of
 from .sft_data import Record, detect_format, fit_prompt, read_records
 from .train import autocast, device_for_rank
@@ -371,6 +371,16 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
 
     answered: list[dict] = []
     started, new_tokens = time.time(), 0
+
+    def note_kept() -> None:
+        if mine is None:
+            set_kept_note("generate: answers to --prompt are printed at the end, so none is kept")
+        else:
+            where = mine if D.world == 1 else out.parent / pattern
+            set_kept_note(f"generate: {len(done) + len(answered):,} of {len(questions):,} answers are kept in "
+                          f"{where}")
+
+    note_kept()
     with progress("generate", total=len(todo), unit="questions") as bar, ExitStack() as stack:
         sink = stack.enter_context(open(mine, "a", encoding="utf-8")) if mine is not None else None
         for s in range(0, len(todo), g.batch_size):
@@ -402,6 +412,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
                     sink.write(json.dumps(rec) + "\n")
             if sink is not None:
                 sink.flush()
+            note_kept()
             fault_point("generate:batch")
             bar.advance(len(batch))
             elapsed = max(time.time() - started, 1e-9)

@@ -155,6 +155,9 @@ class TrainingConfig:
                             "number of processes")
     resume: str = opt("auto", "'auto': continue from the latest complete checkpoint of the run if there is one; "
                               "'never': start fresh (an error if the run already has checkpoints)")
+    tensorboard: bool = opt(False, "also write the metrics of metrics.jsonl as TensorBoard events in the run's "
+                                   "tensorboard/ folder (`tensorboard --logdir WORKSPACE/checkpoints`); needs "
+                                   "`pip install 'retrocli[tensorboard]'`")
 
 
 @dataclass

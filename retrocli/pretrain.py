@@ -26,7 +26,7 @@ from .errors import UserError
 from .model import RetroModel, ffn_width, resolve_retro_layers
 from .runtime import log
 from .samples import NeighbourBlocks, Samples, StreamDocs
-from .train import Job, TrainSettings, find_resume, train
+from .train import Job, TrainSettings, find_resume, require_tensorboard, train
 from .workspace import Workspace
 
 # decoder fields that must agree between a checkpoint and the model it is loaded into
@@ -137,6 +137,8 @@ def freeze_decoder(model: RetroModel, cfg: Config, resuming: bool) -> None:
 
 def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     """Everything `retro pretrain` needs: the job for the loop, its settings, and the checkpoint to resume."""
+    if cfg.pretrain.tensorboard:
+        require_tensorboard("pretrain")  # before anything is loaded
     ws = workspace_of(cfg)
     require_database(ws)
     tok = open_tokenizer(ws)

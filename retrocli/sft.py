@@ -33,7 +33,7 @@ from .ppl import resolve_checkpoint
 from .pretrain import is_cca_or_encoder, run_dir
 from .runtime import console, dist, log
 from .sft_data import Blend, PromptTemplate, Record, encode_sample, load_blend, split_records
-from .train import Job, TrainSettings, find_resume, train
+from .train import Job, TrainSettings, find_resume, require_tensorboard, train
 
 EVAL_RECORDS_PER_SET = 256  # held-out records evaluated per dataset (the first ones, in file order)
 
@@ -124,6 +124,8 @@ def load_model(cfg: Config, ws) -> tuple[RetroModel, dict[str, Any], Path]:
 def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, Any]]]:
     """The job for the loop, its settings, the checkpoint to resume, and the blend table to print."""
     s = cfg.sft
+    if s.tensorboard:
+        require_tensorboard("sft")  # before anything is loaded
     if not s.blend:
         raise UserError(f"[sft] in {cfg.source} has no datasets: add [[sft.blend]] tables with name, path, "
                         f"format and weight")

@@ -261,6 +261,9 @@ def test_readers_use_the_settings_the_database_was_built_with(tmp_path: Path) ->
     assert "db.embedder" not in asked.stderr
     warned = [line for line in plain.stderr.splitlines() if "db.embedder" in line]
     assert len(warned) == 1 and "'lexical'" in warned[0] and "'all-MiniLM-L6-v2'" in warned[0]
+    info = run_cli("db", "info", "-c", str(toml), "--json", check=True)
+    assert json.loads(info.stdout)["stages"]["embed"]["settings"]["embedder"] == "lexical"
+    assert "db.embedder 'lexical' (the config: 'all-MiniLM-L6-v2')" in info.stderr
 
     extra = write_jsonl(tmp_path / "more.jsonl", [{"id": "new1", "text": "a comet and a nebula " * 20}])
     added = run_cli("db", "add", "-c", str(toml), str(extra))

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import index as faiss_index
 from .chunks import ChunkStore, build_chunks
-from .config import Config, DBConfig, min_chunk_tokens
+from .config import SET, Config, DBConfig, min_chunk_tokens
 from .corpus import CorpusStats, corpus_files, fingerprint, iter_documents
 from .embed import LEXICAL, LEXICAL_SCHEME, Embedder, embed_blocks, lexical_idf, make_embedder
 from .errors import UserError
@@ -432,14 +432,19 @@ def config_differences(d: DBConfig, ws: Workspace) -> dict[str, tuple[Any, Any]]
     return {k: (v, now[k]) for k, v in built_db(ws).items() if now[k] != v}
 
 
-def as_built(cfg: Config, ws: Workspace) -> DBConfig:
+SEARCH_KNOBS = ("nprobe", "ef_search", "rerank")  # how hard a search looks: a reader may choose them per run
+
+
+def as_built(cfg: Config, ws: Workspace, knobs: bool = True) -> DBConfig:
     """The [db] section a reader (db query, db info, db verify, ppl, generate, sft) searches with: the database's
     own settings, whatever the config says now (its embedder above all: a query embedded otherwise would be
-    compared with vectors it has nothing in common with). Says so in one warning line where they differ."""
-    if differs := config_differences(cfg.db, ws):
+    compared with vectors it has nothing in common with). Says so in one warning line where they differ. The
+    search knobs (nprobe, ef_search, rerank) given by `--set` are this run's choice and are kept (`knobs`)."""
+    chosen = {k: getattr(cfg.db, k) for k in SEARCH_KNOBS if knobs and cfg.origins.get(f"db.{k}") == SET}
+    if differs := {k: v for k, v in config_differences(cfg.db, ws).items() if k not in chosen}:
         listed = "; ".join(f"db.{k} {built!r} (the config: {now!r})" for k, (built, now) in differs.items())
         warn(f"the database in {ws.db} was built with {listed}: read as built")
-    return dataclasses.replace(cfg.db, **built_db(ws))
+    return dataclasses.replace(cfg.db, **{**built_db(ws), **chosen})
 
 
 def require_as_built(cfg: Config, ws: Workspace, command: str) -> None:
@@ -578,7 +583,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
         build(cfg)
         out["repaired"] = True
         return out
-    d = as_built(cfg, ws)  # recomputed as built, whatever [db] says now
+    d = as_built(cfg, ws, knobs=False)  # recomputed as built, whatever [db] or --set say now
     store = ChunkStore.open(ws, d.chunk_length, edits=False)
     emb = EmbeddingStore(ws, store.num_chunks)
     spans = {stage: blocks(store.num_chunks, int(ws.read_meta(stage)["settings"]["block_size"]))

@@ -270,3 +270,20 @@ def test_readers_use_the_settings_the_database_was_built_with(tmp_path: Path) ->
     assert added.returncode == 2
     assert "db.embedder" in added.stderr and "'lexical'" in added.stderr and "'all-MiniLM-L6-v2'" in added.stderr
     assert not (db.workspace_of(load_config(toml)).db / "edits" / "manifest.json").exists()
+
+
+def test_a_reader_may_choose_how_hard_to_search_with_set(tmp_path: Path) -> None:
+    """The search knobs (nprobe, ef_search, rerank) given by --set are this run's choice: no warning, and the
+    searcher gets them; structural keys (the embedder) still come from the database; verify keeps the built ones."""
+    write_jsonl(tmp_path / "corpus" / "docs.jsonl", synthetic_documents(24, 120))
+    toml = write_toml(tmp_path / "retro.toml", small_sections(db={"index": "IVF4,Flat", "nprobe": 1}))
+    run_cli("db", "build", "-c", str(toml), check=True)
+    cfg = load_config(toml, ["db.nprobe=4", "db.embedder=all-MiniLM-L6-v2"])
+    ws = db.workspace_of(cfg)
+    d = db.as_built(cfg, ws)
+    assert (d.nprobe, d.embedder) == (4, "lexical")
+    assert db.as_built(cfg, ws, knobs=False).nprobe == 1
+    proc = run_cli("db", "query", "-c", str(toml), "--set", "db.nprobe=4", "star planet orbit", check=True)
+    assert "db.nprobe" not in proc.stderr
+    proc = run_cli("db", "verify", "-c", str(toml), "--set", "db.nprobe=4", "--fraction", "1", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["recomputed"]["neighbours"]["rows_identical"] == 1.0

@@ -224,12 +224,12 @@ def install_interrupt_handlers() -> None:
     """SIGINT and SIGTERM raise `Interrupted` in the main thread (where Python runs signal handlers). The stage's
     `finally`/`with` blocks then run as for Ctrl-C; a second signal while they run ends the process at once
     (every write that matters is atomic, so that loses only the unfinished block). Inside
-    `sigterm_at_step_end()` a first SIGTERM is only recorded."""
+    `sigterm_at_step_end()` a SIGTERM is only recorded."""
     import signal
 
     def handler(signum, frame):
         global _DEFERRED
-        if signum == signal.SIGTERM and _DEFERRING and _DEFERRED is None:
+        if signum == signal.SIGTERM and _DEFERRING:
             _DEFERRED = signum
             return
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -248,9 +248,11 @@ _DEFERRED: int | None = None  # the signal recorded there, not yet acted on
 def sigterm_at_step_end() -> Iterator[Callable[[], bool]]:
     """Training: a SIGTERM (a scheduler preempting the job, which leaves a grace period before SIGKILL) is only
     recorded, and the function yielded says whether one was. The loop finishes the step under way, writes a
-    checkpoint and raises `Interrupted` itself, so the rerun loses no step. SIGINT (Ctrl-C), and a second
-    SIGTERM, interrupt at once as everywhere else. Leaving the block with a SIGTERM recorded and not acted
-    on (the run had just finished) raises `Interrupted` then, so nothing after it starts."""
+    checkpoint and raises `Interrupted` itself, so the rerun loses no step. SIGINT (Ctrl-C) interrupts at once
+    as everywhere else. A further SIGTERM is recorded too, not acted on at once: under torchrun a rank often
+    gets the scheduler's SIGTERM twice (sent to the process group, then forwarded by torchrun), and a
+    scheduler that will not wait sends SIGKILL. Leaving the block with a SIGTERM recorded and not acted on
+    (the run had just finished) raises `Interrupted` then, so nothing after it starts."""
     global _DEFERRING, _DEFERRED
     _DEFERRING, _DEFERRED = True, None
     try:

@@ -71,8 +71,13 @@ def dist() -> Dist:
 
 
 def relaunch_under_torchrun(launch, argv: list[str]) -> None:
-    """When `[launch]` asks for several processes and this is not one of them yet, replace this process by
-    torchrun running the same `retro` command line (which then finds RANK set and goes on as one rank).
+    """When `[launch]` asks for several processes and this is not one of them yet, run torchrun with the same
+    `retro` command line as a child (each rank then finds RANK set and goes on as one rank), wait for it, and
+    exit with its exit code: this process never runs the stage itself.
+
+    This process stays the one a scheduler knows: a SIGINT or SIGTERM sent to it alone is passed on to torchrun,
+    which passes it to the ranks (they finish or save as a one-process run does and say what they kept), and it
+    exits 130 / 143 as they do. It keeps the workspace's writer lock until the job is over.
 
     One machine: `--standalone` (a free local port). Several: a c10d rendezvous at `launch.rdzv_endpoint`
     (elastic: torchrun numbers the nodes), or else the static rendezvous of master_addr:port with each
@@ -80,6 +85,9 @@ def relaunch_under_torchrun(launch, argv: list[str]) -> None:
     share of the cores (OMP_NUM_THREADS) unless it is set already."""
     if "RANK" in os.environ or (launch.nproc_per_node == 1 and launch.nnodes == 1):
         return
+    import signal
+    import subprocess
+
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(launch), "-m", "retrocli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
@@ -88,7 +96,19 @@ def relaunch_under_torchrun(launch, argv: list[str]) -> None:
                   f"{' '.join(cmd[1:])}", highlight=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, cmd, env)
+    received: list[int] = []
+    torchrun = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):
+        received.append(signum)
+        if torchrun.poll() is None:
+            torchrun.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = torchrun.wait()
+    # The ranks said what they kept; torchrun reports a signalled job as a failure (1): say it as they exited.
+    raise SystemExit(128 + received[0] if received else code)
 
 
 def torchrun_args(launch) -> list[str]:

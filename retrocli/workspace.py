@@ -249,17 +249,12 @@ def writer_lock(root: Path, command: str) -> Iterator[None]:
     Readers (`db query`, `db info`, `generate`, `ppl`, `score`) never take it.
 
     The processes a locked command starts (reproduce's stages, the torchrun ranks it relaunches as) inherit
-    its token and go on under its lock; under a torchrun you started yourself, rank 0 takes it."""
+    its token and go on under its lock, which that command releases when they are done; under a torchrun you
+    started yourself, rank 0 takes it."""
     path = root / LOCK_FILE
     held = _read_lock(path)
     if held and held.get("token") and held.get("token") == os.environ.get(LOCK_ENV):
-        # part of the job that holds the lock; the rank 0 of a job relaunched through torchrun releases it
-        mine = "RANK" in os.environ and os.environ["RANK"] == "0" and held.get("pid") == os.getppid()
-        try:
-            yield
-        finally:
-            if mine:
-                path.unlink(missing_ok=True)
+        yield  # part of the job that holds the lock
         return
     if os.environ.get("RANK", "0") != "0":
         yield  # a rank of a torchrun started by hand: rank 0 holds the lock for the job

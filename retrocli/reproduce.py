@@ -211,7 +211,7 @@ class Reproduction:
             for part in showcase_sections(sc):
                 lines += [f"### {part['title']}", ""]
                 if part["header"]:
-                    cells = [[cell.replace("|", "\\|") for cell in row] for row in part["rows"]]
+                    cells = [[cell.replace("|", "\\|").replace("*", "\\*") for cell in row] for row in part["rows"]]
                     lines += ["| " + " | ".join(part["header"]) + " |", "|" + "---|" * len(part["header"])]
                     lines += ["| " + " | ".join(row) + " |" for row in cells] + [""]
                 for note in part["notes"]:
@@ -307,9 +307,10 @@ class Showcase:
         return db.query(self.cfg, texts, SHOWCASE_K)
 
     def edit(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The topic queries, then the fact: searched before `db add`, after it, and after `db remove`. The
-        database ends as it began (a fact a killed run left behind is removed first), so reruns and the stages
-        after this one read the same results."""
+        """The topic queries, then the fact: searched before `db add`, after it, and after `db remove`. Searches
+        end as they began (a fact that a killed run left behind is removed first), so a rerun reads the same
+        database; what stays is the removed segment of each run (a few KB in db/edits, as any `db remove`
+        leaves)."""
         texts = [FACT_QUERY, *SHOWCASE_QUERIES]
         before = self.search(texts)
         if found(before[0]):
@@ -317,7 +318,7 @@ class Showcase:
                 "removed first")
             edits.remove(self.cfg, [FACT["id"]], [])
             before = self.search(texts)
-        path = self.ws.root / "showcase" / "new-fact.jsonl"
+        path = (self.ws.root / "showcase" / "new-fact.jsonl").resolve()
         write_text_atomic(path, json.dumps(FACT, ensure_ascii=False) + "\n")
         added = edits.add(self.cfg, [str(path)])
         after_add = self.search([FACT_QUERY])[0]
@@ -388,8 +389,8 @@ def showcase_sections(sc: dict[str, Any]) -> list[dict[str, Any]]:
             for step, key, hits in [("before db add", "found_before", "before"),
                                     ("after db add", "found_after_add", "after_add"),
                                     ("after db remove", "found_after_remove", "after_remove")]]
-    notes = [f"Query \"{f['query']}\", fact {f['file']} ({f['chunks_added']} chunks, written by this run); found: "
-             f"among the nearest {SHOWCASE_K}. Nothing was trained in between. "
+    notes = [f"Query \"{f['query']}\", fact {shown(f['file'])} ({f['chunks_added']} chunks, written by this run); "
+             f"found: among the nearest {SHOWCASE_K}. Nothing was trained in between. "
              + ("After db remove every query finds what it found before db add." if f["unchanged_after_remove"]
                 else "After db remove the queries find OTHER chunks than before db add.")]
     out.append({"title": "retro db add / db remove: a new fact, retrieved at once, then gone", "lead": False,
@@ -414,6 +415,12 @@ def showcase_sections(sc: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"title": "Why QA scores are near zero here, and what shows more", "lead": False, "header": [],
                 "rows": [], "notes": [note]})
     return out
+
+
+def shown(path: str) -> str:
+    """A path as short as it reads: relative to the current folder where it lies inside it."""
+    p = Path(path)
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else path
 
 
 def effect(paired: dict[str, float]) -> str:
@@ -446,7 +453,7 @@ def print_showcase(sc: dict[str, Any]) -> None:
         if part["lead"]:
             header, rows = header[1:], [row[1:] for row in rows]
         if header:
-            widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+            widths = [max(len(cell) for cell in column) for column in zip(*([] if part["lead"] else [header]), *rows)]
             if not part["lead"]:
                 show("  " + aligned(header, widths))
             for full, row in zip(part["rows"], rows):

@@ -57,7 +57,7 @@ def chain(tmp_path_factory) -> SimpleNamespace:
     assert again.returncode == 0, again.stderr[-4000:]
     rerun = json.loads((ws / "reproduce" / "results.json").read_text())
     query = run_cli("db", "query", "-c", str(toml), "--json", "-k", "3", *SHOWCASE_QUERIES, env=ENV, check=True)
-    return SimpleNamespace(ws=ws, first=first, results=results, report=report, again=again, rerun=rerun,
+    return SimpleNamespace(toml=toml, ws=ws, first=first, results=results, report=report, again=again, rerun=rerun,
                            queried=json.loads(query.stdout))
 
 
@@ -133,6 +133,18 @@ def test_a_second_run_shows_the_same_and_leaves_the_database_as_it_was(chain) ->
     # what `retro db query` finds after both runs is what the first run's showcase found
     assert [[h["chunk_id"] for h in q["results"]] for q in chain.queried] == \
            [[h["chunk_id"] for h in q["hits"]] for q in first["queries"]]
+
+
+def test_a_fact_that_a_killed_run_left_in_the_database_is_removed_first(chain) -> None:
+    from retrocli.db import workspace_of
+    from retrocli.reproduce import Showcase
+
+    first = chain.results["showcase"]["fact"]
+    run_cli("db", "add", "-c", str(chain.toml), first["file"], env=ENV, check=True)  # killed before db remove
+    cfg = load_config(chain.toml)
+    _, fact = Showcase(cfg, workspace_of(cfg)).edit()
+    assert fact["before"] == first["before"] and not fact["found_before"]
+    assert fact["found_after_add"] and not fact["found_after_remove"] and fact["unchanged_after_remove"]
 
 
 def test_a_failing_stage_names_itself_and_how_to_continue(tmp_path: Path) -> None:

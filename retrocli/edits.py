@@ -331,6 +331,8 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     ws = workspace_of(cfg)
     _require_database(ws)
     require_as_built(cfg, ws, "db add")  # new chunks, vectors and neighbours as the database's own
+    corpus = dataclasses.replace(cfg.corpus, train=list(files))
+    paths = corpus_files(corpus, Path.cwd(), key="retro db add")  # before anything is written
     d, m = cfg.db, cfg.db.chunk_length
     # the new segment goes live only when the manifest lists it, which is the add's last write
     set_kept_note("db add: the database is as it was before (nothing of this add is live yet); the rerun adds the "
@@ -344,8 +346,6 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     store = ChunkStore.open(ws, m)
     tables, made_keys = _key_tables(ws, store)
 
-    corpus = dataclasses.replace(cfg.corpus, train=list(files))
-    paths = corpus_files(corpus, Path.cwd())
     stats = CorpusStats()
     docs = list(iter_documents(corpus, Path.cwd(), paths, stats))
     new, duplicates = [], []

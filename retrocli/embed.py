@@ -14,7 +14,6 @@ killed build resumes at the first missing block; under torchrun the ranks share 
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -110,9 +109,10 @@ class HFEmbedder:
         self.dtype = self._choose_precision(precision)
 
     def _choose_precision(self, precision: str):
-        """fp32, or bf16 where it is both faster and accurate: on a CPU with native bf16 arithmetic
-        (AVX512-BF16 / AMX / Arm BF16) and a probe batch that matches fp32 to cosine >= 0.99. Without
-        native support bf16 is emulated and several times slower than fp32."""
+        """fp32, or bf16 where it is fast and accurate: on a GPU, and on a CPU with native bf16 arithmetic
+        (AVX512-BF16 / AMX / Arm BF16) when a fixed probe batch matches fp32 to cosine >= 0.99. Without native
+        support bf16 is emulated and several times slower than fp32. The choice depends on the machine and the
+        model only, never on a timing, so every build on one machine embeds alike."""
         import torch
 
         if self.device.type == "cuda":
@@ -124,17 +124,12 @@ class HFEmbedder:
         probe = [f"The {w} of the probe sentence number {i} is a test of numerical agreement." for i, w in
                  enumerate(["meaning", "length", "colour", "weight", "history", "shape", "origin", "use"] * 4)]
         prepared = self.prepare(probe)
-        timings = {}
         outputs = {}
         for dtype in (torch.float32, torch.bfloat16):
             self.dtype = dtype
-            self.forward(prepared)  # warm-up
-            started = time.perf_counter()
             outputs[dtype] = self.forward(prepared)
-            timings[dtype] = time.perf_counter() - started
         self.probe_cosine = float(np.min(np.sum(outputs[torch.float32] * outputs[torch.bfloat16], axis=1)))
-        fast = timings[torch.bfloat16] < timings[torch.float32]
-        return torch.bfloat16 if fast and self.probe_cosine >= 0.99 else torch.float32
+        return torch.bfloat16 if self.probe_cosine >= 0.99 else torch.float32
 
     def prepare(self, texts: list[str], check: Callable[[], None] = _keep_going) -> tuple[np.ndarray, list[dict]]:
         enc = []

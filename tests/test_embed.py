@@ -65,6 +65,22 @@ def test_packaged_minilm_offline_and_as_a_local_folder(monkeypatch, tmp_path):
     assert (cos > 0.99).all(), cos
 
 
+def test_auto_precision_depends_on_the_machine_and_the_model_never_on_a_timing(monkeypatch):
+    """Where the CPU computes bf16 natively, `auto` takes bf16 whenever the probe agrees with fp32; a slower bf16
+    pass (a busy machine) must not flip the choice, or two builds of one database would embed differently."""
+    import time
+
+    import retrocli.embed as embed
+
+    calls = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(calls)) ** 3)  # every later pass looks slower
+    monkeypatch.setattr(embed, "cpu_has_fast_bf16", lambda: True)
+    chosen = {str(HFEmbedder(str(packaged_minilm_dir()), batch_size=8, precision="auto").dtype) for _ in range(2)}
+    assert chosen == {"torch.bfloat16"}
+    monkeypatch.setattr(embed, "cpu_has_fast_bf16", lambda: False)
+    assert str(HFEmbedder(str(packaged_minilm_dir()), batch_size=8, precision="auto").dtype) == "torch.float32"
+
+
 def test_auto_index_choice():
     assert auto_spec(5_000) == "Flat"
     assert auto_spec(60_000) == "IVF1024,SQ8"

@@ -23,7 +23,6 @@ import json
 import math
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from .db import open_tokenizer, workspace_of
 from .errors import UserError
 from .ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint
 from .pretrain import run_dir
-from .runtime import console, log
+from .runtime import Interrupted, console, log, run_child, set_kept_note
 from .score import read_predictions, score
 from .train import TrainSettings
 from .workspace import Workspace, write_json_atomic, write_text_atomic
@@ -148,14 +147,17 @@ class Reproduction:
                 continue
             log(f"[bold][{i}/{len(stages)}] {stage.name}[/bold]: {shown}")
             started = time.time()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE if stage.result_key else None, text=True)
+            code, out, signum = run_child(cmd, capture=bool(stage.result_key))  # a signal reaches the stage too
             seconds = time.time() - started
-            if proc.returncode != 0:
-                raise UserError(f"stage '{stage.name}' failed (exit {proc.returncode}): {shown}\nfix the problem "
+            if signum:
+                set_kept_note(f"reproduce: the stages before '{stage.name}' are complete, and it kept what it said")
+                raise Interrupted(signum)
+            if code != 0:
+                raise UserError(f"stage '{stage.name}' failed (exit {code}): {shown}\nfix the problem "
                                 "above and rerun `retro reproduce`: finished stages are skipped")
             self.results["stages"][stage.name] = {"command": shown, "seconds": round(seconds, 1)}
             if stage.result_key:
-                self.results["results"][stage.result_key] = json.loads(proc.stdout.strip().splitlines()[-1])
+                self.results["results"][stage.result_key] = json.loads(out.strip().splitlines()[-1])
             write_json_atomic(self.results_path, self.results)
         order = [st.name for st in stages]  # report the stages in the order they run
         self.results["stages"] = {n: self.results["stages"][n] for n in order if n in self.results["stages"]}

@@ -85,9 +85,6 @@ def relaunch_under_torchrun(launch, argv: list[str]) -> None:
     share of the cores (OMP_NUM_THREADS) unless it is set already."""
     if "RANK" in os.environ or (launch.nproc_per_node == 1 and launch.nnodes == 1):
         return
-    import signal
-    import subprocess
-
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(launch), "-m", "retrocli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
@@ -96,19 +93,33 @@ def relaunch_under_torchrun(launch, argv: list[str]) -> None:
                   f"{' '.join(cmd[1:])}", highlight=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    code, _, signum = run_child(cmd, env=env)
+    # The ranks said what they kept; torchrun reports a signalled job as a failure (1): say it as they exited.
+    raise SystemExit(128 + signum if signum else code)
+
+
+def run_child(cmd: list[str], env: dict | None = None, capture: bool = False) -> tuple[int, str | None, int]:
+    """Run `cmd` and wait for it, passing on the SIGINT / SIGTERM this process gets (so that a scheduler that
+    signals only this process still lets the child save what it can, instead of it being killed when this one
+    exits): (exit code, its stdout when `capture`, the first signal received or 0)."""
+    import signal
+    import subprocess
+
     received: list[int] = []
-    torchrun = subprocess.Popen(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if capture else None, text=True)
 
     def forward(signum, frame):
         received.append(signum)
-        if torchrun.poll() is None:
-            torchrun.send_signal(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    code = torchrun.wait()
-    # The ranks said what they kept; torchrun reports a signalled job as a failure (1): say it as they exited.
-    raise SystemExit(128 + received[0] if received else code)
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out, _ = child.communicate()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return child.returncode, out, received[0] if received else 0
 
 
 def torchrun_args(launch) -> list[str]:
@@ -242,22 +253,35 @@ def kept_note() -> str:
 
 def install_interrupt_handlers() -> None:
     """SIGINT and SIGTERM raise `Interrupted` in the main thread (where Python runs signal handlers). The stage's
-    `finally`/`with` blocks then run as for Ctrl-C; a second signal while they run ends the process at once
-    (every write that matters is atomic, so that loses only the unfinished block). Inside
-    `sigterm_at_step_end()` a SIGTERM is only recorded."""
+    `finally`/`with` blocks then run as for Ctrl-C. A signal within `DUPLICATE_S` of the first is the same one
+    arriving twice (sent to the process group, and passed on by the parent `retro` or torchrun) and is ignored;
+    a later one ends the process at once, for a user who presses Ctrl-C again (every write that matters is
+    atomic, so that loses only the unfinished block). Inside `sigterm_at_step_end()` a SIGTERM is only
+    recorded."""
     import signal
+    import time
+
+    first: list[float] = []
 
     def handler(signum, frame):
         global _DEFERRED
         if signum == signal.SIGTERM and _DEFERRING:
             _DEFERRED = signum
             return
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if first:
+            if time.monotonic() - first[0] < DUPLICATE_S:
+                return
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first.append(time.monotonic())
         raise Interrupted(signum)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+DUPLICATE_S = 2.0  # a second signal sooner than this after the first is the first one delivered twice
 
 
 _DEFERRING = False  # inside sigterm_at_step_end()

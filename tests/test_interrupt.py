@@ -346,3 +346,21 @@ def test_tensorboard_without_the_package_is_refused_before_training_starts(secti
     assert f"{section}.tensorboard = true needs the tensorboard package" in said
     assert "pip install 'retrocli[tensorboard]'" in said
     assert not run_dir(db.workspace_of(load_config(toml)), "no-tb").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_reproduce_alone_reaches_its_stage_which_saves_and_the_rerun_continues(
+        pretrain_workspace: Path) -> None:
+    """A scheduler signals only the process it started (`retro reproduce`): the stage running under it gets the
+    SIGTERM too, saves its step, and both exit 143 saying what they kept; the rerun resumes that stage."""
+    args = ["reproduce", "-c", str(pretrain_workspace), "--set", 'pretrain.run="via-reproduce"', "--set",
+            "reproduce.baseline=false", "--set", "reproduce.sft=false"]
+    code, stderr = interrupt(*args, at="pretrain:step:3", sig=signal.SIGTERM)
+    assert code == 143 and "Traceback" not in stderr, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.startswith("interrupted (")]
+    assert lines == ["interrupted (SIGTERM): pretrain: checkpoint step-000003 is kept, no step is lost; rerun the "
+                     "same command to continue",
+                     "interrupted (SIGTERM): reproduce: the stages before 'pretrain' are complete, and it kept what "
+                     "it said; rerun the same command to continue"], stderr[-3000:]
+    done = retro(*args)
+    assert "resuming pretrain from" in done.stderr and "step-000003" in done.stderr.replace("\n", "")

@@ -609,6 +609,8 @@ def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any
         raise UserError("say what to remove: --doc ID or --source FILE (each may be repeated)")
     ws = workspace_of(cfg)
     _require_database(ws)
+    set_kept_note("db remove: the database is as it was before (a removal goes live in one atomic write of the "
+                  "edit manifest)")
     manifest = read_manifest(ws)
     store = ChunkStore.open(ws, cfg.db.chunk_length)
     already = set(store.removed_docs.tolist())

@@ -33,12 +33,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from retrocli import index as faiss_index  # noqa: E402
-from retrocli.chunks import ChunkStore  # noqa: E402
 from retrocli.config import load_config  # noqa: E402
-from retrocli.db import EmbeddingStore, chunk_texts, open_tokenizer, workspace_of  # noqa: E402
-from retrocli.embed import HFEmbedder, embed_blocks, resolve_embedder_path  # noqa: E402
-from retrocli.neighbours import Reranked  # noqa: E402
+from retrocli.db import index as faiss_index  # noqa: E402
+from retrocli.db.build import chunk_texts  # noqa: E402
+from retrocli.db.database import (  # noqa: E402
+    EmbeddingStore,
+    open_store,  # noqa: E402
+    open_tokenizer,
+    workspace_of,
+)
+from retrocli.db.embed import HFEmbedder, embed_blocks, resolve_embedder_path  # noqa: E402
+from retrocli.db.search import Reranked  # noqa: E402
+from retrocli.db.store import ChunkStore  # noqa: E402
 from retrocli.workspace import save_npy_atomic  # noqa: E402
 
 
@@ -127,7 +133,7 @@ def bench_indexes(vectors: np.ndarray, queries: np.ndarray, specs: list[str], np
 
 def bench_paraphrases(cfg, path: Path, k: int = 5) -> None:
     """Sentences paraphrased by hand from passages of the corpus: is the passage's chunk in the top k?"""
-    from retrocli.db import query
+    from retrocli.db.database import query
 
     rows = [line.split("\t", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")]
     t = time.perf_counter()
@@ -161,8 +167,9 @@ def bench_edits(sizes: tuple[int, ...] = (10_000, 100_000), new_docs: int = 1000
     """Seconds of `edits.add` for `new_docs` short documents into databases of each size (in chunks): the
     first add (which also indexes the keys of the base's documents, once per database) and a second one of
     other documents (what every later add costs)."""
-    from retrocli import db, edits
     from retrocli.config import config_from_dict
+    from retrocli.db import build as db
+    from retrocli.db import edit as edits
 
     rows = []
     for size in sizes:
@@ -290,7 +297,7 @@ def main() -> None:
         ws = workspace_of(cfg)
         if not (ws.read_meta("embed") or {}).get("complete"):
             sys.exit(f"build it first: retro db build -c {tiny}")
-    store = ChunkStore.open(ws, cfg.db.chunk_length)
+    store = open_store(ws, cfg.db.chunk_length)
     tok = open_tokenizer(ws)
     nprobe = args.nprobe or cfg.db.nprobe
     print(f"workspace {ws.root}: {store.num_chunks:,} chunks; faiss {faiss.__version__}, "

@@ -28,13 +28,13 @@ sys.path.insert(0, str(REPO))
 
 from retrocli.allocator import tune_allocator  # noqa: E402
 from retrocli.config import ModelConfig  # noqa: E402
-from retrocli.generate import Decoding, generate  # noqa: E402
-from retrocli.model import RetroModel  # noqa: E402
+from retrocli.eval.generate import Decoding, generate  # noqa: E402
+from retrocli.model.retro import RetroModel  # noqa: E402
 
 
 def build(a) -> RetroModel:
     if a.checkpoint:
-        from retrocli import checkpoint
+        from retrocli.train import checkpoint
 
         meta = checkpoint.read_meta(Path(a.checkpoint))
         model = RetroModel(checkpoint.model_config_of(meta), meta["chunk_length"], meta["pad_id"])

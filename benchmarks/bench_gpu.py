@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from retrocli.config import ModelConfig, load_config  # noqa: E402
-from retrocli.model import DecodeCache, RetroModel, lm_loss  # noqa: E402
+from retrocli.model.retro import DecodeCache, RetroModel, lm_loss  # noqa: E402
 from retrocli.workspace import write_text_atomic  # noqa: E402
 
 SECTIONS = ("train", "embed", "search", "generate")
@@ -301,7 +301,7 @@ def summarise_train(out: dict, ready: list[Variant], seq: int, batch: int, peak:
 def load_embedder(a, device: torch.device):
     """`make_embedder`'s model; for the packaged default where the package is missing, a randomly
     initialised model of its shape (the same arithmetic, so the same speed)."""
-    from retrocli.embed import PACKAGED_MINILM, HFEmbedder, make_embedder, packaged_minilm_dir
+    from retrocli.db.embed import PACKAGED_MINILM, HFEmbedder, make_embedder, packaged_minilm_dir
     from retrocli.errors import UserError
 
     try:
@@ -499,7 +499,7 @@ def bench_faiss(a, db32: torch.Tensor, queries: torch.Tensor, out: dict, save: C
     """Exact flat and IVF Faiss indexes on a prefix of the database, on the GPU where faiss has one."""
     import faiss
 
-    from retrocli import index as faiss_index
+    from retrocli.db import index as faiss_index
 
     gpus = faiss.get_num_gpus()
     if a.threads:
@@ -556,7 +556,7 @@ def decode_greedy(model: RetroModel, prompts: torch.Tensor, new: int, precision:
                   cache_dtype: torch.dtype = torch.float32, timings: dict | None = None) -> torch.Tensor:
     """Greedy continuation of equal-length prompts (b, n) by `new` tokens with the KV cache and live
     retrieval: one batched prefill, then one `model.step` per token; a step whose token completes a chunk
-    gets that chunk's neighbours. The same tokens as `retrocli.generate.generate` (a test checks it)."""
+    gets that chunk's neighbours. The same tokens as `retrocli.eval.generate.generate` (a test checks it)."""
     model.eval()
     device = prompts.device
     b, n = prompts.shape

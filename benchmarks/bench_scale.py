@@ -77,10 +77,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from retrocli import index as faiss_index  # noqa: E402
 from retrocli.config import DBConfig  # noqa: E402
-from retrocli.db import EmbeddingStore  # noqa: E402
-from retrocli.neighbours import Reranked  # noqa: E402
+from retrocli.db import index as faiss_index  # noqa: E402
+from retrocli.db.database import EmbeddingStore  # noqa: E402
+from retrocli.db.search import Reranked  # noqa: E402
 from retrocli.workspace import save_npy_atomic  # noqa: E402
 
 DIM = 384

@@ -53,7 +53,7 @@ def megatron_retro_layers(layers: int) -> list[int]:
 
 def build_ours(a, retro: bool):
     from retrocli.config import ModelConfig
-    from retrocli.model import RetroModel, lm_loss
+    from retrocli.model.retro import RetroModel, lm_loss
 
     cfg = ModelConfig(layers=a.layers, hidden=a.hidden, heads=a.heads, seq_length=a.seq,
                       retro_layers=megatron_retro_layers(a.layers) if retro else [], encoder_layers=2,
@@ -131,7 +131,7 @@ def worker(a) -> dict:
 def model_flops_per_step(a, retro: bool, causal_full: bool = True) -> int:
     sys.path.insert(0, str(REPO))
     from retrocli.config import ModelConfig
-    from retrocli.model import RetroModel
+    from retrocli.model.retro import RetroModel
 
     cfg = ModelConfig(layers=a.layers, hidden=a.hidden, heads=a.heads, seq_length=a.seq,
                       retro_layers=megatron_retro_layers(a.layers) if retro else [], encoder_layers=2,

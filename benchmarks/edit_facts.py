@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from retrocli.config import load_config  # noqa: E402
-from retrocli.score import normalize_answer  # noqa: E402
+from retrocli.eval.score import normalize_answer  # noqa: E402
 
 
 def retro(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

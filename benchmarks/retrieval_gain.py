@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from retrocli.config import load_config  # noqa: E402
-from retrocli.db import open_tokenizer, workspace_of  # noqa: E402
+from retrocli.db.database import open_tokenizer, workspace_of  # noqa: E402
 from retrocli.errors import UserError  # noqa: E402
-from retrocli.ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint  # noqa: E402
+from retrocli.eval.ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint  # noqa: E402
 
 
 def parse(entry: str, ws) -> tuple[Path, bool]:
@@ -42,7 +42,7 @@ def parse(entry: str, ws) -> tuple[Path, bool]:
 
 
 def measure(recipe: Path, entries: list[str], data: Path | None = None) -> list[dict]:
-    """One row per entry, scored as `retro ppl` scores (retrocli.ppl); against the first entry, the paired
+    """One row per entry, scored as `retro ppl` scores (retrocli.eval.ppl); against the first entry, the paired
     per-token difference."""
     cfg = load_config(recipe)
     ws = workspace_of(cfg)

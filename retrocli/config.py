@@ -169,7 +169,7 @@ class PretrainConfig(TrainingConfig):
     copy_warmup_steps: int = opt(0, "train the first this many steps on copy windows only (random token ids "
                                     "repeated with a random period, and neighbours that hold the continuation): "
                                     "a small model forms the copy circuit there, which text alone does not teach "
-                                    "it at CPU scale (retrocli/curriculum.py)")
+                                    "it at CPU scale (retrocli/train/curriculum.py)")
     copy_share: float = opt(0.0, "after copy_warmup_steps, this share of the training samples are copy windows "
                                  "(keeps the circuit while text trains the rest)")
     run: str = opt("pretrain", "name of this training run: checkpoints in WORKSPACE/checkpoints/RUN/ (e.g. 'gpt' "
@@ -638,16 +638,19 @@ def validate(cfg: Config) -> None:
     check([_with_origin(cfg, problem) for problem in p], "invalid values")
 
 
-_LEADING_KEY = re.compile(r"(?:[a-z]+ )?'?([a-z_]+\.[a-z_]+)")
+_DOTTED_KEY = re.compile(r"\b([a-z]+)\.([a-z_]+)\b")
 
 
 def _with_origin(cfg: Config, problem: str) -> str:
-    """A value check's message with where its key was set: `(given by --set)`, `(in FILE)`, or `(default)`."""
-    m = _LEADING_KEY.match(problem)
-    if m is None:
-        return f"{problem} (in {cfg.source})"
-    src = cfg.origins.get(m.group(1))
-    return f"{problem} ({'given by --set' if src == SET else f'in {src}' if src else 'the default'})"
+    """A value check's message with where its keys were set: `(given by --set)` when any of them was, else the
+    file that set one, else `(the defaults)`."""
+    keys = [f"{s}.{k}" for s, k in _DOTTED_KEY.findall(problem) if s in SECTIONS]
+    origins = [cfg.origins[k] for k in keys if k in cfg.origins]
+    if SET in origins:
+        return f"{problem} (given by --set)"
+    if origins:
+        return f"{problem} (in {origins[0]})"
+    return f"{problem} ({'the defaults' if keys else f'in {cfg.source}'})"
 
 
 def _validate_paths(cfg: Config, p: list[str]) -> None:

@@ -13,7 +13,7 @@ the same TOML with `pretrain.run = "gpt"` and `model.retro_layers = []`, instruc
 `reproduce.showcase` (recipes/tiny.toml) ends the run on what a model this small does show, since its QA
 scores are near zero: `db query` answers with their sources, a new fact added to the database and removed
 again, and Retro's perplexity with and without retrieval against the GPT, paired per token. It calls the
-library the verbs call (db.query, edits.add / remove, ppl), in this process.
+library the verbs call (database.query, edits.add / remove, ppl), in this process.
 """
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import checkpoint, db, edits
 from .config import Config, load_config
-from .corpus import data_file
-from .db import open_tokenizer, workspace_of
+from .data.corpus import data_file
+from .db import database
+from .db import edit as edits
+from .db.database import open_tokenizer, workspace_of
 from .errors import UserError
-from .ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint
-from .pretrain import run_dir
+from .eval.ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint
+from .eval.score import read_predictions, score
 from .runtime import Interrupted, console, log, run_child, set_kept_note
-from .score import read_predictions, score
-from .train import TrainSettings
+from .train import checkpoint
+from .train.loop import TrainSettings
+from .train.pretrain import run_dir
 from .workspace import Workspace, write_json_atomic, write_text_atomic
 
 GPT = ["--set", 'pretrain.run="gpt"', "--set", "model.retro_layers=[]"]
@@ -306,7 +308,7 @@ class Showcase:
                 "pretrain_tokens": self.pretrain_tokens(), "seconds": round(time.time() - started, 1)}
 
     def search(self, texts: list[str]) -> list[list[dict[str, Any]]]:
-        return db.query(self.cfg, texts, SHOWCASE_K)
+        return database.query(self.cfg, texts, SHOWCASE_K)
 
     def edit(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The topic queries, then the fact: searched before `db add`, after it, and after `db remove`. Searches

@@ -82,7 +82,7 @@ def small_sections(**overrides: dict) -> dict[str, dict]:
 def trained(tmp_path_factory) -> Path:
     """A workspace (test_pretrain.make_workspace) with two pretraining checkpoints (steps 1 and 2)."""
     from retrocli.config import load_config
-    from retrocli.pretrain import run
+    from retrocli.train.pretrain import run
 
     from .test_pretrain import make_workspace
 

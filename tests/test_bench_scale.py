@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrocli.index import auto_spec
+from retrocli.db.index import auto_spec
 
 from .conftest import REPO, load_benchmark
 

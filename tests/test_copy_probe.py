@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrocli.chunks import ChunkStore
 from retrocli.config import load_config
-from retrocli.db import workspace_of
+from retrocli.db.database import open_store, workspace_of
 
 from .conftest import load_benchmark
 
@@ -106,7 +105,7 @@ def test_the_script_reports_both_probes_for_a_workspace_checkpoint(trained, tmp_
 def test_text_segments_are_spans_of_validation_documents(trained):
     cp = _module()
     ws = workspace_of(load_config(trained))
-    store = ChunkStore.open(ws, 16)
+    store = open_store(ws, 16)
     seg = cp.segments("text", store, 300, 8, 6, seed=0)
     valid = store.docs[store.docs["valid"]]
     texts = [store.doc_ids(int(i)).tolist() for i in np.flatnonzero(store.docs["valid"])]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from retrocli.config import CorpusConfig
-from retrocli.corpus import CorpusStats, corpus_files, is_valid, iter_documents, stdlib_docs_corpus, tiny_corpus
+from retrocli.data.corpus import CorpusStats, corpus_files, is_valid, iter_documents, stdlib_docs_corpus, tiny_corpus
 from retrocli.errors import UserError
 
 

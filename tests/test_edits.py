@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrocli import db
-from retrocli.chunks import ChunkStore
 from retrocli.config import load_config, min_chunk_tokens
-from retrocli.generate import _settings_hash
-from retrocli.pretrain import open_samples
+from retrocli.db import build as db
+from retrocli.db import database
+from retrocli.db.database import open_store
+from retrocli.db.store import ChunkStore
+from retrocli.eval.generate import _settings_hash
+from retrocli.train.pretrain import open_samples
 from retrocli.workspace import sha256_file
 
 from .conftest import run_cli, write_jsonl
@@ -34,7 +36,7 @@ def built(small_workspace) -> Path:
 
 
 def hits(toml: Path, text: str = QUERY, k: int = 3) -> list[str]:
-    return [h["doc_id"] for h in db.query(load_config(toml), [text], k)[0]]
+    return [h["doc_id"] for h in database.query(load_config(toml), [text], k)[0]]
 
 
 def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
@@ -46,22 +48,22 @@ def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
     assert hits(built)[0] == "zebra"
     # re-ranked by the stored vectors (the segment's embeddings.npy and the base's float16 blocks), the exact
     # index answers with the same similarities
-    exact, reranked = (db.query(load_config(built, sets), [QUERY], 8)[0] for sets in ([], ["db.rerank=50"]))
+    exact, reranked = (database.query(load_config(built, sets), [QUERY], 8)[0] for sets in ([], ["db.rerank=50"]))
     assert reranked[0]["doc_id"] == "zebra" and {h["doc_id"] for h in reranked} == {h["doc_id"] for h in exact}
     assert np.allclose([h["distance"] for h in reranked], [h["distance"] for h in exact], atol=2e-3)
-    found = db.query(load_config(built), [QUERY], 1)[0][0]
+    found = database.query(load_config(built), [QUERY], 1)[0][0]
     assert found["source"].endswith("new.jsonl") and found["text"] in ZEBRA
     again = run_cli("db", "add", str(new), "-c", str(built))  # the same id
     same_text = write_jsonl(built.parent / "copy.jsonl", [{"id": "zebra-copy", "text": ZEBRA}])
     copy = run_cli("db", "add", str(same_text), "-c", str(built))  # the same text under another id
     for p in (again, copy):
         assert p.returncode == 0 and "already in the database" in p.stderr.replace("\n", " ")
-    store = ChunkStore.open(db.workspace_of(load_config(built)), 16)
+    store = open_store(database.workspace_of(load_config(built)), 16)
     ids = [info["id"] for _, info in store.iter_doc_info()]
     assert ids.count("zebra") == 1 and "zebra-copy" not in ids
     # pretraining reads the added document and its chunks' neighbours, which exist and are not its own
     cfg = load_config(built)
-    samples = open_samples(cfg, db.workspace_of(cfg), "train", 0, 2, retrieval=True)
+    samples = open_samples(cfg, database.workspace_of(cfg), "train", 0, 2, retrieval=True)
     zebra_row = ids.index("zebra")
     assert zebra_row in samples.docs.doc_keys
     first = int(store.docs["chunk_start"][zebra_row])
@@ -75,10 +77,10 @@ def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
 def test_duplicates_are_found_by_key_without_reading_the_database(built: Path, monkeypatch) -> None:
     """`db add` looks new documents up in sorted keys (id, tokens): after the first add it reads no document
     of the base store; a removed document may come back; a missing or damaged key file is made again."""
-    from retrocli import edits
+    from retrocli.db import edit as edits
 
     cfg = load_config(built)
-    ws = db.workspace_of(cfg)
+    ws = database.workspace_of(cfg)
     corpus = [json.loads(line) for line in (built.parent / "corpus" / "docs.jsonl").read_text().splitlines()]
     first, second = corpus[0], corpus[1]
     edits.add(cfg, [str(write_jsonl(built.parent / "z.jsonl", [{"id": "zebra", "text": ZEBRA}]))])
@@ -121,8 +123,8 @@ def test_removed_documents_are_never_retrieved_again(built: Path) -> None:
     for text in ["the", QUERY, "star planet orbit telescope", "flour butter oven"]:
         assert victim not in hits(built, text, k=10)
     # neither as a pretraining neighbour
-    ws = db.workspace_of(cfg)
-    store = ChunkStore.open(ws, 16)
+    ws = database.workspace_of(cfg)
+    store = open_store(ws, 16)
     samples = open_samples(cfg, ws, "train", 0, 2, retrieval=True)
     row = [r for r, info in store.iter_doc_info() if info["id"] == victim][0]
     for i in range(len(samples)):
@@ -180,11 +182,11 @@ def test_answers_cite_what_the_database_holds_after_each_edit(tmp_path: Path) ->
         answer = json.loads(out.read_text())
         return answer["contexts"][0]["doc_id"], {c for ids in answer["neighbour_chunks"] for c in ids}
 
-    store = lambda: ChunkStore.open(db.workspace_of(load_config(toml)), 16)  # noqa: E731
+    store = lambda: open_store(database.workspace_of(load_config(toml)), 16)  # noqa: E731
 
     def resume_key() -> str:  # answers kept by a killed run are resumed only under the same key
         cfg = load_config(toml)
-        return _settings_hash(cfg, db.workspace_of(cfg), toml, "database", task, store())
+        return _settings_hash(cfg, database.workspace_of(cfg), toml, "database", task, store())
 
     keys = [resume_key()]
     before, _ = cited("before")
@@ -248,7 +250,7 @@ def test_retrain_trains_one_index_over_every_live_chunk(small_workspace) -> None
     toml = small_workspace(n_docs=30, words=200, db={"index": "IVF4,Flat", "nprobe": 4})
     db.build(load_config(toml))
     cfg = load_config(toml)
-    ws = db.workspace_of(cfg)
+    ws = database.workspace_of(cfg)
     victim = hits(toml, "the", k=1)[0]
     assert run_cli("db", "remove", "--doc", victim, "-c", str(toml)).returncode == 0
     first = write_jsonl(toml.parent / "a.jsonl", [{"id": "zebra", "text": ZEBRA}])
@@ -260,8 +262,8 @@ def test_retrain_trains_one_index_over_every_live_chunk(small_workspace) -> None
     manifest = json.loads((ws.db / "edits" / "manifest.json").read_text())
     retrained = manifest["index"]
     assert retrained["segments"] == ["add-000001", "add-000002"]
-    store = ChunkStore.open(ws, 16)
-    index = db.open_index(ws, cfg.db, store=store)
+    store = open_store(ws, 16)
+    index = database.open_index(ws, cfg.db, store=store)
     assert not hasattr(index, "parts") or len(index.parts) == 1  # one index, no segment searched beside it
     live = store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(cfg.db))
     live[np.isin(store.chunks["doc"], store.removed_docs)] = False
@@ -275,23 +277,23 @@ def test_retrain_trains_one_index_over_every_live_chunk(small_workspace) -> None
 
 
 def test_db_build_searches_again_only_the_neighbour_rows_that_named_a_removed_chunk(built: Path) -> None:
-    from retrocli.samples import NeighbourBlocks
+    from retrocli.db.database import NeighbourBlocks
 
     cfg = load_config(built)
-    ws = db.workspace_of(cfg)
-    store = ChunkStore.open(ws, 16)
+    ws = database.workspace_of(cfg)
+    store = open_store(ws, 16)
     before = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
     victim_row = int(store.chunks["doc"][before[0, 0]])  # a document some chunk's first neighbour comes from
     victim = store.doc_info([victim_row])[victim_row]["id"]
     assert run_cli("db", "remove", "--doc", victim, "-c", str(built)).returncode == 0
-    store = ChunkStore.open(ws, 16)
+    store = open_store(ws, 16)
     gone = np.flatnonzero(store.chunks["doc"] == victim_row)
     named = np.isin(before, gone).any(1) & (store.chunks["doc"] != victim_row)
     killed = run_cli("db", "build", "-c", str(built), env={"RETRO_FAULT": "refresh:manifest"})
     assert killed.returncode == 137  # its refresh folder is in place but not listed: the rerun clears it
     proc = run_cli("db", "build", "-c", str(built))
     assert proc.returncode == 0, proc.stderr
-    store = ChunkStore.open(ws, 16)
+    store = open_store(ws, 16)
     after = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
     refresh = json.loads((ws.db / "edits" / "manifest.json").read_text())["refresh"]
     assert refresh["searched_now"] == int(named.sum()) > 0
@@ -306,7 +308,7 @@ def test_db_build_searches_again_only_the_neighbour_rows_that_named_a_removed_ch
     second = store.doc_info([second_row])[second_row]["id"]
     assert run_cli("db", "remove", "--doc", second, "-c", str(built)).returncode == 0
     assert run_cli("db", "build", "-c", str(built)).returncode == 0
-    store = ChunkStore.open(ws, 16)
+    store = open_store(ws, 16)
     final = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
     live = ~np.isin(store.chunks["doc"], [victim_row, second_row])
     gone = np.flatnonzero(~live)  # the chunks of both removed documents

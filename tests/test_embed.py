@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from retrocli.embed import (
+from retrocli.db.embed import (
     LEXICAL_DIM,
     HFEmbedder,
     LexicalEmbedder,
@@ -14,8 +14,8 @@ from retrocli.embed import (
     make_embedder,
     packaged_minilm_dir,
 )
+from retrocli.db.index import auto_spec
 from retrocli.errors import UserError
-from retrocli.index import auto_spec
 
 TEXTS = ["the ship sailed out of the harbour with the tide",
          "a boat left the harbour when the tide turned",
@@ -70,7 +70,7 @@ def test_auto_precision_depends_on_the_machine_and_the_model_never_on_a_timing(m
     pass (a busy machine) must not flip the choice, or two builds of one database would embed differently."""
     import time
 
-    import retrocli.embed as embed
+    import retrocli.db.embed as embed
 
     calls = iter(range(10**6))
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(calls)) ** 3)  # every later pass looks slower

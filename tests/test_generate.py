@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from retrocli.config import ModelConfig
-from retrocli.generate import Decoding, generate, pick_next
-from retrocli.model import DecodeCache, RetroModel
+from retrocli.eval.generate import Decoding, generate, pick_next
+from retrocli.model.retro import DecodeCache, RetroModel
 
 from .conftest import cli_in_process, run_cli
 from .test_sft import sft_workspace
@@ -226,11 +226,11 @@ def test_the_default_output_names_the_checkpoint_so_a_second_model_keeps_the_fir
         workspace: Path) -> None:
     import shutil
 
-    from retrocli import checkpoint
     from retrocli.config import load_config
-    from retrocli.db import workspace_of
-    from retrocli.generate import run
-    from retrocli.pretrain import run_dir
+    from retrocli.db.database import workspace_of
+    from retrocli.eval.generate import run
+    from retrocli.train import checkpoint
+    from retrocli.train.pretrain import run_dir
 
     cfg = load_config(workspace, ["generate.max_new_tokens=2", 'generate.contexts="none"'])
     ws = workspace_of(cfg)
@@ -266,8 +266,8 @@ def test_generate_errors_name_the_problem(workspace: Path, capsys) -> None:
 
 
 def test_context_neighbours_are_the_prompt_contexts_as_in_sft() -> None:
-    from retrocli.generate import neighbour_source
-    from retrocli.sft import context_neighbours
+    from retrocli.eval.generate import neighbour_source
+    from retrocli.train.sft import context_neighbours
 
     class Chars:  # a tokenizer of characters
         def encode(self, texts):

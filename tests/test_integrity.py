@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrocli import checkpoint, db
 from retrocli.config import load_config
-from retrocli.pretrain import run, run_dir
+from retrocli.db import build as db
+from retrocli.db import database
+from retrocli.train import checkpoint
+from retrocli.train.pretrain import run, run_dir
 from retrocli.workspace import sha256_file
 
 from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
@@ -43,7 +45,7 @@ def built_b(tmp_path_factory) -> Path:
 
 
 def ws_of(toml: Path):
-    return db.workspace_of(load_config(toml))
+    return database.workspace_of(load_config(toml))
 
 
 def step2(toml: Path) -> Path:
@@ -269,7 +271,7 @@ def test_readers_use_the_settings_the_database_was_built_with(tmp_path: Path) ->
     added = run_cli("db", "add", "-c", str(toml), str(extra))
     assert added.returncode == 2
     assert "db.embedder" in added.stderr and "'lexical'" in added.stderr and "'all-MiniLM-L6-v2'" in added.stderr
-    assert not (db.workspace_of(load_config(toml)).db / "edits" / "manifest.json").exists()
+    assert not (database.workspace_of(load_config(toml)).db / "edits" / "manifest.json").exists()
 
 
 def test_a_reader_may_choose_how_hard_to_search_with_set(tmp_path: Path) -> None:
@@ -279,10 +281,10 @@ def test_a_reader_may_choose_how_hard_to_search_with_set(tmp_path: Path) -> None
     toml = write_toml(tmp_path / "retro.toml", small_sections(db={"index": "IVF4,Flat", "nprobe": 1}))
     run_cli("db", "build", "-c", str(toml), check=True)
     cfg = load_config(toml, ["db.nprobe=4", "db.embedder=all-MiniLM-L6-v2"])
-    ws = db.workspace_of(cfg)
-    d = db.as_built(cfg, ws)
+    ws = database.workspace_of(cfg)
+    d = database.as_built(cfg, ws)
     assert (d.nprobe, d.embedder) == (4, "lexical")
-    assert db.as_built(cfg, ws, knobs=False).nprobe == 1
+    assert database.as_built(cfg, ws, knobs=False).nprobe == 1
     proc = run_cli("db", "query", "-c", str(toml), "--set", "db.nprobe=4", "star planet orbit", check=True)
     assert "db.nprobe" not in proc.stderr
     proc = run_cli("db", "verify", "-c", str(toml), "--set", "db.nprobe=4", "--fraction", "1", "--json")

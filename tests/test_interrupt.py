@@ -20,9 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from retrocli import checkpoint, db
 from retrocli.config import load_config
-from retrocli.pretrain import run, run_dir
+from retrocli.db import build as db
+from retrocli.db import database
+from retrocli.train import checkpoint
+from retrocli.train.pretrain import run, run_dir
 from retrocli.workspace import LOCK_FILE
 
 from .conftest import small_sections, synthetic_documents, write_jsonl, write_toml
@@ -86,8 +88,8 @@ def test_a_build_interrupted_in_embed_and_in_neighbours_resumes_to_the_uninterru
     reference = write_toml(tmp_path / "retro.toml", small_sections())
     db.build(load_config(reference))
     toml = write_toml(tmp_path / "interrupted.toml", small_sections(workspace={"dir": "ws-interrupted"}))
-    ws = db.workspace_of(load_config(toml))
-    blocks = len(list((db.workspace_of(load_config(reference)).db / "embed").glob("block-*.npy")))
+    ws = database.workspace_of(load_config(toml))
+    blocks = len(list((database.workspace_of(load_config(reference)).db / "embed").glob("block-*.npy")))
 
     code, stderr = interrupt("db", "build", "-c", str(toml), at="embed:block:3", sig=signal.SIGINT)
     assert code == 130
@@ -107,13 +109,13 @@ def test_a_build_interrupted_in_embed_and_in_neighbours_resumes_to_the_uninterru
     done = retro("db", "build", "-c", str(toml))
     assert "stale lock" not in done.stderr
     assert ws.read_meta("neighbours")["complete"]
-    assert artefacts(ws.root) == artefacts(db.workspace_of(load_config(reference)).root)
+    assert artefacts(ws.root) == artefacts(database.workspace_of(load_config(reference)).root)
 
 
 ENDLESS_PREPARATION = """
 import os, signal, sys, threading
 import numpy as np
-from retrocli.embed import embed_blocks
+from retrocli.db.embed import embed_blocks
 from retrocli.runtime import Interrupted, install_interrupt_handlers
 
 class Embedder:  # the second block's preparation never ends (as a huge block's nearly does), unless abandoned
@@ -178,7 +180,7 @@ def pretrain_workspace(tmp_path_factory) -> Path:
 def test_pretrain_sigint_keeps_the_last_checkpoint_and_sigterm_saves_the_step_under_way(
         pretrain_workspace: Path) -> None:
     toml = pretrain_workspace
-    ws = db.workspace_of(load_config(toml))
+    ws = database.workspace_of(load_config(toml))
     straight, resumed = run_dir(ws), run_dir(ws, "interrupted")
     args = ["pretrain", "-c", str(toml), "--set", 'pretrain.run="interrupted"']
 
@@ -216,7 +218,7 @@ def test_a_sigterm_to_two_ranks_and_their_torchrun_saves_the_same_step_on_both(p
     lines = [x for x in stderr.splitlines() if x.startswith("interrupted (")]
     assert lines == ["interrupted (SIGTERM): pretrain: checkpoint step-000003 is kept, no step is lost; rerun the "
                      "same command to continue"] * 2, stderr[-3000:]
-    run_path = run_dir(db.workspace_of(load_config(pretrain_workspace)), "ranks")
+    run_path = run_dir(database.workspace_of(load_config(pretrain_workspace)), "ranks")
     assert checkpoint.latest(run_path).name == "step-000003" and checkpoint.problem(checkpoint.latest(run_path)) is None
 
 
@@ -226,7 +228,7 @@ def test_pretrain_interrupted_before_its_first_checkpoint_says_that_nothing_is_k
     assert code == 130
     assert "pretrain: no checkpoint yet, so the 1 step done is lost (one is written every pretrain.save_interval " \
            "= 2 steps)" in interrupted_line(stderr)
-    assert not checkpoint.complete_steps(run_dir(db.workspace_of(load_config(pretrain_workspace)), "early"))
+    assert not checkpoint.complete_steps(run_dir(database.workspace_of(load_config(pretrain_workspace)), "early"))
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +240,7 @@ def sft_ready(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_sft_sigterm_saves_the_step_under_way_and_the_rerun_continues_the_same_curve(sft_ready: Path) -> None:
     toml = sft_ready
-    ws = db.workspace_of(load_config(toml))
+    ws = database.workspace_of(load_config(toml))
     sets = ["--set", "sft.train_steps=4", "--set", "sft.save_interval=4", "--set", "sft.eval_interval=4"]
     retro("sft", "-c", str(toml), *sets, "--set", 'sft.run="sft-straight"')
     args = ["sft", "-c", str(toml), *sets, "--set", 'sft.run="sft-interrupted"']
@@ -256,7 +258,7 @@ def test_sft_sigterm_saves_the_step_under_way_and_the_rerun_continues_the_same_c
 @pytest.mark.slow
 def test_generate_interrupted_keeps_its_answers_and_the_rerun_writes_the_uninterrupted_file(sft_ready: Path) -> None:
     toml = sft_ready
-    model = run_dir(db.workspace_of(load_config(toml)))  # the pretraining run
+    model = run_dir(database.workspace_of(load_config(toml)))  # the pretraining run
     args = ["generate", str(toml.parent / "squad.json"), "-c", str(toml), "--checkpoint", str(model),
             "--limit", "12", "--set", "generate.max_new_tokens=4", "--set", "generate.batch_size=4"]
     straight, resumed = toml.parent / "straight.jsonl", toml.parent / "resumed.jsonl"
@@ -277,7 +279,7 @@ def test_db_add_interrupted_leaves_the_database_as_it_was_and_the_rerun_adds(tmp
     write_jsonl(tmp_path / "corpus" / "docs.jsonl", synthetic_documents(24, 120))
     toml = write_toml(tmp_path / "retro.toml", small_sections())
     db.build(load_config(toml))
-    ws = db.workspace_of(load_config(toml))
+    ws = database.workspace_of(load_config(toml))
     new = write_jsonl(tmp_path / "new.jsonl", [{"id": "zebra", "text": ZEBRA}])
     base, answers = artefacts(ws.root), hits(toml)
     code, stderr = interrupt("db", "add", str(new), "-c", str(toml), at="add:segment", sig=signal.SIGTERM)
@@ -303,7 +305,7 @@ def test_tensorboard_events_hold_the_metrics_once_per_step_across_an_interruptio
     pytest.importorskip("tensorboard", reason="the optional package: pip install 'retrocli[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ws = db.workspace_of(load_config(pretrain_workspace))
+    ws = database.workspace_of(load_config(pretrain_workspace))
     args = ["pretrain", "-c", str(pretrain_workspace), "--set", 'pretrain.run="tb"', "--set",
             "pretrain.tensorboard=true"]
     code, _ = interrupt(*args, at="pretrain:step:3", sig=signal.SIGINT)  # step 3 is written, then lost
@@ -345,7 +347,7 @@ def test_tensorboard_without_the_package_is_refused_before_training_starts(secti
     assert "Traceback" not in said
     assert f"{section}.tensorboard = true needs the tensorboard package" in said
     assert "pip install 'retrocli[tensorboard]'" in said
-    assert not run_dir(db.workspace_of(load_config(toml)), "no-tb").exists()  # nothing trained
+    assert not run_dir(database.workspace_of(load_config(toml)), "no-tb").exists()  # nothing trained
 
 
 @pytest.mark.slow

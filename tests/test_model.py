@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from retrocli.config import ModelConfig
-from retrocli.model import RetroModel, lm_loss, resolve_retro_layers
+from retrocli.model.retro import RetroModel, lm_loss, resolve_retro_layers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

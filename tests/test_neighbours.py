@@ -3,8 +3,8 @@
 import faiss
 import numpy as np
 
-from retrocli import index as faiss_index
-from retrocli.neighbours import Reranked, search_excluding
+from retrocli.db import index as faiss_index
+from retrocli.db.search import Reranked, search_excluding
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -110,7 +110,7 @@ def test_stored_rows_are_read_alike_scattered_or_mapped_and_damage_is_named(tmp_
 
     import pytest
 
-    from retrocli.db import EmbeddingStore
+    from retrocli.db.database import EmbeddingStore
     from retrocli.errors import UserError
     from retrocli.workspace import save_npy_atomic
 

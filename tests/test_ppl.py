@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from retrocli import db
-from retrocli.chunks import ChunkStore
 from retrocli.cli import main
 from retrocli.config import load_config
-from retrocli.pretrain import run_dir
+from retrocli.db import database
+from retrocli.db.database import open_store
+from retrocli.train.pretrain import run_dir
 
 from .conftest import write_jsonl
 
@@ -41,8 +41,8 @@ def test_ppl_json_with_and_without_retrieval(trained: Path, capsys) -> None:
     assert set(with_r) == KEYS and set(without) == KEYS
     assert with_r["retrieval"] is True and without["retrieval"] is False
     assert with_r["checkpoint"].endswith("step-000002")  # the latest complete checkpoint by default
-    ws = db.workspace_of(load_config(trained))
-    valid = ChunkStore.open(ws, 16).docs
+    ws = database.workspace_of(load_config(trained))
+    valid = open_store(ws, 16).docs
     valid = valid[valid["valid"]]
     assert with_r["tokens"] == without["tokens"] == int(valid["num_tokens"].sum()) + len(valid) - 1
     assert with_r["perplexity"] != without["perplexity"]  # the trained CCA changes the predictions
@@ -66,7 +66,7 @@ def test_ppl_on_a_file_retrieves_on_the_fly(trained: Path, tmp_path: Path, capsy
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(trained: Path, tmp_path: Path, capsys) -> None:
     toml = copy_workspace(trained, tmp_path / "copy")
-    run = run_dir(db.workspace_of(load_config(toml)))
+    run = run_dir(database.workspace_of(load_config(toml)))
     weights = run / "step-000002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10:] = b"0123456789"
@@ -91,7 +91,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(trained: Path, tmp_pa
 
 def test_ppl_without_a_checkpoint_says_what_to_run(trained: Path, tmp_path: Path, capsys) -> None:
     toml = copy_workspace(trained, tmp_path / "copy")
-    shutil.rmtree(run_dir(db.workspace_of(load_config(toml))))
+    shutil.rmtree(run_dir(database.workspace_of(load_config(toml))))
     capsys.readouterr()
     assert main(["ppl", "-c", str(toml)]) == 2
     assert "retro pretrain" in capsys.readouterr().err

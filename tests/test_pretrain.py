@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from retrocli import checkpoint, db
-from retrocli.chunks import ChunkStore
 from retrocli.cli import main
 from retrocli.config import load_config
-from retrocli.curriculum import PERIODS, CopyWindows
+from retrocli.data.tokenizer import EOS_ID, PAD_ID
+from retrocli.db import build as db
+from retrocli.db import database
+from retrocli.db.database import open_store
 from retrocli.errors import UserError
-from retrocli.pretrain import build, open_samples, run, run_dir
-from retrocli.samples import collate
-from retrocli.tokenizer import EOS_ID, PAD_ID
-from retrocli.train import batch_nll
+from retrocli.train import checkpoint
+from retrocli.train.curriculum import PERIODS, CopyWindows
+from retrocli.train.loop import batch_nll
+from retrocli.train.pretrain import build, open_samples, run, run_dir
+from retrocli.train.samples import collate
 
 from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
 
@@ -76,8 +78,8 @@ def metrics(run: Path) -> dict[int, float]:
 
 def test_samples_layout_and_masking(workspace: Path) -> None:
     cfg = load_config(workspace)
-    ws = db.workspace_of(cfg)
-    store = ChunkStore.open(ws, 16)
+    ws = database.workspace_of(cfg)
+    store = open_store(ws, 16)
     samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
     n, m, k, r = 32, 16, 2, 32
     # the stream, rebuilt by hand: each training document + EOS, padded to a multiple of m
@@ -100,8 +102,8 @@ def test_samples_layout_and_masking(workspace: Path) -> None:
 
 def test_neighbours_exclude_sample_documents_and_stop_at_document_end(workspace: Path) -> None:
     cfg = load_config(workspace)
-    ws = db.workspace_of(cfg)
-    store = ChunkStore.open(ws, 16)
+    ws = database.workspace_of(cfg)
+    store = open_store(ws, 16)
     samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
     chunk_docs = store.chunks["doc"]
     # a neighbour table that offers each chunk's own neighbours behind the first chunks of the documents
@@ -141,13 +143,13 @@ def test_neighbours_exclude_sample_documents_and_stop_at_document_end(workspace:
 
 def test_validation_samples_cover_every_token(workspace: Path) -> None:
     cfg = load_config(workspace)
-    ws = db.workspace_of(cfg)
+    ws = database.workspace_of(cfg)
     samples = open_samples(cfg, ws, "valid", PAD_ID, EOS_ID, retrieval=True, drop_last=False)
     assert len(samples) > 0
     total = sum(float(samples.get(i)["loss_mask"].sum()) for i in range(len(samples)))
     assert total == int(samples.docs.lengths.sum()) + len(samples.docs.lengths) - 1  # tokens + EOS, minus the first
     assert set(np.asarray(samples.docs.doc_keys).tolist()).isdisjoint(
-        np.flatnonzero(~ChunkStore.open(ws, 16).docs["valid"]).tolist())
+        np.flatnonzero(~open_store(ws, 16).docs["valid"]).tolist())
 
 
 def test_seq_length_must_be_a_multiple_of_the_chunk_length(workspace: Path) -> None:
@@ -166,7 +168,7 @@ def test_pretrain_needs_the_database(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.faults
 def test_loss_falls_and_resume_after_kills_reproduces_the_curve(workspace: Path) -> None:
-    run_path = run_dir(db.workspace_of(load_config(workspace)))
+    run_path = run_dir(database.workspace_of(load_config(workspace)))
     if run_path.exists():
         shutil.rmtree(run_path)
     run(load_config(workspace))  # the uninterrupted reference, in this process (one thread, like the others)
@@ -199,7 +201,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(workspace: Path)
     import resource
     import signal
 
-    run_path = run_dir(db.workspace_of(load_config(workspace)))
+    run_path = run_dir(database.workspace_of(load_config(workspace)))
     if not checkpoint.complete_steps(run_path):
         run(load_config(workspace))
     last = checkpoint.latest(run_path)
@@ -224,7 +226,7 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
     toml = make_workspace(tmp_path, pretrain={"train_steps": 2, "save_interval": 2, "eval_interval": 2})
     gpt_cfg = load_config(toml, ["model.retro_layers=[]"])
     run(gpt_cfg)
-    ws = db.workspace_of(gpt_cfg)
+    ws = database.workspace_of(gpt_cfg)
     gpt_dir = ws.root / "gpt"
     run_dir(ws).rename(gpt_dir)
     gpt_weights = checkpoint.load_weights(gpt_dir / "step-000002")
@@ -313,7 +315,7 @@ def test_pretrain_copy_warmup_trains_on_the_copy_windows(workspace: Path) -> Non
     with torch.no_grad():
         expected = float(batch_nll(job.model, batch)) / float(batch["loss_mask"].sum())  # at the initial weights
     run(cfg)
-    assert metrics(run_dir(db.workspace_of(cfg), "copy"))[1] == pytest.approx(expected, rel=1e-5)
+    assert metrics(run_dir(database.workspace_of(cfg), "copy"))[1] == pytest.approx(expected, rel=1e-5)
 
 
 def test_pretrain_in_bf16_on_the_cpu_trains_under_autocast_and_keeps_fp32_weights(workspace: Path) -> None:
@@ -326,11 +328,11 @@ def test_pretrain_in_bf16_on_the_cpu_trains_under_autocast_and_keeps_fp32_weight
     for precision in ("fp32", "bf16"):
         cfg = load_config(workspace, [f"pretrain.precision='{precision}'", f"pretrain.run='p-{precision}'"])
         run(cfg)
-        losses[precision] = metrics(run_dir(db.workspace_of(cfg), f"p-{precision}"))
+        losses[precision] = metrics(run_dir(database.workspace_of(cfg), f"p-{precision}"))
     assert losses["bf16"][1] == pytest.approx(losses["fp32"][1], rel=2e-2)
     assert losses["bf16"][1] != losses["fp32"][1]  # autocast was on
     assert losses["bf16"][6] < losses["bf16"][1] - 0.3
-    last = checkpoint.latest(run_dir(db.workspace_of(load_config(workspace)), "p-bf16"))
+    last = checkpoint.latest(run_dir(database.workspace_of(load_config(workspace)), "p-bf16"))
     weights = load_file(last / checkpoint.WEIGHTS)
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
@@ -353,7 +355,7 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 2, "eval_interval": 3})
     cfg = load_config(toml)
     run(cfg)
-    run_path = run_dir(db.workspace_of(cfg))
+    run_path = run_dir(database.workspace_of(cfg))
     one = metrics(run_path)
     shutil.rmtree(run_path)
     if not fsdp:  # one rank dies after step 2: the job ends promptly, non-zero, and the rerun resumes
@@ -365,7 +367,7 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     proc = pretrain_on_two_ranks(toml, fsdp=fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launching 2 process(es)" in proc.stdout + proc.stderr
-    assert not (db.workspace_of(cfg).root / "retro.lock").exists()  # released by the job's rank 0
+    assert not (database.workspace_of(cfg).root / "retro.lock").exists()  # released by the job's rank 0
     two = metrics(run_path)
     assert sorted(two) == [1, 2, 3]
     for step in one:
@@ -388,7 +390,7 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path: Path) -
     toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 2, "eval_interval": 3})
     cfg = load_config(toml)
     run(cfg)
-    run_path = run_dir(db.workspace_of(cfg))
+    run_path = run_dir(database.workspace_of(cfg))
     one = metrics(run_path)
     shutil.rmtree(checkpoint.step_dir(run_path, 3))
     assert (checkpoint.step_dir(run_path, 2) / checkpoint.WEIGHTS).is_file()
@@ -400,7 +402,7 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path: Path) -
 
 @pytest.mark.parametrize("flags,warned", [({"avx2", "fma"}, True), ({"avx2", "avx512_bf16"}, False), (None, False)])
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about_once(monkeypatch, capsys, flags, warned) -> None:
-    from retrocli import train
+    from retrocli.train import loop as train
 
     monkeypatch.setattr(train, "cpu_flags", lambda: flags)
     train._warn_slow_cpu_bf16.cache_clear()

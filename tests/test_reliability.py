@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from retrocli.config import load_config
-from retrocli.db import workspace_of
+from retrocli.db.database import workspace_of
 from retrocli.workspace import DB_STAGES, LOCK_FILE, _start_time
 
 from .conftest import cli_in_process, run_cli, small_sections, synthetic_documents, write_jsonl, write_toml

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from retrocli.config import load_config
-from retrocli.corpus import builtin_qa_file, tiny_cloze
+from retrocli.data.corpus import builtin_qa_file, tiny_cloze
 from retrocli.errors import UserError
 
 from .conftest import cli_in_process, run_cli, write_toml
@@ -136,7 +136,7 @@ def test_a_second_run_shows_the_same_and_leaves_the_database_as_it_was(chain) ->
 
 
 def test_a_fact_that_a_killed_run_left_in_the_database_is_removed_first(chain) -> None:
-    from retrocli.db import workspace_of
+    from retrocli.db.database import workspace_of
     from retrocli.reproduce import Showcase
 
     first = chain.results["showcase"]["fact"]

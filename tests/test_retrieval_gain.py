@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from retrocli import ppl
 from retrocli.config import load_config
-from retrocli.db import workspace_of
+from retrocli.db.database import workspace_of
+from retrocli.eval import ppl
 
 from .conftest import load_benchmark
 

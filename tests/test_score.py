@@ -14,7 +14,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from retrocli.errors import UserError
-from retrocli.score import (
+from retrocli.eval.score import (
     exact_match,
     f1,
     first_gold,

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrocli import checkpoint, db
 from retrocli.config import load_config
-from retrocli.pretrain import run as pretrain
-from retrocli.pretrain import run_dir
-from retrocli.sft import build, run
+from retrocli.db import database
+from retrocli.train import checkpoint
+from retrocli.train.pretrain import run as pretrain
+from retrocli.train.pretrain import run_dir
+from retrocli.train.sft import build, run
 
 from .conftest import cli_in_process, run_cli
 from .test_pretrain import make_workspace, metrics
@@ -85,7 +86,7 @@ def test_sft_trains_on_answers_and_its_held_out_loss_falls(workspace: Path) -> N
 
     summary = run(cfg)
     assert summary["step"] == 8
-    ws = db.workspace_of(cfg)
+    ws = database.workspace_of(cfg)
     lines = [json.loads(x) for x in (run_dir(ws, "sft") / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in lines if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8]
@@ -120,7 +121,7 @@ def test_resume_after_a_kill_continues_the_same_curve(tmp_path: Path) -> None:
     toml = sft_workspace(tmp_path)
     cfg = load_config(toml, ["sft.train_steps=6", "sft.save_interval=3", "sft.eval_interval=6"])
     run(cfg)
-    ws = db.workspace_of(cfg)
+    ws = database.workspace_of(cfg)
     straight = metrics(run_dir(ws, "sft"))
     args = ["sft", "-c", str(toml), "--set", "sft.train_steps=6", "--set", "sft.save_interval=3",
             "--set", "sft.eval_interval=6"]
@@ -153,5 +154,5 @@ def test_errors_name_the_problem(workspace: Path, tmp_path: Path, capsys) -> Non
     broken.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"\n', encoding="utf-8")
     assert "broken.jsonl:2" in sft_with('path = "qa.jsonl"', f'path = "{broken}"')
     pretrain(load_config(workspace, ["pretrain.run=gpt", "model.retro_layers=[]", "pretrain.train_steps=1"]))
-    gpt = run_dir(db.workspace_of(load_config(workspace)), "gpt")
+    gpt = run_dir(database.workspace_of(load_config(workspace)), "gpt")
     assert "plain GPT" in sft_with("", "", 'sft.neighbors="context"', f"sft.init_from={json.dumps(str(gpt))}")

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrocli.errors import UserError
-from retrocli.sft_data import (
+from retrocli.data.qa import (
     DEFAULT_SYSTEM,
     Blend,
     BlendEntry,
@@ -25,6 +24,7 @@ from retrocli.sft_data import (
     render_prompt,
     split_records,
 )
+from retrocli.errors import UserError
 
 
 class WordTok:
@@ -548,7 +548,7 @@ def test_split_without_groups_is_by_id():
 @pytest.mark.usefixtures("one_torch_thread")
 def test_retro_sft_leaves_unanswerable_questions_out_and_stops_at_a_malformed_one(tmp_path: Path):
     from retrocli.config import load_config
-    from retrocli.sft import build
+    from retrocli.train.sft import build
 
     from .conftest import run_cli
     from .test_sft import sft_workspace

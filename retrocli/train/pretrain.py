@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 
+from ..config import Config, ModelConfig, to_commented_toml
+from ..db.database import NeighbourBlocks, open_store, open_tokenizer, workspace_of
+from ..db.store import ChunkStore
+from ..errors import UserError
+from ..model.retro import RetroModel, ffn_width, resolve_retro_layers
+from ..runtime import log
+from ..workspace import Workspace
 from . import checkpoint
-from .chunks import ChunkStore
-from .config import Config, ModelConfig, to_commented_toml
 from .curriculum import CopyWindows
-from .db import open_tokenizer, workspace_of
-from .errors import UserError
-from .model import RetroModel, ffn_width, resolve_retro_layers
-from .runtime import log
-from .samples import NeighbourBlocks, Samples, StreamDocs
-from .train import Job, TrainSettings, find_resume, require_tensorboard, train
-from .workspace import Workspace
+from .loop import Job, TrainSettings, find_resume, require_tensorboard, train
+from .samples import Samples, StreamDocs
 
 # decoder fields that must agree between a checkpoint and the model it is loaded into
 DECODER_FIELDS = ("layers", "hidden", "heads", "ffn_hidden", "vocab_size", "position", "rotary_percent", "norm",
@@ -85,7 +85,7 @@ def retrieved_length(cfg: Config) -> int:
 def open_samples(cfg: Config, ws: Workspace, split: str, pad_id: int, eos_id: int, retrieval: bool,
                  drop_last: bool = True, store: ChunkStore | None = None) -> Samples:
     """The pretraining samples of one split ("train" or "valid") of the workspace."""
-    store = store or ChunkStore.open(ws, cfg.db.chunk_length)
+    store = store or open_store(ws, cfg.db.chunk_length)
     table = None
     if retrieval:
         nmeta = ws.require("neighbours")
@@ -170,7 +170,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
         load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)
     if cfg.pretrain.freeze_decoder:
         freeze_decoder(model, cfg, resuming=resume_from is not None)
-    store = ChunkStore.open(ws, m)
+    store = open_store(ws, m)
     train_samples = open_samples(cfg, ws, "train", tok.pad_id, tok.eos_id, retrieval, store=store)
     valid_samples = open_samples(cfg, ws, "valid", tok.pad_id, tok.eos_id, retrieval, store=store)
     resolved = dataclasses.replace(cfg, model=model_cfg)

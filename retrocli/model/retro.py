@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def resolve_retro_layers(cfg: ModelConfig) -> list[int]:

@@ -27,19 +27,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .chunks import ChunkStore
-from .config import Config
-from .corpus import data_file
-from .db import Retriever, describe_hits, open_tokenizer, retrieve_neighbours, workspace_of
-from .errors import UserError
-from .model import DecodeCache, RetroModel
+from ..config import Config
+from ..data.corpus import data_file
+from ..data.qa import Record, detect_format, fit_prompt, read_records
+from ..db.database import Retriever, describe_hits, open_store, open_tokenizer, retrieve_neighbours, workspace_of
+from ..db.store import ChunkStore
+from ..errors import UserError
+from ..model.retro import DecodeCache, RetroModel
+from ..runtime import dist, fault_point, log, progress, set_kept_note
+from ..train.loop import autocast, device_for_rank
+from ..train.pretrain import run_dir
+from ..train.sft import context_neighbours, template_of
+from ..workspace import Workspace, hash_obj, write_text_atomic
 from .ppl import load_model, resolve_checkpoint
-from .pretrain import run_dir
-from .runtime import dist, fault_point, log, progress, set_kept_note
-from .sft import context_neighbours, template_of
-from .sft_data import Record, detect_format, fit_prompt, read_records
-from .train import autocast, device_for_rank
-from .workspace import Workspace, hash_obj, write_text_atomic
 
 # rows, chunks (token lists) -> neighbour tokens (n, k, r) and their database chunk ids (n, k), -1: none
 NeighbourFn = Callable[[list[int], list[list[int]]], tuple[np.ndarray, np.ndarray]]
@@ -213,7 +213,7 @@ def resolve_generate_checkpoint(cfg: Config, ws, given: Path | None) -> Path:
     if given is None and cfg.generate.checkpoint:
         given = cfg.resolve(cfg.generate.checkpoint)
     if given is None and run_dir(ws, cfg.sft.run).is_dir():
-        from . import checkpoint
+        from ..train import checkpoint
 
         if checkpoint.latest(run_dir(ws, cfg.sft.run), announce=False) is not None:
             given = run_dir(ws, cfg.sft.run)
@@ -346,7 +346,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     store = retriever = None
     if g.contexts == "database" or mode == "database":
         ws.require("index")
-        store = ChunkStore.open(ws, model.chunk_length)
+        store = open_store(ws, model.chunk_length)
         retriever = Retriever(cfg, ws, store)
     prompter = Prompter(cfg, ws, tok, model, store, retriever)
     eos_id = meta.get("eos_id", tok.eos_id)

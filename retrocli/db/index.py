@@ -16,8 +16,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .errors import UserError
-from .workspace import atomic_path
+from ..errors import UserError
+from ..workspace import atomic_path
 
 
 def auto_spec(num_vectors: int) -> str:

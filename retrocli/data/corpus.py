@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
-from .config import CorpusConfig
-from .errors import UserError
+from ..config import CorpusConfig
+from ..errors import UserError
 
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_STDLIB = "builtin:stdlib-docs"
@@ -401,7 +401,7 @@ def builtin_qa_file(name: str, folder: Path) -> Path:
     split = name.rsplit("-", 1)[1]
     path = folder / f"tiny-cloze-{split}.json"
     if not path.is_file():
-        from .workspace import write_text_atomic
+        from ..workspace import write_text_atomic
 
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(tiny_cloze()[split]))

@@ -28,9 +28,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from .corpus import loads_json
-from .errors import UserError
-from .sft_data import answer_list, read_file
+from ..data.corpus import loads_json
+from ..data.qa import answer_list, read_file
+from ..errors import UserError
 
 Metric = Callable[[str, str], float]
 

@@ -3,7 +3,7 @@ accumulation, evaluation, checkpoints, exact resume, metrics. The same code runs
 torchrun (DDP; gloo on CPU, nccl on GPUs).
 
 A phase supplies a `Job`: the model, training and validation samples (anything with `len()` and `get(i)`
-returning the arrays of `retrocli.samples.Samples.get`), the checkpoint folder, and what to record beside
+returning the arrays of `retrocli.train.samples.Samples.get`), the checkpoint folder, and what to record beside
 the weights. Batches. Every optimizer step consumes `global_batch_size` consecutive positions of the seeded
 sample order (`SampleOrder`); rank r's micro-batch a is positions [(a * world + r) * micro, ... + micro), so
 one process with accumulation and N processes with less accumulation see the same samples in each step.
@@ -36,9 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from . import checkpoint
-from .errors import UserError
-from .runtime import (
+from ..errors import UserError
+from ..runtime import (
     Interrupted,
     Prefetcher,
     console,
@@ -50,6 +49,7 @@ from .runtime import (
     sigterm_at_step_end,
     warn,
 )
+from . import checkpoint
 from .samples import SampleOrder, collate
 
 
@@ -307,7 +307,7 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    from .workspace import write_text_atomic
+    from ..workspace import write_text_atomic
 
     write_text_atomic(path, "".join(x + "\n" for x in keep))
 

@@ -17,11 +17,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .corpus import Document, is_valid
-from .errors import UserError
-from .runtime import fault_point
-from .tokenizer import Tokenizer
-from .workspace import NpyWriter, Workspace, atomic_path, load_npy
+from ..data.corpus import Document, is_valid
+from ..data.tokenizer import Tokenizer
+from ..errors import UserError
+from ..runtime import fault_point
+from ..workspace import NpyWriter, Workspace, atomic_path, load_npy
 
 DOC_DTYPE = np.dtype([("token_start", "<i8"), ("num_tokens", "<i8"), ("chunk_start", "<i8"),
                       ("num_chunks", "<i8"), ("valid", "?")])
@@ -136,16 +136,10 @@ class ChunkStore:
     manifest: dict | None = None  # the edits (edits.read_manifest) this view was opened with
 
     @classmethod
-    def open(cls, ws: Workspace, chunk_length: int, edits: bool = True) -> "ChunkStore":
-        """The store as built by `retro db build`, and with edits=True (what every reader wants) the
-        documents added and removed since."""
-        base = cls(load_npy(ws.chunk_tokens), load_npy(ws.chunk_docs), load_npy(ws.chunk_table),
-                   [(ws.doc_info, 0)], chunk_length)
-        if not edits:
-            return base
-        from .edits import with_edits
-
-        return with_edits(ws, base)
+    def open(cls, ws: Workspace, chunk_length: int) -> "ChunkStore":
+        """The store as `retro db build` wrote it. Readers want it with the edits since (`database.open_store`)."""
+        return cls(load_npy(ws.chunk_tokens), load_npy(ws.chunk_docs), load_npy(ws.chunk_table), [(ws.doc_info, 0)],
+                   chunk_length)
 
     @property
     def num_chunks(self) -> int:

@@ -19,18 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint
-from .chunks import ChunkStore, chunk_spans
-from .config import Config, CorpusConfig
-from .corpus import CorpusStats, iter_documents
-from .db import open_tokenizer, search_texts, workspace_of
-from .errors import UserError
-from .model import RetroModel
-from .pretrain import open_samples, run_dir
-from .runtime import dist, log
-from .samples import Samples, StreamDocs, collate
-from .train import all_sum, device_for_rank, evaluate, to_device, token_nll
-from .workspace import Workspace, write_json_atomic
+from ..config import Config, CorpusConfig
+from ..data.corpus import CorpusStats, iter_documents
+from ..db.database import open_store, open_tokenizer, search_texts, workspace_of
+from ..db.store import chunk_spans
+from ..errors import UserError
+from ..model.retro import RetroModel
+from ..runtime import dist, log
+from ..train import checkpoint
+from ..train.loop import all_sum, device_for_rank, evaluate, to_device, token_nll
+from ..train.pretrain import open_samples, run_dir
+from ..train.samples import Samples, StreamDocs, collate
+from ..workspace import Workspace, write_json_atomic
 
 
 def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain",
@@ -68,7 +68,7 @@ def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int
     if not docs:
         raise UserError(f"--data {data}: no text to evaluate")
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    store = ChunkStore.open(ws, m)
+    store = open_store(ws, m)
     table = None
     if retrieval:
         chunk_texts = [tok.decode(ids[s : s + n]) for ids in docs for s, n in chunk_spans(len(ids), m)]

@@ -13,7 +13,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from .config import MAX_SEARCH_K
+from ..config import MAX_SEARCH_K
 
 
 class Reranked:

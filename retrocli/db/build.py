@@ -11,29 +11,33 @@ blocks across ranks; rank 0 alone does everything else and writes every shared f
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..config import Config, min_chunk_tokens
+from ..data.corpus import CorpusStats, corpus_files, fingerprint, iter_documents
+from ..data.tokenizer import content_sha256, train_sentencepiece
+from ..errors import UserError
+from ..runtime import dist, fault_point, log, progress, set_kept_note, warn
+from ..workspace import DB_STAGES, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
 from . import index as faiss_index
-from .chunks import ChunkStore, build_chunks
-from .config import SET, Config, DBConfig, min_chunk_tokens
-from .corpus import CorpusStats, corpus_files, fingerprint, iter_documents
-from .embed import LEXICAL, LEXICAL_SCHEME, Embedder, embed_blocks, lexical_idf, make_embedder
-from .errors import UserError
-from .neighbours import Reranked, search_excluding
-from .runtime import dist, fault_point, log, progress, set_kept_note, warn
-from .samples import neighbour_tokens
-from .tokenizer import content_sha256, load_tokenizer, train_sentencepiece
-from .workspace import DB_STAGES, NpyRows, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
-
-
-def workspace_of(cfg: Config) -> Workspace:
-    return Workspace(cfg.resolve(cfg.workspace.dir))
+from .database import (
+    EmbeddingStore,
+    _finished_meta,
+    as_built,
+    database_embedder,
+    open_index,
+    open_tokenizer,
+    tokenizer_sha256,
+    tokenizer_source,
+    workspace_of,
+)
+from .embed import LEXICAL, LEXICAL_SCHEME, embed_blocks, lexical_idf, make_embedder
+from .search import search_excluding
+from .store import ChunkStore, build_chunks
 
 
 def begin_shared(ws: Workspace, stage: str, settings: dict, rebuild: bool) -> dict | None:
@@ -100,34 +104,6 @@ def stage_tokenizer(cfg: Config, ws: Workspace, files: list[str], rebuild: bool)
                      earlier_fingerprints=sorted(set(earlier)))
 
 
-def _finished_meta(ws: Workspace, stage: str) -> dict | None:
-    """The metadata of a complete stage, or None (none, unfinished, or unreadable: a rebuild replaces it)."""
-    try:
-        meta = ws.read_meta(stage)
-    except UserError:
-        return None
-    return meta if meta and meta.get("complete") else None
-
-
-def tokenizer_source(ws: Workspace, settings: dict) -> Path:
-    """The tokenizer's own file or folder: the workspace copy of a SentencePiece model, a Hugging Face folder."""
-    return Path(settings["path"]) if settings["type"] == "hf" else ws.tokenizer_model
-
-
-def tokenizer_sha256(meta: dict) -> str | None:
-    """The content sha256 a finished tokenizer stage recorded (stages finished before it was recorded: the
-    sha256 of its SentencePiece file); None where unknown."""
-    recorded = meta.get("counts", {}).get("sha256")
-    if recorded is None and meta["settings"]["type"] == "sentencepiece":
-        recorded = (meta.get("files") or {}).get("tokenizer.model", {}).get("sha256")
-    return recorded
-
-
-def open_tokenizer(ws: Workspace, settings: dict | None = None):
-    settings = settings or ws.require("tokenizer")["settings"]
-    return load_tokenizer(settings["type"], tokenizer_source(ws, settings))
-
-
 def stage_chunks(cfg: Config, ws: Workspace, files: list[str], tok_meta: dict, rebuild: bool) -> dict:
     c = cfg.corpus
     settings = {"corpus": fingerprint(files), "text_key": c.text_key, "on_bad_line": c.on_bad_line,
@@ -152,48 +128,6 @@ def stage_chunks(cfg: Config, ws: Workspace, files: list[str], tok_meta: dict, r
     return ws.finish("chunks", counts)
 
 
-class EmbeddingStore:
-    """Read access to the embedding blocks as if they were one (num_chunks, dim) array. The block size is the
-    one the embed stage recorded, whatever db.block_size says now."""
-
-    SCATTERED = 64  # a block with fewer rows wanted is read row by row (NpyRows), else mapped
-
-    def __init__(self, ws: Workspace, num_chunks: int):
-        self.ws, self.n = ws, num_chunks
-        self.block_size = int(ws.require("embed")["settings"]["block_size"])
-        self.scattered = NpyRows()
-
-    def block(self, i: int) -> np.ndarray:
-        return load_npy(self.ws.embed_block(i))
-
-    def rows(self, start: int, end: int) -> np.ndarray:
-        """(end - start, dim) float32."""
-        b0, b1 = start // self.block_size, (end - 1) // self.block_size
-        parts = []
-        for b in range(b0, b1 + 1):
-            lo, hi = max(start, b * self.block_size), min(end, (b + 1) * self.block_size)
-            parts.append(self.block(b)[lo - b * self.block_size : hi - b * self.block_size])
-        return np.concatenate(parts).astype(np.float32)
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows in the order given, (n, dim) float32 (read block by block)."""
-        rows = np.asarray(rows)
-        order = np.argsort(rows, kind="stable")
-        out = None
-        sorted_rows = rows[order]
-        blocks_of = sorted_rows // self.block_size
-        bounds = np.flatnonzero(np.diff(blocks_of)) + 1
-        for lo, hi in zip([0, *bounds], [*bounds, len(rows)]):  # each block's run of the sorted rows
-            b = int(blocks_of[lo])
-            local = sorted_rows[lo:hi] - b * self.block_size
-            data = (self.scattered.read(self.ws.embed_block(b), local) if len(local) < self.SCATTERED
-                    else self.block(b)[local])
-            if out is None:
-                out = np.empty((len(rows), data.shape[1]), dtype=np.float32)
-            out[order[lo:hi]] = data  # (converted to float32 as it is copied)
-        return out
-
-
 def chunk_texts(store: ChunkStore, tok, start: int, end: int) -> list[str]:
     return [tok.decode(store.chunk_ids(r).tolist()) for r in range(start, end)]
 
@@ -209,7 +143,7 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
     _note_kept("embed")
     D = dist()
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length, edits=False)
+    store = ChunkStore.open(ws, d.chunk_length)
     tok = open_tokenizer(ws)
     if d.embedder == LEXICAL and D.main:
         vocab = tok.vocab_size
@@ -262,7 +196,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
         return done
     _note_kept("index")
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length, edits=False)
+    store = ChunkStore.open(ws, d.chunk_length)
     emb = EmbeddingStore(ws, store.num_chunks)
     train_rows = np.flatnonzero(store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(d)))
     if len(train_rows) == 0:
@@ -301,7 +235,7 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     _note_kept("neighbours")
     D = dist()
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length, edits=False)
+    store = ChunkStore.open(ws, d.chunk_length)
     emb = EmbeddingStore(ws, store.num_chunks)
     index = open_index(ws, d, edits=False, store=store)
     chunk_docs = np.ascontiguousarray(store.chunks["doc"])
@@ -323,24 +257,6 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
         return {}
     return ws.finish("neighbours", {"chunks": store.num_chunks, "k": k, "blocks": len(spans),
                                     "seconds": round(time.time() - started, 2)})
-
-
-def open_index(ws: Workspace, d: DBConfig, edits: bool = True, store: ChunkStore | None = None):
-    """The trained index; with edits=True also the segments `retro db add` added and without the chunks
-    `retro db remove` removed (edits.EditedIndex), as of the edits `store` was opened with (default: now).
-    With db.rerank (resolved for the index built) = N > 0 its top N are put in exact order by the stored
-    embeddings (neighbours.Reranked)."""
-    from .edits import edited_index, embeddings_of
-
-    depth = faiss_index.rerank_depth(d.rerank, ws.require("index")["counts"]["spec"])
-    if edits or depth:
-        store = store or ChunkStore.open(ws, d.chunk_length, edits=edits)
-    if edits:
-        index = edited_index(ws, d, store)
-    else:
-        index = faiss_index.load(ws.index_file, mmap=True)  # one copy per machine, however many ranks search it
-        faiss_index.set_search_params(index, d.nprobe, d.ef_search)
-    return Reranked(index, embeddings_of(ws, store), depth) if depth else index
 
 
 def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
@@ -399,7 +315,7 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
     if D.main:
         settle("neighbours")
     if D.main and (ws.db / "edits").is_dir() and rebuild is None:
-        from .edits import refresh_neighbours
+        from .edit import refresh_neighbours
 
         set_kept_note("db build: every stage finished and kept; the neighbour refresh after `db remove` is made "
                       "again by the rerun")
@@ -408,143 +324,6 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------- query
-
-
-def built_db(ws: Workspace) -> dict[str, Any]:
-    """The [db] keys as the finished stages recorded them, by key (db.min_chunk_tokens and db.rerank resolved).
-    The block sizes are left out: each stage's own is read where its blocks are. The search settings come
-    from the neighbours stage, once it is finished (a query may run while it is being built)."""
-    chunks, embed, index = (ws.require(stage)["settings"] for stage in ("chunks", "embed", "index"))
-    out = {"chunk_length": chunks["chunk_length"], "embedder": embed["embedder"], "index": index["index"],
-           "index_train_samples": index["index_train_samples"], "min_chunk_tokens": index["min_chunk_tokens"]}
-    nb = ws.read_meta("neighbours") or {}
-    if nb.get("complete"):
-        out.update({k: nb["settings"][k] for k in ("num_neighbors_query", "nprobe", "ef_search")},
-                   rerank=nb["settings"].get("rerank", 0))  # (recorded only when on)
-    return out
-
-
-def config_differences(d: DBConfig, ws: Workspace) -> dict[str, tuple[Any, Any]]:
-    """{key: (as built, as the config gives it now)} for each [db] key where they differ."""
-    spec = ws.require("index")["counts"]["spec"]
-    now = {**dataclasses.asdict(d), "min_chunk_tokens": min_chunk_tokens(d),
-           "rerank": faiss_index.rerank_depth(d.rerank, spec)}
-    return {k: (v, now[k]) for k, v in built_db(ws).items() if now[k] != v}
-
-
-SEARCH_KNOBS = ("nprobe", "ef_search", "rerank")  # how hard a search looks: a reader may choose them per run
-
-
-def as_built(cfg: Config, ws: Workspace, knobs: bool = True) -> DBConfig:
-    """The [db] section a reader (db query, db info, db verify, ppl, generate, sft) searches with: the database's
-    own settings, whatever the config says now (its embedder above all: a query embedded otherwise would be
-    compared with vectors it has nothing in common with). Says so in one warning line where they differ. The
-    search knobs (nprobe, ef_search, rerank) given by `--set` are this run's choice and are kept (`knobs`)."""
-    chosen = {k: getattr(cfg.db, k) for k in SEARCH_KNOBS if knobs and cfg.origins.get(f"db.{k}") == SET}
-    if differs := {k: v for k, v in config_differences(cfg.db, ws).items() if k not in chosen}:
-        listed = "; ".join(f"db.{k} {built!r} (the config: {now!r})" for k, (built, now) in differs.items())
-        warn(f"the database in {ws.db} was built with {listed}: read as built")
-    return dataclasses.replace(cfg.db, **{**built_db(ws), **chosen})
-
-
-def require_as_built(cfg: Config, ws: Workspace, command: str) -> None:
-    """Writers (`db add`) add to what the database holds only with the settings it was built with (as `db build`
-    refuses to mix settings): a UserError naming every key that differs, with both values, otherwise."""
-    if differs := config_differences(cfg.db, ws):
-        listed = "; ".join(f"db.{k}: built with {built!r}, the config now gives {now!r}"
-                           for k, (built, now) in differs.items())
-        raise UserError(f"`retro {command}` adds to the database in {ws.db}, which was built with other settings "
-                        f"({listed}). Restore them in the config (or --set them), or rebuild the database")
-
-
-def database_embedder(cfg: Config, ws: Workspace, d: DBConfig) -> Embedder:
-    """The embedder the database was built with (`d`: `as_built`), for embedding anything compared with its
-    vectors."""
-    return make_embedder(d.embedder, cfg.base_dir, d.embed_batch_size, d.embed_precision, ws.lexical_idf(),
-                         open_tokenizer(ws).encode)
-
-
-class Retriever:
-    """The workspace's embedder and index, loaded once, for searching free texts (queries, SFT prompts,
-    text being generated): `search(texts, k)` -> (ids, distances), each (n, k), -1 where fewer exist.
-
-    The texts belong to no database document, so nothing is excluded. Embedded 1,024 at a time."""
-
-    def __init__(self, cfg: Config, ws: Workspace, store: ChunkStore, d: DBConfig | None = None):
-        """`store`: the chunk store the results refer to (ChunkStore.open); the index is opened with the same
-        edits (one read of the edit manifest), so ids and documents always agree. `d`: the [db] settings to
-        search with, by default the database's own (`as_built`)."""
-        ws.require("index")
-        d = d or as_built(cfg, ws)
-        self.embedder: Embedder = database_embedder(cfg, ws, d)
-        self.index = open_index(ws, d, store=store)
-        self.chunk_docs = np.ascontiguousarray(store.chunks["doc"])
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """(n, dim) float32 vectors of the texts, as the database's chunks were embedded."""
-        return np.concatenate([self.embedder.forward(self.embedder.prepare(texts[s : s + 1024]))
-                               for s in range(0, len(texts), 1024)]).astype(np.float32)
-
-    def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        vectors = self.embed(texts)
-        none = np.full(len(texts), -1, dtype=np.int64)
-        return search_excluding(self.index, vectors, none, self.chunk_docs, k)
-
-
-def retrieve_neighbours(retriever: Retriever, store: ChunkStore, tok, chunks: list[list[int]], k: int, r: int,
-                        pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest database chunks of each token chunk (searched by its text), as model neighbours:
-    tokens (n, k, r) (chunk + continuation, padded with pad_id) and chunk ids (n, k), -1 where missing."""
-    tokens = np.full((len(chunks), k, r), pad_id, dtype=np.int64)
-    ids = np.full((len(chunks), k), -1, dtype=np.int64)
-    if not chunks:
-        return tokens, ids
-    found, _ = retriever.search([tok.decode(list(c)) for c in chunks], k)
-    for i, row in enumerate(found):
-        for slot, cid in enumerate(row[row >= 0][:k]):
-            toks = neighbour_tokens(store, int(cid), r)
-            tokens[i, slot, : len(toks)] = toks
-            ids[i, slot] = cid
-    return tokens, ids
-
-
-def search_texts(cfg: Config, ws: Workspace, texts: list[str], store: ChunkStore,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One search of free texts (see `Retriever`), with the database's own settings."""
-    return Retriever(cfg, ws, store).search(texts, k)
-
-
-def query(cfg: Config, texts: list[str], k: int) -> list[list[dict[str, Any]]]:
-    """The k nearest database chunks of each text, with continuation and source, searched as the database was
-    built (`as_built`)."""
-    ws = workspace_of(cfg)
-    ws.require("index")  # before reading the chunk store: "run `retro db build` first", not a missing file
-    d = as_built(cfg, ws)
-    store = ChunkStore.open(ws, d.chunk_length)
-    tok = open_tokenizer(ws)
-    ids, distances = Retriever(cfg, ws, store, d).search(texts, k)
-    return describe_hits(store, tok, ids, distances)
-
-
-def describe_hits(store: ChunkStore, tok, ids: np.ndarray, distances: np.ndarray) -> list[list[dict[str, Any]]]:
-    """Search results (n, k) as readable hits: rank, distance, chunk and document ids, title, source file,
-    the chunk's text and its continuation."""
-    docs = store.doc_info(store.chunks["doc"][ids[ids >= 0]])
-    results = []
-    for qi in range(len(ids)):
-        hits = []
-        for rank, (cid, dist_) in enumerate(zip(ids[qi], distances[qi]), 1):
-            if cid < 0:
-                continue
-            doc_row = int(store.chunks["doc"][cid])
-            nxt = store.continuation(int(cid))
-            info = docs.get(doc_row, {})
-            hits.append({"rank": rank, "distance": float(dist_), "chunk_id": int(cid), "doc_id": info.get("id"),
-                         "title": info.get("title", ""), "source": info.get("source", ""),
-                         "text": tok.decode(store.chunk_ids(int(cid)).tolist()),
-                         "continuation": tok.decode(store.chunk_ids(nxt).tolist()) if nxt is not None else ""})
-        results.append(hits)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------- verify
@@ -584,7 +363,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
         out["repaired"] = True
         return out
     d = as_built(cfg, ws, knobs=False)  # recomputed as built, whatever [db] or --set say now
-    store = ChunkStore.open(ws, d.chunk_length, edits=False)
+    store = ChunkStore.open(ws, d.chunk_length)
     emb = EmbeddingStore(ws, store.num_chunks)
     spans = {stage: blocks(store.num_chunks, int(ws.read_meta(stage)["settings"]["block_size"]))
              for stage in ("embed", "neighbours")}  # as built, whatever db.block_size says now
@@ -640,7 +419,7 @@ def info(cfg: Config) -> dict[str, Any]:
             "bytes": size,
         }
     if (ws.read_meta("chunks") or {}).get("complete"):
-        from .edits import describe
+        from .edit import describe
 
         out["edits"] = describe(ws)
     return out

@@ -37,11 +37,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import INSTRUCTRETRO_SYSTEM as DEFAULT_SYSTEM
-from .config import SFT_FORMATS as FORMATS
-from .config import BlendEntry
+from ..config import INSTRUCTRETRO_SYSTEM as DEFAULT_SYSTEM
+from ..config import SFT_FORMATS as FORMATS
+from ..config import BlendEntry
+from ..errors import UserError
 from .corpus import GZIP_ERRORS, is_valid, loads_json
-from .errors import UserError
 from .tokenizer import Tokenizer
 
 JSON_FORMATS = ("squad", "instructretro")  # one JSON document; the others are JSON lines

@@ -28,9 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from .chunks import ChunkStore
-from .errors import UserError
-from .workspace import Workspace, load_npy
+from ..db.database import neighbour_tokens
+from ..db.store import ChunkStore
+from ..errors import UserError
 
 
 @dataclass
@@ -77,40 +77,6 @@ class StreamDocs:
             return arrays[d][lo:hi]
 
         return cls(lengths, tokens_of, np.full(len(docs), -1, dtype=np.int64), key_start, num_keys)
-
-
-class NeighbourBlocks:
-    """The database's neighbour files read as one (num_chunks, num_neighbors_query) int64 table: the blocks
-    `db build` wrote, the segments `db add` wrote, and over both the rows searched again after removals."""
-
-    def __init__(self, ws: Workspace, block_size: int, store: ChunkStore):
-        """`store`: the chunk store the rows refer to; the rows of chunks `retro db add` added after the
-        build come from the segments it was opened with."""
-        from .edits import refreshed_rows, segment_neighbours
-
-        self.ws, self.block_size = ws, block_size
-        self._blocks: dict[int, np.ndarray] = {}
-        self._segments = segment_neighbours(ws, store)
-        self._refreshed = refreshed_rows(ws, store)  # rows `db build` searched again after removals
-
-    def _block(self, b: int) -> np.ndarray:
-        if b not in self._blocks:
-            self._blocks[b] = load_npy(self.ws.neighbour_block(b))  # memory-mapped: cheap to keep open
-        return self._blocks[b]
-
-    def _row(self, r: int) -> np.ndarray:
-        rows, ids = self._refreshed
-        at = int(np.searchsorted(rows, r))
-        if at < len(rows) and rows[at] == r:
-            return ids[at]
-        for first, table in reversed(self._segments):
-            if r >= first:
-                return table[r - first]
-        return self._block(r // self.block_size)[r % self.block_size]
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        return np.stack([self._row(int(r)) for r in rows]) if len(rows) else np.zeros((0, 0), dtype=np.int64)
 
 
 class Samples:
@@ -209,15 +175,6 @@ class Samples:
 
     def neighbour_tokens(self, cid: int) -> np.ndarray:
         return neighbour_tokens(self.store, cid, self.r)
-
-
-def neighbour_tokens(store: ChunkStore, cid: int, r: int) -> np.ndarray:
-    """A database chunk followed by its continuation within the same document, at most r tokens."""
-    toks = store.chunk_ids(cid)
-    nxt = store.continuation(cid)
-    if nxt is not None and len(toks) < r:
-        toks = np.concatenate([toks, store.chunk_ids(nxt)])
-    return toks[:r]
 
 
 def collate(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

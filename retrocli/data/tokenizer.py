@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
-from .errors import UserError
-from .workspace import write_bytes_atomic
+from ..errors import UserError
+from ..workspace import write_bytes_atomic
 
 # Special ids of tokenizers trained here.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -84,7 +84,7 @@ def content_sha256(kind: str, path: Path) -> str:
     """What identifies a tokenizer's token ids: the sha256 of a SentencePiece model file (as `sha256sum` prints
     it); for a Hugging Face folder, the sha256 of the `sha256sum`-style listing ("<sha256>  <name>" lines, by
     name) of its tokenizer files (HF_TOKENIZER_FILES). Neither its path nor when it was made takes part."""
-    from .workspace import sha256_file
+    from ..workspace import sha256_file
 
     if kind == "sentencepiece" or path.is_file():
         return sha256_file(path)

@@ -21,19 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import Config, to_commented_toml
+from ..data.corpus import data_file
+from ..data.qa import Blend, PromptTemplate, Record, encode_sample, load_blend, split_records
+from ..db.database import Retriever, open_store, open_tokenizer, retrieve_neighbours, workspace_of
+from ..db.store import ChunkStore
+from ..errors import UserError
+from ..eval.ppl import load_model as load_checkpoint_model
+from ..eval.ppl import resolve_checkpoint
+from ..model.retro import RetroModel
+from ..runtime import console, dist, log
 from . import checkpoint
-from .chunks import ChunkStore
-from .config import Config, to_commented_toml
-from .corpus import data_file
-from .db import Retriever, open_tokenizer, retrieve_neighbours, workspace_of
-from .errors import UserError
-from .model import RetroModel
-from .ppl import load_model as load_checkpoint_model
-from .ppl import resolve_checkpoint
+from .loop import Job, TrainSettings, find_resume, require_tensorboard, train
 from .pretrain import is_cca_or_encoder, run_dir
-from .runtime import console, dist, log
-from .sft_data import Blend, PromptTemplate, Record, encode_sample, load_blend, split_records
-from .train import Job, TrainSettings, find_resume, require_tensorboard, train
 
 EVAL_RECORDS_PER_SET = 256  # held-out records evaluated per dataset (the first ones, in file order)
 
@@ -164,7 +164,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
 
     retriever = store = None
     if s.neighbors == "database":
-        store = ChunkStore.open(ws, model.chunk_length)
+        store = open_store(ws, model.chunk_length)
         retriever = Retriever(cfg, ws, store)
     neighbours = Neighbours(s.neighbors, model, tok, retriever, store) if s.neighbors != "none" else None
     valid = {}

@@ -19,8 +19,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .errors import UserError
-from .runtime import Prefetcher
+from ..errors import UserError
+from ..runtime import Prefetcher
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 LEXICAL = "lexical"

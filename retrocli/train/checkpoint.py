@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from .config import ModelConfig
-from .errors import UserError
-from .runtime import fault_point, warn
-from .workspace import sha256_file, write_failed
+from ..config import ModelConfig
+from ..errors import UserError
+from ..runtime import fault_point, warn
+from ..workspace import sha256_file, write_failed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.safetensors", "config.toml", "meta.json"
@@ -58,8 +58,8 @@ def tokenizer_ref(ws) -> dict[str, Any]:
     """What identifies the workspace tokenizer: the sha256 of its content (`tokenizer.content_sha256`), its
     vocabulary and type; and, for checkpoints written before the content was recorded, the fingerprint of its
     stage (and of earlier identical builds). Its path is recorded for the messages only."""
-    from .db import tokenizer_sha256, tokenizer_source
-    from .tokenizer import content_sha256
+    from ..data.tokenizer import content_sha256
+    from ..db.database import tokenizer_sha256, tokenizer_source
 
     meta = ws.require("tokenizer")
     settings = meta["settings"]
@@ -80,7 +80,7 @@ def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_
     finishes it."""
     from safetensors.torch import save_file
 
-    from .runtime import dist
+    from ..runtime import dist
 
     D = dist()
     final = step_dir(run, step)

@@ -39,14 +39,11 @@ from typing import Any, Callable, Iterator
 import faiss
 import numpy as np
 
-from . import index as faiss_index
-from .chunks import STORE_FILES, ChunkStore, JoinedTokens, build_chunks
-from .config import Config, DBConfig, min_chunk_tokens
-from .corpus import CorpusStats, corpus_files, iter_documents
-from .errors import UserError
-from .neighbours import search_excluding
-from .runtime import fault_point, log, progress, set_kept_note, warn
-from .workspace import (
+from ..config import Config, DBConfig, min_chunk_tokens
+from ..data.corpus import CorpusStats, corpus_files, iter_documents
+from ..errors import UserError
+from ..runtime import fault_point, log, progress, set_kept_note, warn
+from ..workspace import (
     DB_STAGES,
     Workspace,
     atomic_path,
@@ -56,149 +53,27 @@ from .workspace import (
     sha256_file,
     write_json_atomic,
 )
-
-MANIFEST_VERSION = 1
-
-
-def edits_dir(ws: Workspace) -> Path:
-    return ws.db / "edits"
-
-
-def empty_manifest(ws: Workspace) -> dict[str, Any]:
-    chunks = ws.read_meta("chunks") or {}
-    return {"version": MANIFEST_VERSION, "base": {"chunks_fingerprint": chunks.get("fingerprint")},
-            "segments": [], "removed": [], "sources": []}
-
-
-def read_manifest(ws: Workspace) -> dict[str, Any]:
-    """The edits in force (none: an empty manifest). Edits made to a chunk store that has since been rebuilt
-    no longer fit its rows: refused, with what to do."""
-    import json
-
-    path = edits_dir(ws) / "manifest.json"
-    if not path.is_file():
-        return empty_manifest(ws)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged ({e}): restore it, or delete {edits_dir(ws)} to drop every edit") from None
-    current = (ws.read_meta("chunks") or {}).get("fingerprint")
-    if manifest.get("base", {}).get("chunks_fingerprint") != current:
-        raise UserError(f"the edits in {edits_dir(ws)} were made to a chunk store that has since been rebuilt: "
-                        f"delete {edits_dir(ws)} and `retro db add` the documents again")
-    return manifest
-
+from . import index as faiss_index
+from .database import (
+    Retriever,
+    _embedding_layout,
+    _segment_store,
+    edits_dir,
+    open_index,
+    open_store,
+    open_tokenizer,
+    read_manifest,
+    refreshed_rows,
+    removed_chunks,
+    require_as_built,
+    segment_neighbours,
+    with_edits,
+    workspace_of,
+)
+from .search import search_excluding
+from .store import ChunkStore, build_chunks
 
 # ----------------------------------------------------------------------------------------- reading
-
-
-def _segment_store(folder: Path, chunk_length: int) -> ChunkStore:
-    tokens, docs, chunks, info = (folder / name for name in STORE_FILES)
-    return ChunkStore(load_npy(tokens), load_npy(docs), load_npy(chunks), [(info, 0)], chunk_length)
-
-
-def with_edits(ws: Workspace, base: ChunkStore, manifest: dict[str, Any] | None = None) -> ChunkStore:
-    """The base store followed by every added segment, with the removed documents listed (as of `manifest`,
-    default: the one in force)."""
-    manifest = manifest if manifest is not None else read_manifest(ws)
-    removed = np.array(sorted({r for entry in manifest["removed"] for r in entry["rows"]}), dtype=np.int64)
-    if not manifest["segments"]:
-        return dataclasses.replace(base, removed_docs=removed, manifest=manifest)
-    tokens, docs, chunks, infos = [base.tokens], [base.docs], [base.chunks], list(base.doc_info_paths)
-    n_tok, n_doc, n_chunk = len(base.tokens), len(base.docs), len(base.chunks)
-    for seg in manifest["segments"]:
-        part = _segment_store(edits_dir(ws) / seg["name"], base.chunk_length)
-        d = np.array(part.docs)
-        d["token_start"] += n_tok
-        d["chunk_start"] += n_chunk
-        c = np.array(part.chunks)
-        c["doc"] += n_doc
-        c["token_start"] += n_tok
-        tokens.append(part.tokens)
-        docs.append(d)
-        chunks.append(c)
-        infos.append((part.doc_info_paths[0][0], n_doc))
-        n_tok, n_doc, n_chunk = n_tok + len(part.tokens), n_doc + len(d), n_chunk + len(c)
-    return ChunkStore(JoinedTokens(tokens), np.concatenate(docs), np.concatenate(chunks), infos, base.chunk_length,
-                      removed, manifest)
-
-
-def removed_chunks(store: ChunkStore) -> np.ndarray:
-    """The chunk ids of the removed documents, sorted."""
-    if not len(store.removed_docs):
-        return np.zeros(0, dtype=np.int64)
-    d = store.docs[store.removed_docs]
-    return np.sort(np.concatenate([np.arange(s, s + n) for s, n in zip(d["chunk_start"], d["num_chunks"])]))
-
-
-def refreshed_rows(ws: Workspace, store: ChunkStore) -> tuple[np.ndarray, np.ndarray]:
-    """The neighbour rows `db build` searched again after removals, as of `store`'s edits: (rows (n,) sorted
-    global chunk rows, ids (n, num_neighbors_query)); empty when there are none."""
-    refresh = (store.manifest or {}).get("refresh")
-    if not refresh:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int64)
-    folder = edits_dir(ws) / refresh["name"]
-    return load_npy(folder / "rows.npy"), load_npy(folder / "ids.npy")
-
-
-def segment_neighbours(ws: Workspace, store: ChunkStore) -> list[tuple[int, np.ndarray]]:
-    """(first global chunk row, neighbour ids (n, num_neighbors_query)) of each segment `store` was opened
-    with (the same manifest read as its rows)."""
-    segments = (store.manifest or {}).get("segments", [])
-    out, first = [], store.num_chunks - sum(seg["chunks"] for seg in segments)
-    for seg in segments:
-        table = load_npy(edits_dir(ws) / seg["name"] / "neighbours.npy")
-        out.append((first, table))
-        first += len(table)
-    return out
-
-
-class EditedIndex:
-    """The base index and every added segment's index searched as one, removed chunks left out.
-
-    Quacks like the Faiss index `neighbours.search_excluding` needs: `search(x, k)`, `ntotal`, `metric_type`.
-    """
-
-    def __init__(self, parts: list[faiss.Index], removed: np.ndarray):
-        self.parts, self.removed = parts, removed
-        self.metric_type = parts[0].metric_type
-        self.ntotal = sum(p.ntotal for p in parts)
-
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        kk = k + len(self.removed)  # enough to fill k after dropping every removed chunk
-        found = [p.search(x, min(kk, p.ntotal)) for p in self.parts if p.ntotal]
-        D, I = np.concatenate([f[0] for f in found], 1), np.concatenate([f[1] for f in found], 1)
-        bad = (I < 0) | np.isin(I, self.removed)
-        worst = -np.inf if self.metric_type == faiss.METRIC_INNER_PRODUCT else np.inf
-        D = np.where(bad, worst, D)
-        order = np.argsort(-D if self.metric_type == faiss.METRIC_INNER_PRODUCT else D, axis=1, kind="stable")[:, :k]
-        I, D = np.take_along_axis(np.where(bad, -1, I), order, 1), np.take_along_axis(D, order, 1)
-        if I.shape[1] < k:  # fewer vectors than k: pad as Faiss does
-            pad = k - I.shape[1]
-            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
-            D = np.pad(D, ((0, 0), (0, pad)), constant_values=worst)
-        return D, I
-
-
-def edited_index(ws: Workspace, d: DBConfig, store: ChunkStore) -> faiss.Index | EditedIndex:
-    """The index as of the edits `store` was opened with (one manifest read for both: a `db add` finishing
-    in between cannot pair a store without a segment with an index that has it): the base index (or the one
-    `db add --retrain` trained) and the segments it does not hold, removed chunks left out."""
-    manifest = store.manifest or empty_manifest(ws)
-    retrained = manifest.get("index")
-    base = faiss_index.load(edits_dir(ws) / retrained["name"] / "index.faiss" if retrained else ws.index_file,
-                            mmap=True)
-    faiss_index.set_search_params(base, d.nprobe, d.ef_search)
-    covered = set(retrained["segments"]) if retrained else set()
-    segments = [seg for seg in manifest["segments"] if seg["name"] not in covered]
-    if not segments and not manifest["removed"]:
-        return base
-    parts = [base]
-    for seg in segments:
-        part = faiss_index.load(edits_dir(ws) / seg["name"] / "index.faiss", mmap=True)
-        faiss_index.set_search_params(part, d.nprobe, d.ef_search)
-        parts.append(part)
-    return EditedIndex(parts, removed_chunks(store))
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -263,7 +138,7 @@ def _key_tables(ws: Workspace, store: ChunkStore) -> tuple[list[dict[str, np.nda
     path = edits_dir(ws) / "base-keys.npz"
     base, made = _read_keys(path), []
     if base is None or str(base["fingerprint"]) != fingerprint:
-        base_store = ChunkStore.open(ws, store.chunk_length, edits=False)
+        base_store = ChunkStore.open(ws, store.chunk_length)
         log(f"indexing the keys of the database's {len(base_store.docs):,} documents (once)")
         base = _make_keys(base_store, 0, fingerprint)
         made.append((path, base))
@@ -326,8 +201,6 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     relative to the current folder), as a new segment. Documents already present (same id, or the same
     tokens) are skipped and counted. `retrain`: train the index afresh on every chunk now in the database
     (base and added), for when the added text differs from what the index was trained on."""
-    from .db import Retriever, open_index, open_tokenizer, require_as_built, workspace_of
-
     ws = workspace_of(cfg)
     _require_database(ws)
     require_as_built(cfg, ws, "db add")  # new chunks, vectors and neighbours as the database's own
@@ -343,7 +216,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     folder = edits_dir(ws)
     folder.mkdir(parents=True, exist_ok=True)
     _clear_unlisted(folder, manifest)
-    store = ChunkStore.open(ws, m)
+    store = open_store(ws, m)
     tables, made_keys = _key_tables(ws, store)
 
     stats = CorpusStats()
@@ -397,11 +270,11 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     t_retrain = 0.0
     if retrain:
         t_retrain = time.time()
-        pending["index"] = _retrain(cfg, ws, with_edits(ws, ChunkStore.open(ws, m, edits=False), pending),
+        pending["index"] = _retrain(cfg, ws, with_edits(ws, ChunkStore.open(ws, m), pending),
                                     f"index-{_next_number(pending):06d}")
         t_retrain = time.time() - t_retrain
     # the new chunks' neighbours, over the database as it will be (base, earlier segments, this one)
-    after = with_edits(ws, ChunkStore.open(ws, m, edits=False), pending)
+    after = with_edits(ws, ChunkStore.open(ws, m), pending)
     chunk_docs = np.ascontiguousarray(after.chunks["doc"])
     t_search = time.time()
     ids, _ = search_excluding(open_index(ws, d, store=after), vectors, chunk_docs[first_chunk:], chunk_docs,
@@ -456,41 +329,6 @@ def _all_rows(ws: Workspace, d: DBConfig, store: ChunkStore) -> Iterator[tuple[n
     return _rows_where(ws, d, store, np.ones(store.num_chunks, dtype=bool))
 
 
-def _embedding_layout(ws: Workspace, store: ChunkStore) -> tuple[Any, list[tuple[int, int, Path]]]:
-    """Where the embeddings of `store`'s chunks lie: the base's blocks (db.EmbeddingStore, rows from 0) and
-    each added segment's (first row, chunks, embeddings.npy)."""
-    from .db import EmbeddingStore
-
-    segments = (store.manifest or {}).get("segments", [])
-    first = store.num_chunks - sum(seg["chunks"] for seg in segments)
-    base = EmbeddingStore(ws, first)
-    out = []
-    for seg in segments:
-        out.append((first, seg["chunks"], edits_dir(ws) / seg["name"] / "embeddings.npy"))
-        first += seg["chunks"]
-    return base, out
-
-
-def embeddings_of(ws: Workspace, store: ChunkStore) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from chunk rows of `store` to their stored embeddings, (n, dim) float32 (`db.rerank`)."""
-    base, segments = _embedding_layout(ws, store)
-    dim = int(ws.require("embed")["counts"]["dim"])
-
-    def vectors(rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), dim), dtype=np.float32)
-        sel = rows < base.n
-        if sel.any():
-            out[sel] = base.take(rows[sel])
-        for first, n, path in segments:
-            sel = (rows >= first) & (rows < first + n)
-            if sel.any():
-                out[sel] = load_npy(path)[rows[sel] - first]
-        return out
-
-    return vectors
-
-
 def _rows_where(ws: Workspace, d: DBConfig, store: ChunkStore, ok: np.ndarray) -> Iterator[tuple[np.ndarray, Callable]]:
     base, segments = _embedding_layout(ws, store)
     for _, s, e in blocks(base.n, base.block_size):
@@ -542,11 +380,9 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
     if (manifest.get("refresh") or {}).get("removals") == len(manifest["removed"]):
         return manifest["refresh"]  # up to date
     _clear_unlisted(edits_dir(ws), manifest)  # what a killed refresh left, which would block this one's rename
-    from .db import open_index
-
     d = cfg.db
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length)
+    store = open_store(ws, d.chunk_length)
     nmeta = ws.require("neighbours")
     gone = removed_chunks(store)
     gone_docs = np.zeros(len(store.docs), dtype=bool)
@@ -603,8 +439,6 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
 
 def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any]:
     """Remove documents (by id, or every document of a source file) from every later search."""
-    from .db import workspace_of
-
     if not doc_ids and not sources:
         raise UserError("say what to remove: --doc ID or --source FILE (each may be repeated)")
     ws = workspace_of(cfg)
@@ -612,7 +446,7 @@ def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any
     set_kept_note("db remove: the database is as it was before (a removal goes live in one atomic write of the "
                   "edit manifest)")
     manifest = read_manifest(ws)
-    store = ChunkStore.open(ws, cfg.db.chunk_length)
+    store = open_store(ws, cfg.db.chunk_length)
     already = set(store.removed_docs.tolist())
     wanted_ids = set(doc_ids)
     wanted_sources = set(sources) | {os.path.abspath(s) for s in sources}

@@ -1,0 +1,2 @@
+"""The retrieval database: chunk store, embedders, Faiss index, neighbour search, the stages that build it,
+and its edits."""

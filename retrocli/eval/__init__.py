@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, generation with live retrieval, and scoring."""

@@ -1,0 +1,1 @@
+"""The Retro model: the architecture, readable top to bottom."""

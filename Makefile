@@ -52,18 +52,18 @@ $(PEER)/.installed:
 bench-train: install $(PEER)/.installed
 	$(BIN)/python benchmarks/bench_train.py --peer-python $(PEER)/bin/python
 
-# KV-cached decoding against recomputing the sequence for every token, same model and prompts (issue 5).
+# KV-cached decoding against recomputing the sequence for every token, same model and prompts.
 bench-generate: install
 	$(BIN)/python benchmarks/bench_generate.py
 
-# The one prepared script for a lent GPU (issue 9; docs/benchmarks.md says how to run it there): results.json and
+# The one prepared script for a lent GPU (docs/benchmarks.md says how to run it there): results.json and
 # summary.md in $$OUT or ./bench-gpu-out. No install step: the GPU machine's python3 already holds a CUDA torch
 # (and cannot reach a registry); here it uses the venv. `python benchmarks/bench_gpu.py --tiny` checks it on a CPU.
 BENCH_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 bench-gpu:
 	$(BENCH_PYTHON) benchmarks/bench_gpu.py
 
-# 10M synthetic chunk embeddings added and searched at 1M, 3M, 10M in < 4 GiB (issue 9): ~11 minutes on 2 cores.
+# 10M synthetic chunk embeddings added and searched at 1M, 3M, 10M in < 4 GiB: ~11 minutes on 2 cores.
 bench-scale: install
 	$(BIN)/python benchmarks/bench_scale.py
 

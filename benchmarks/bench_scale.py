@@ -1,6 +1,6 @@
 """`make bench-scale`: a database of 10 million synthetic chunk embeddings on 2 CPU cores, in bounded memory.
 
-How do adding and searching cost as the database grows (issue 9)? The script builds one Faiss index and
+How do adding and searching cost as the database grows? The script builds one Faiss index and
 grows it through the sizes asked (default 1M, 3M, 10M vectors), and at each size measures:
 
 - add rate: vectors/s of `add_with_ids` over this growth step (generation of the vectors not counted);

@@ -1,4 +1,4 @@
-"""Issue 7's demonstration on real data: does an answer follow the database when a fact in it is edited?
+"""Knowledge updates on real data: does an answer follow the database when a fact in it is edited?
 
 For N SQuAD questions (the shared held-out slice, which SFT never saw) whose answer appears in their
 paragraph, the question is asked with the database as the context source (`generate.contexts =

@@ -1,4 +1,4 @@
-"""Bad input never crashes with a traceback (issue 8): property-based tests over what users hand to `retro`.
+"""Bad input never crashes with a traceback: property-based tests over what users hand to `retro`.
 
 Workspace TOML values and text, corpus files, QA and prediction files, drawn by hypothesis: each bad input gives
 a UserError whose message names the file or the key (exit code 2 from the CLI, no traceback), or is skipped and

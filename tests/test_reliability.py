@@ -1,4 +1,4 @@
-"""Issue 8: a kill anywhere in `db build` resumes to the same files; damaged artefacts are found and made again
+"""A kill anywhere in `db build` resumes to the same files; damaged artefacts are found and made again
 (by size on every build, by checksum and recomputation in `db verify`); one writer per workspace, with stale
 locks cleared; a full disk fails cleanly with the previous artefacts intact."""
 

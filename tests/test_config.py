@@ -148,3 +148,17 @@ def test_launch_becomes_torchrun_options(tmp_path: Path):
 def test_db_num_neighbors_was_a_key_nothing_read_and_now_says_where_k_is_set(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"unknown key 'db.num_neighbors'.*moved to model.num_neighbors"):
         load_config(write_toml(tmp_path / "old.toml", {"db": {"num_neighbors": 4}}))
+
+
+def test_a_value_outside_its_choices_is_named_with_the_nearest_choice(tmp_path: Path):
+    """Each key with a fixed set of values declares them once (its `choices`): the file, --set and every
+    [[sft.blend]] entry are checked against them, and a near miss gets a suggestion."""
+    toml = tmp_path / "retro.toml"
+    toml.write_text('[model]\nnorm = "rmsnrom"\n[[sft.blend]]\nname = "a"\npath = "a.json"\nformat = "squadd"\n')
+    with pytest.raises(UserError) as e:
+        load_config(toml, ['reproduce.contexts=["file", "web"]', "pretrain.precision=fp16"])
+    msg = str(e.value)
+    assert f"model.norm must be 'layernorm' or 'rmsnorm', got 'rmsnrom' (did you mean 'rmsnorm'?) (in {toml})" in msg
+    assert "sft.blend[0].format must be 'squad', " in msg and "(did you mean 'squad'?)" in msg
+    assert "reproduce.contexts must be 'file', 'database' or 'none', got 'web' (given by --set)" in msg
+    assert "pretrain.precision must be 'fp32' or 'bf16', got 'fp16'" in msg

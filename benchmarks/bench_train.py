@@ -3,11 +3,12 @@ retro-pytorch at the same shape, side by side in one run.
 
 Each model runs in its own process (the peer in its own venv, `--peer-python`), in interleaved rounds, so
 a noisy neighbour on the machine slows all three alike; the figure per model is the median step time over
-all rounds. A step is forward, next-token loss, backward and an AdamW update on random tokens and random
-(never padding) neighbours: the data pipeline is not measured.
+all rounds. A step is forward, next-token loss (ours: the one training computes, `train.loop.batch_nll` over
+the target tokens), backward and an AdamW update on random tokens and random (never padding) neighbours: the
+data pipeline is not measured.
 
 Reported per model: tokens/s, model FLOPs per step and achieved model FLOP/s. Model FLOPs are the same
-formula for all three (`RetroModel.flops_per_sequence` x 3 for forward + backward: decoder, LM head, the
+formula for all three (`model.flops.flops_per_sequence` x 3 for forward + backward: decoder, LM head, the
 encoder over k*r neighbour tokens per chunk, its cross-attention to the chunk, and every CCA layer), so
 the FLOP/s ratio says how efficiently each implementation runs the same arithmetic. The decoder's causal
 self-attention is counted in full (PaLM's convention) and also at the n(n+1)/2 pairs a causal kernel
@@ -52,8 +53,11 @@ def megatron_retro_layers(layers: int) -> list[int]:
 
 
 def build_ours(a, retro: bool):
+    import torch
+
     from retrocli.config import ModelConfig
-    from retrocli.model.retro import RetroModel, lm_loss
+    from retrocli.model.retro import RetroModel
+    from retrocli.train.loop import batch_nll
 
     cfg = ModelConfig(layers=a.layers, hidden=a.hidden, heads=a.heads, seq_length=a.seq,
                       retro_layers=megatron_retro_layers(a.layers) if retro else [], encoder_layers=2,
@@ -61,8 +65,11 @@ def build_ours(a, retro: bool):
     cfg.vocab_size = a.vocab
     model = RetroModel(cfg, a.chunk, pad_id=0)
 
-    def loss_of(tokens, neighbours):
-        return lm_loss(model(tokens[:, :-1], neighbours if retro else None), tokens[:, 1:])
+    def loss_of(tokens, neighbours):  # the loss training computes: masked NLL sum / target tokens
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        batch = {"tokens": inputs, "targets": targets, "neighbours": neighbours if retro else None,
+                 "loss_mask": torch.ones(targets.shape)}
+        return batch_nll(model, batch) / targets.numel()
 
     return model, loss_of
 
@@ -131,6 +138,7 @@ def worker(a) -> dict:
 def model_flops_per_step(a, retro: bool, causal_full: bool = True) -> int:
     sys.path.insert(0, str(REPO))
     from retrocli.config import ModelConfig
+    from retrocli.model.flops import flops_per_sequence
     from retrocli.model.retro import RetroModel
 
     cfg = ModelConfig(layers=a.layers, hidden=a.hidden, heads=a.heads, seq_length=a.seq,
@@ -138,7 +146,7 @@ def model_flops_per_step(a, retro: bool, causal_full: bool = True) -> int:
                       num_neighbors=a.k, retrieved_length=2 * a.chunk)
     cfg.vocab_size = a.vocab
     model = RetroModel(cfg, a.chunk)
-    return 3 * a.batch * model.flops_per_sequence(a.seq, retrieval=retro, causal_full=causal_full)
+    return 3 * a.batch * flops_per_sequence(model, a.seq, retrieval=retro, causal_full=causal_full)
 
 
 def run_worker(a, name: str, python: str) -> dict:

@@ -615,6 +615,9 @@ def validate(cfg: Config) -> None:
         p.append(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 < m.rotary_percent <= 1.0:
         p.append(f"model.rotary_percent must be in (0, 1], got {m.rotary_percent}")
+    elif m.position == "rope" and m.heads >= 1 and int(m.hidden // m.heads * m.rotary_percent) // 2 * 2 == 0:
+        p.append(f"model.rotary_percent {m.rotary_percent} rotates no dimension of a head of size "
+                 f"{m.hidden // m.heads} (model.hidden / model.heads)")
     if m.retro_layers is not None and any(not 1 <= i <= m.layers for i in m.retro_layers):
         p.append(f"model.retro_layers {m.retro_layers} must lie in 1..{m.layers} (model.layers)")
     if m.num_neighbors > d.num_neighbors_query:

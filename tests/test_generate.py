@@ -13,7 +13,8 @@ import torch
 
 from retrocli.config import ModelConfig
 from retrocli.eval.generate import Decoding, generate, pick_next
-from retrocli.model.retro import DecodeCache, RetroModel
+from retrocli.model.decode import DecodeCache
+from retrocli.model.retro import RetroModel
 
 from .conftest import cli_in_process, run_cli
 from .test_sft import sft_workspace

@@ -7,10 +7,14 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from retrocli.config import ModelConfig
-from retrocli.model.retro import RetroModel, lm_loss, resolve_retro_layers
+from retrocli.config import ModelConfig, config_from_dict
+from retrocli.errors import UserError
+from retrocli.model.flops import flops_per_sequence
+from retrocli.model.retro import RetroModel, resolve_retro_layers
+from retrocli.train.loop import token_nll
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,6 +39,14 @@ def batch(b: int, n: int, k: int = 2, r: int = 2 * M, seed: int = 1) -> tuple[to
     tokens = torch.randint(1, V, (b, n), generator=g)
     neighbours = torch.randint(1, V, (b, -(-n // M), k, r), generator=g)  # no padding (pad_id 0)
     return tokens, neighbours
+
+
+def training_loss(model: RetroModel, inputs: torch.Tensor, targets: torch.Tensor,
+                  neighbours: torch.Tensor | None) -> torch.Tensor:
+    """(b, n) next-token losses as training computes them (train.loop.token_nll), every target counted."""
+    batch = {"tokens": inputs, "targets": targets, "neighbours": neighbours,
+             "loss_mask": torch.ones(targets.shape)}
+    return token_nll(model, batch)
 
 
 VARIANTS = [
@@ -70,8 +82,21 @@ def test_default_retro_layers() -> None:
     assert resolve_retro_layers(ModelConfig(layers=4)) == [4]
     assert resolve_retro_layers(ModelConfig(layers=4, retro_layers=[])) == []
     assert resolve_retro_layers(ModelConfig(layers=4, retro_layers=[3, 1])) == [1, 3]
-    with pytest.raises(ValueError, match="1..4"):
-        resolve_retro_layers(ModelConfig(layers=4, retro_layers=[5]))
+
+
+@pytest.mark.parametrize("model, needle", [
+    ({"layers": 4, "retro_layers": [5]}, "model.retro_layers [5] must lie in 1..4 (model.layers)"),
+    ({"hidden": 8, "heads": 4, "rotary_percent": 0.4}, "model.rotary_percent 0.4 rotates no dimension of a head"),
+])
+def test_the_config_checks_what_the_model_relies_on(model: dict, needle: str) -> None:
+    """The [model] values are checked in one place, config.validate; the model trusts its ModelConfig."""
+    with pytest.raises(UserError) as e:
+        config_from_dict({"model": model})
+    assert needle in str(e.value)
+
+
+def test_rotary_percent_is_not_checked_without_rope() -> None:
+    config_from_dict({"model": {"hidden": 8, "heads": 4, "rotary_percent": 0.4, "position": "learned"}})
 
 
 @pytest.mark.parametrize("changes", VARIANTS[:2])
@@ -149,7 +174,7 @@ def test_padding_neighbours() -> None:
     model.train()
     padded = neighbours.clone()
     padded[:, 1:3] = 0
-    lm_loss(model(tokens, padded), tokens).backward()
+    F.cross_entropy(model(tokens, padded).flatten(0, 1), tokens.flatten()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -161,7 +186,7 @@ def test_overfits_one_batch() -> None:
     neighbours = neighbours[:, :4]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(300):  # noqa: B007 (reported on failure)
-        loss = lm_loss(model(inputs, neighbours), targets)
+        loss = training_loss(model, inputs, targets, neighbours).mean()
         if loss.item() < 0.1:
             break
         opt.zero_grad()
@@ -188,13 +213,13 @@ def copy_task_loss(retro_layers: list[int], steps: int = 120) -> float:
 
     for _ in range(steps):
         inputs, targets, neighbours = batch(32)
-        loss = lm_loss(model(inputs, neighbours), targets)
+        loss = training_loss(model, inputs, targets, neighbours).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     inputs, targets, neighbours = batch(256)
     with torch.no_grad():
-        return lm_loss(model(inputs, neighbours)[:, m - 1 :], targets[:, m - 1 :]).item()
+        return training_loss(model, inputs, targets, neighbours)[:, m - 1 :].mean().item()
 
 
 def test_retro_learns_to_copy_the_continuation_from_its_neighbour() -> None:
@@ -205,14 +230,19 @@ def test_retro_learns_to_copy_the_continuation_from_its_neighbour() -> None:
     assert copy_task_loss([2]) < 0.5
 
 
-def test_loss_mask() -> None:
-    logits = torch.randn(2, 5, V)
+def test_training_loss_counts_only_masked_targets() -> None:
+    """The model's logits as training scores them: cross-entropy per target, 0 where loss_mask is 0 (SFT: 1 on
+    the answer and its EOS only)."""
+    model = build(tiny(), double=False)
+    tokens, neighbours = batch(2, 5)
     targets = torch.randint(0, V, (2, 5))
     mask = torch.zeros(2, 5)
     mask[0, 2] = 1
-    expected = torch.nn.functional.cross_entropy(logits[0, 2:3], targets[0, 2:3])
-    torch.testing.assert_close(lm_loss(logits, targets, mask), expected)
-    assert lm_loss(logits, targets, torch.zeros(2, 5)).item() == 0.0
+    with torch.no_grad():
+        losses = token_nll(model, {"tokens": tokens, "targets": targets, "neighbours": neighbours, "loss_mask": mask})
+        expected = F.cross_entropy(model(tokens, neighbours)[0, 2:3], targets[0, 2:3])
+    torch.testing.assert_close(losses[0, 2], expected)
+    assert losses.count_nonzero() == 1
 
 
 @pytest.mark.parametrize("changes", [{"retro_layers": []}, {}, {"mlp": "swiglu"}])
@@ -233,9 +263,9 @@ def test_flops_match_a_count_of_the_forward(changes: dict, monkeypatch: pytest.M
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(tokens, neighbours)
-    assert model.flops_per_sequence(n) * b == counter.get_total_flops() + sum(attention_flops)
+    assert flops_per_sequence(model, n) * b == counter.get_total_flops() + sum(attention_flops)
     # a causal kernel computes n(n+1)/2 of the n*n (query, key) pairs of each decoder layer: QK^T and AV
     skipped = model.cfg.layers * 2 * 2 * model.cfg.hidden * (n * n - n * (n + 1) // 2)
-    assert model.flops_per_sequence(n, causal_full=False) == model.flops_per_sequence(n) - skipped
+    assert flops_per_sequence(model, n, causal_full=False) == flops_per_sequence(model, n) - skipped
     if model.retro_layers:
-        assert model.flops_per_sequence(n, retrieval=False) < model.flops_per_sequence(n)
+        assert flops_per_sequence(model, n, retrieval=False) < flops_per_sequence(model, n)

@@ -33,7 +33,8 @@ from ..data.qa import Record, detect_format, fit_prompt, read_records
 from ..db.database import Retriever, describe_hits, open_store, open_tokenizer, retrieve_neighbours, workspace_of
 from ..db.store import ChunkStore
 from ..errors import UserError
-from ..model.retro import DecodeCache, RetroModel
+from ..model.decode import DecodeCache
+from ..model.retro import RetroModel
 from ..runtime import dist, fault_point, log, progress, set_kept_note
 from ..train.loop import autocast, device_for_rank
 from ..train.pretrain import run_dir

@@ -1,8 +1,11 @@
 """The RETRO model: a GPT decoder with chunked cross-attention (CCA) to an encoder of retrieved neighbours.
 
-Architecture only: no I/O, no tokenizer, no distributed code. The file reads top to bottom: norms, rotary
-embeddings, attention, MLP, decoder layer, chunked cross-attention, retrieval encoder, model, the decoding
-cache (KV cache and retrieval state for one-token steps), loss.
+Architecture only: no I/O, no tokenizer, no distributed code, no loss. The file reads top to bottom: the
+shape derived from the config, the decoding cache as the model sees it, norms, rotary embeddings, attention,
+MLP, chunked cross-attention, decoder layer, retrieval encoder, model. Beside it: decode.py, the cache a
+generator hands to `forward` and `step` (the model only calls it); flops.py, the model FLOPs behind MFU.
+The [model] values are checked once, by config.validate, with every problem named at once; the model
+trusts the ModelConfig it is given.
 
 Axis legend used in every shape comment and einops pattern:
     b batch            l chunks per sequence (ceil(n / m))    k neighbours per chunk
@@ -20,6 +23,7 @@ positions from the last token of chunk i onward.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +34,9 @@ from ..config import ModelConfig
 
 
 def resolve_retro_layers(cfg: ModelConfig) -> list[int]:
-    """The 1-based decoder layers that carry CCA. `None`: Megatron's rule, at least one layer; `[]`: plain GPT."""
+    """The 1-based decoder layers that carry CCA. `None`: Megatron's rule, at least one layer; `[]`: plain GPT.
+    (config.validate checks that listed layers lie in 1..model.layers.)"""
     if cfg.retro_layers is not None:
-        bad = [i for i in cfg.retro_layers if not 1 <= i <= cfg.layers]
-        if bad:
-            raise ValueError(f"model.retro_layers {cfg.retro_layers} must lie in 1..{cfg.layers} (model.layers)")
         return sorted(set(cfg.retro_layers))
     default = list(range(6 if cfg.layers <= 15 else 9, cfg.layers + 1, 3))
     return default or [cfg.layers]  # small models: CCA in the last layer rather than nowhere
@@ -47,6 +49,34 @@ def ffn_width(cfg: ModelConfig) -> int:
     if cfg.mlp == "swiglu":
         return 64 * math.ceil(int(8 * cfg.hidden / 3) / 64)
     return 4 * cfg.hidden
+
+
+# -------------------------------------------------------------------------- decoding cache, as the model sees it
+
+
+class KVCache(Protocol):
+    """One decoder layer's slots in a decoding cache (decode.LayerCache)."""
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """New keys and values (b, h, s, e) -> all so far (b, h, t, e) and the key mask (b, t) or None."""
+        ...
+
+
+class Cache(Protocol):
+    """What `forward` (the prefill) and `step` read and call of a decoding cache (decode.DecodeCache)."""
+
+    positions: Tensor  # (b,) the position each row's next token takes
+    chunk_states: Tensor  # (b, m, d) first CCA layer's inputs over each row's current chunk
+    encoded: Tensor  # (b, k, r, d) encoded neighbours of the chunk whose CCA block the next position is in
+    encoded_mask: Tensor  # (b, k, r)
+
+    def layer(self, index: int) -> KVCache: ...
+    def begin_prefill(self, n: int) -> None: ...
+    def keep_retrieval_state(self, x: Tensor, encoded: Tensor, encoded_mask: Tensor) -> None: ...
+    def open_slot(self) -> None: ...
+    def keep_chunk_state(self, x: Tensor) -> Tensor: ...
+    def keep_encoded(self, rows: Tensor, encoded: Tensor, encoded_mask: Tensor) -> None: ...
+    def advance(self, n: int) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -67,9 +97,7 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, percent: float, base: float = 10000.0):
         super().__init__()
-        rot = int(head_dim * percent) // 2 * 2
-        if rot == 0:
-            raise ValueError(f"model.rotary_percent {percent} rotates no dimension of a head of size {head_dim}")
+        rot = int(head_dim * percent) // 2 * 2  # config.validate checks that this is not 0
         inv_freq = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)  # (rot/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # recomputed, never checkpointed
 
@@ -125,7 +153,7 @@ class Attention(nn.Module):
         causal: bool = False,
         key_mask: Tensor | None = None,
         zero_empty: bool = True,
-        kv: "LayerCache | None" = None,
+        kv: KVCache | None = None,
     ) -> Tensor:
         """x (b, s, d), context (b, t, d) or None -> (b, s, d). `rope` rotates the queries (cos, sin (s, rot),
         or (b, 1, s, rot) for per-row positions) and, unless `rope_k` (cos, sin (t, rot)) is given, the keys too.
@@ -200,7 +228,7 @@ class ChunkedCrossAttention(nn.Module):
     ) -> Tensor:
         """x (b, n, d) normed decoder states; encoded (b, l, k, r, d); encoded_mask (b, l, k, r);
         rope: cos, sin of the query positions (m, rot) and of the key positions (k*r, rot), or None -> (b, n, d).
-        Decoding (see DecodeCache): x (b, 1, d), encoded (b, k, r, d) and encoded_mask (b, k, r) of the block
+        Decoding (see decode.DecodeCache): x (b, 1, d), encoded (b, k, r, d) and encoded_mask (b, k, r) of the block
         each row's position is in, query rope (b, 1, 1, rot) -> (b, 1, d)."""
         rope_q, rope_k = (None, None) if rope is None else (rope[:2], rope[2:])
         if encoded.dim() == 4:  # decoding: x (b, 1, d), one position per row; encoded (b, k, r, d) of its block
@@ -242,10 +270,10 @@ class DecoderLayer(nn.Module):
         encoded: Tensor | None = None,
         encoded_mask: Tensor | None = None,
         cca_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-        kv: "LayerCache | None" = None,
+        kv: KVCache | None = None,
     ) -> Tensor:
         """x (b, n, d) -> (b, n, d). Without `encoded` the CCA contributes exactly nothing (the gate is off).
-        `kv`: this layer's decoding cache (DecodeCache.layer)."""
+        `kv`: this layer's decoding cache (Cache.layer)."""
         x = x + self.drop(self.attn(self.norm_attn(x), rope=rope, causal=True, kv=kv))
         if self.cca is not None and encoded is not None:
             x = x + self.drop(self.cca(self.norm_cca(x), encoded, encoded_mask, cca_rope))
@@ -329,24 +357,14 @@ class RetroModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, chunk_length: int, pad_id: int = 0):
         super().__init__()
-        if cfg.vocab_size <= 0:
+        if cfg.vocab_size <= 0:  # 0 is valid in a config ("from the tokenizer"): the caller resolves it first
             raise ValueError(f"model.vocab_size must be resolved (> 0) before building the model, got {cfg.vocab_size}")
-        if cfg.hidden % cfg.heads:
-            raise ValueError(f"model.hidden ({cfg.hidden}) must be divisible by model.heads ({cfg.heads})")
-        if chunk_length < 1:
-            raise ValueError(f"chunk_length must be positive, got {chunk_length}")
-        choices = {"position": ("rope", "learned"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
-        for key, allowed in choices.items():
-            if getattr(cfg, key) not in allowed:
-                raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
         self.cfg = cfg
         self.chunk_length = chunk_length
         self.pad_id = pad_id
         self.retro_layers = resolve_retro_layers(cfg)
         self.retrieved_length = cfg.retrieved_length or 2 * chunk_length
         self.cca_gate_off = False  # True: encoder ablation, the model runs as the plain GPT inside it
-        if self.retro_layers and cfg.encoder_layers < 1:
-            raise ValueError(f"model.encoder_layers must be at least 1 for a Retro model, got {cfg.encoder_layers}")
 
         d = cfg.hidden
         self.embed = nn.Embedding(cfg.vocab_size, d)  # shared by decoder, neighbours and the (tied) LM head
@@ -393,7 +411,7 @@ class RetroModel(nn.Module):
         return cos_q, sin_q, cos_k, sin_k
 
     def forward(self, tokens: Tensor, neighbours: Tensor | None = None, *, retrieval: bool = True,
-                cache: "DecodeCache | None" = None) -> Tensor:
+                cache: Cache | None = None) -> Tensor:
         """tokens (b, n) and neighbours (b, l, k, r) with l = ceil(n / m), or None -> logits (b, n, v).
 
         n need not be a multiple of m. Neighbours are ignored by a plain GPT and when retrieval is off.
@@ -434,7 +452,7 @@ class RetroModel(nn.Module):
         return F.linear(x, self.embed.weight)  # tied LM head: (b, n, v)
 
     @torch.no_grad()
-    def step(self, tokens: Tensor, cache: "DecodeCache", neighbours: Tensor | None = None) -> Tensor:
+    def step(self, tokens: Tensor, cache: Cache, neighbours: Tensor | None = None) -> Tensor:
         """One new token per row, tokens (b,) at positions cache.positions -> logits (b, v), cache advanced.
 
         neighbours (b, k, r): for the rows whose new token completes a chunk ((position + 1) % m == 0), the
@@ -445,7 +463,7 @@ class RetroModel(nn.Module):
         m, pos = self.chunk_length, cache.positions  # (b,)
         x = self.embed(tokens)[:, None]  # (b, 1, d)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(pos)[:, None]
+            x = x + self.pos_embed(pos)[:, None]  # (b, 1, d)
         rope = None if self.rotary is None else tuple(t[:, None, None] for t in self.rotary(pos))  # (b, 1, 1, rot)
         use_retrieval = not self.cca_gate_off and self.encoder is not None and neighbours is not None
         cca_rope = None
@@ -453,7 +471,7 @@ class RetroModel(nn.Module):
             # the query sits at m + j in its neighbours' frame, j its offset in the CCA block (see CCA)
             cos_q, sin_q = self.rotary(m + (pos - (m - 1)) % m)  # (b, rot)
             cos_k, sin_k = self._cca_rope(*neighbours.shape[1:], x.device)[2:]  # (k*r, rot)
-            cca_rope = (cos_q[:, None, None], sin_q[:, None, None], cos_k, sin_k)
+            cca_rope = (cos_q[:, None, None], sin_q[:, None, None], cos_k, sin_k)  # queries (b, 1, 1, rot)
         cache.open_slot()
         for i, layer in enumerate(self.layers):
             if use_retrieval and i + 1 == self.retro_layers[0]:
@@ -463,162 +481,15 @@ class RetroModel(nn.Module):
         cache.advance(1)
         return F.linear(self.norm(x[:, 0]), self.embed.weight)  # (b, v)
 
-    def _encode_completed_chunks(self, x: Tensor, cache: "DecodeCache", neighbours: Tensor) -> None:
-        """x (b, 1, d) entering the first CCA layer. Keep it as its row's chunk state; where it is the chunk's
-        last position, encode that chunk's neighbours (b', k, r) against the chunk's m states."""
-        m, pos = self.chunk_length, cache.positions
-        rows = torch.arange(x.shape[0], device=x.device)
-        cache.chunk_states[rows, pos % m] = x[:, 0].to(cache.chunk_states.dtype)
-        done = torch.nonzero((pos + 1) % m == 0).flatten()
+    def _encode_completed_chunks(self, x: Tensor, cache: Cache, neighbours: Tensor) -> None:
+        """x (b, 1, d) entering the first CCA layer, kept by the cache as its row's chunk state. Where it is the
+        chunk's last position, encode that chunk's neighbours (b', k, r) against the chunk's m states."""
+        done = cache.keep_chunk_state(x)  # (b',) the rows whose new token completes a chunk
         if len(done) == 0:
             return
         chosen = neighbours[done]  # (b', k, r)
         mask = chosen != self.pad_id
-        encoded = self.encoder(self._embed(chosen)[:, None], mask[:, None], cache.chunk_states[done].to(x.dtype),
-                               self._rope(chosen.shape[-1], x.device))  # (b', 1, k, r, d)
-        cache.encoded[done] = encoded[:, 0].to(cache.encoded.dtype)
-        cache.encoded_mask[done] = mask
-
-    def flops_per_sequence(self, n: int, retrieval: bool = True, causal_full: bool = True) -> int:
-        """Forward matmul FLOPs (2 per multiply-add) for one sequence of n tokens; x3 for forward + backward.
-
-        Counts every linear layer, attention scores and weighted values, the LM head, and with retrieval the
-        encoder over l*k*r neighbour tokens (k = model.num_neighbors, r = retrieved_length) and every CCA
-        layer over l*m query positions. Decoder self-attention counts all n*n (query, key) pairs, as PaLM's
-        MFU formula does, or with `causal_full=False` only the n(n+1)/2 a causal kernel computes.
-        Norms, softmax, activations and embedding lookups are not counted.
-        """
-        cfg, m = self.cfg, self.chunk_length
-        d, f, v = cfg.hidden, ffn_width(cfg), cfg.vocab_size
-
-        def linear(tokens: int, d_in: int, d_out: int) -> int:
-            return 2 * tokens * d_in * d_out
-
-        def attention(queries: int, keys: int, pairs: int) -> int:
-            # q and out projections, fused k/v projection, then QK^T and AV over `pairs` (query, key) pairs
-            return 2 * linear(queries, d, d) + linear(keys, d, 2 * d) + 2 * 2 * pairs * d
-
-        def mlp(tokens: int) -> int:
-            return (3 if cfg.mlp == "swiglu" else 2) * linear(tokens, d, f)
-
-        pairs = n * n if causal_full else n * (n + 1) // 2
-        total = cfg.layers * (attention(n, n, pairs) + mlp(n)) + linear(n, d, v)
-        if retrieval and self.retro_layers:
-            l, k, r = math.ceil(n / m), cfg.num_neighbors, self.retrieved_length
-            t = l * k * r  # neighbour tokens per sequence
-            total += cfg.encoder_layers * (attention(t, t, l * k * r * r) + mlp(t))
-            total += attention(t, l * m, t * m)  # the first encoder layer's cross-attention to its chunk
-            total += len(self.retro_layers) * attention(l * m, t, l * m * k * r)
-        return total
-
-
-# ---------------------------------------------------------------------------------- incremental decoding
-
-
-class LayerCache:
-    """One decoder layer's view of a DecodeCache."""
-
-    def __init__(self, cache: "DecodeCache", index: int):
-        self.cache, self.index = cache, index
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Store new keys and values k, v (b, h, s, e) in the open slots -> every key and value so far
-        (b, h, t, e) and the key mask (b, t) (None in a prefill, where every slot is a real token)."""
-        c = self.cache
-        s, end = k.shape[-2], c.length + k.shape[-2]
-        if s > 1 and c.length:
-            raise ValueError("a decoding cache takes several tokens only as its first (prefill) call")
-        c.keys[self.index, :, :, c.length : end] = k.to(c.keys.dtype)
-        c.values[self.index, :, :, c.length : end] = v.to(c.values.dtype)
-        keys, values = c.keys[self.index, :, :, :end].to(k.dtype), c.values[self.index, :, :, :end].to(v.dtype)
-        return keys, values, (None if s > 1 else c.valid[:, :end])
-
-
-class DecodeCache:
-    """What a generator keeps between decoding steps for a batch of b rows, left-padded to a common length.
-
-    keys, values (layers, b, h, capacity, e): every decoder layer's self-attention keys and values, filled in
-    slots [0, length); valid (b, capacity): the slots that hold a row's tokens (row i's tokens fill
-    [length - its length, length)); positions (b,): the position the next token of each row takes.
-    Retrieval: chunk_states (b, m, d) the first CCA layer's inputs at the positions of each row's current
-    chunk; encoded (b, k, r, d) and encoded_mask (b, k, r) the encoded neighbours of the chunk whose CCA block
-    the next position is in (all masked before the first chunk completes).
-
-    Filled by `model(tokens, neighbours, cache=DecodeCache(model, b, capacity))` (the prefill of b rows of
-    equal length), rows of different lengths joined by `DecodeCache.left_padded`, then one `model.step` per
-    new token.
-    """
-
-    def __init__(self, model: RetroModel, batch: int, capacity: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        cfg = model.cfg
-        h, e = cfg.heads, cfg.hidden // cfg.heads
-        m, k, r = model.chunk_length, cfg.num_neighbors, model.retrieved_length
-        self.capacity, self.length = capacity, 0
-        self.keys = torch.zeros(cfg.layers, batch, h, capacity, e, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.chunk_states = torch.zeros(batch, m, cfg.hidden, device=device, dtype=dtype)
-        self.encoded = torch.zeros(batch, k, r, cfg.hidden, device=device, dtype=dtype)
-        self.encoded_mask = torch.zeros(batch, k, r, dtype=torch.bool, device=device)
-
-    def layer(self, index: int) -> LayerCache:
-        return LayerCache(self, index)
-
-    def begin_prefill(self, n: int) -> None:
-        if self.length:
-            raise ValueError("the prefill needs an empty cache")
-        if n > self.capacity:
-            raise ValueError(f"{n} prompt tokens exceed the cache's capacity of {self.capacity}")
-        self.valid[:, :n] = True
-
-    def open_slot(self) -> None:
-        if self.length >= self.capacity:
-            raise ValueError(f"the decoding cache is full ({self.capacity} tokens)")
-        self.valid[:, self.length] = True
-
-    def advance(self, n: int) -> None:
-        self.length += n
-        self.positions += n
-
-    def keep_retrieval_state(self, x: Tensor, encoded: Tensor, encoded_mask: Tensor) -> None:
-        """In a prefill of n tokens: x (b, n, d) entering the first CCA layer, encoded (b, l, k, r, d).
-        Keep the states of the chunk position n falls in, and the encoded chunk whose block position n is in
-        (chunk (n - m) // m; a chunk completed by position n itself is encoded by that step)."""
-        n, m = x.shape[1], self.chunk_states.shape[1]
-        start = n // m * m
-        self.chunk_states[:, : n - start] = x[:, start:].to(self.chunk_states.dtype)
-        if n >= m:
-            self.encoded[:] = encoded[:, (n - m) // m].to(self.encoded.dtype)
-            self.encoded_mask[:] = encoded_mask[:, (n - m) // m]
-
-    @classmethod
-    def left_padded(cls, model: RetroModel, rows: list["DecodeCache"], capacity: int) -> "DecodeCache":
-        """One cache for the rows (each a one-row prefilled cache), their slots right-aligned."""
-        first = rows[0]
-        out = cls(model, len(rows), capacity, first.keys.device, first.keys.dtype)
-        out.length = max(r.length for r in rows)
-        if out.length > capacity:
-            raise ValueError(f"{out.length} prompt tokens exceed the cache's capacity of {capacity}")
-        for i, r in enumerate(rows):
-            lo = out.length - r.length
-            out.keys[:, i, :, lo : out.length] = r.keys[:, 0, :, : r.length]
-            out.values[:, i, :, lo : out.length] = r.values[:, 0, :, : r.length]
-            out.valid[i, lo : out.length] = True
-            out.positions[i] = r.positions[0]
-            out.chunk_states[i], out.encoded[i] = r.chunk_states[0], r.encoded[0]
-            out.encoded_mask[i] = r.encoded_mask[0]
-        return out
-
-
-def lm_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> Tensor:
-    """Mean next-token cross-entropy in fp32. logits (b, n, v), targets (b, n); loss_mask (b, n) weights
-    positions (SFT: 1 on the answer and its EOS only), and an all-zero mask gives 0 rather than NaN."""
-    losses = F.cross_entropy(
-        rearrange(logits, "b n v -> (b n) v").float(), rearrange(targets, "b n -> (b n)"), reduction="none"
-    )  # ((b n),)
-    if loss_mask is None:
-        return losses.mean()
-    weights = rearrange(loss_mask, "b n -> (b n)").to(losses.dtype)
-    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+        h = rearrange(self._embed(chosen), "b k r d -> b 1 k r d")  # one chunk per row: l = 1
+        states = cache.chunk_states[done].to(x.dtype)  # (b', m, d)
+        encoded = self.encoder(h, rearrange(mask, "b k r -> b 1 k r"), states, self._rope(chosen.shape[-1], x.device))
+        cache.keep_encoded(done, rearrange(encoded, "b 1 k r d -> b k r d"), mask)

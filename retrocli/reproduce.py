@@ -35,12 +35,11 @@ from .db import database
 from .db import edit as edits
 from .db.database import open_tokenizer, workspace_of
 from .errors import UserError
-from .eval.ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint
+from .eval.ppl import checkpoint_token_losses, paired_difference
 from .eval.score import read_predictions, score
 from .runtime import Interrupted, console, log, run_child, set_kept_note
 from .train import checkpoint
 from .train.loop import TrainSettings
-from .train.pretrain import run_dir
 from .workspace import Workspace, write_json_atomic, write_text_atomic
 
 GPT = ["--set", 'pretrain.run="gpt"', "--set", "model.retro_layers=[]"]
@@ -59,7 +58,7 @@ class Reproduction:
         self.source, self.sets = source.resolve(), list(sets)
         self.cfg: Config = load_config(self.source, sets)
         self.ws: Workspace = workspace_of(self.cfg)
-        self.results_path = self.ws.root / "reproduce" / "results.json"
+        self.results_path = self.ws.reproduce_results
         previous = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
         self.results: dict[str, Any] = {"recipe": str(self.source), "sets": self.sets,
                                         "stages": previous.get("stages", {}), "results": previous.get("results", {})}
@@ -75,7 +74,7 @@ class Reproduction:
         steps = TrainSettings.from_section(section, cfg.workspace.seed, seq_length).train_steps
 
         def done() -> bool:
-            found = checkpoint.latest(run_dir(self.ws, run), announce=False)
+            found = checkpoint.latest(self.ws.run_dir(run), announce=False)
             return found is not None and checkpoint.read_meta(found).get("step", 0) >= steps
 
         return done
@@ -84,7 +83,7 @@ class Reproduction:
         """A ppl result is current when it was measured on the run's latest checkpoint."""
 
         def done() -> bool:
-            found = checkpoint.latest(run_dir(self.ws, run), announce=False)
+            found = checkpoint.latest(self.ws.run_dir(run), announce=False)
             return found is not None and self.results["results"].get(key, {}).get("checkpoint") == str(found)
 
         return done
@@ -96,7 +95,7 @@ class Reproduction:
             return []
         stem = Path(r.qa_task.removeprefix("builtin:")).name.split(".")[0]
         models = [self.cfg.sft.run] + (["sft-gpt"] if r.baseline else [])
-        return [(run, mode, self.ws.root / "generate" / f"{stem}.{mode}.{run}.jsonl")
+        return [(run, mode, self.ws.generate_dir / f"{stem}.{mode}.{run}.jsonl")
                 for run in models for mode in r.contexts]
 
     def stages(self) -> list[Stage]:
@@ -122,12 +121,12 @@ class Reproduction:
                             f"them, or set reproduce.sft = false")
         out.append(Stage("sft", ["sft"], self._trained(cfg.sft.run, cfg.sft, seq)))
         if r.baseline:
-            gpt_init = run_dir(self.ws, "gpt")
+            gpt_init = self.ws.run_dir("gpt")
             out.append(Stage("sft gpt", ["sft", *GPT, "--set", 'sft.run="sft-gpt"', "--set",
                                          f"sft.init_from={json.dumps(str(gpt_init))}", "--set", 'sft.neighbors="none"'],
                              self._trained("sft-gpt", cfg.sft, seq)))
         for run, mode, path in self.qa_outputs():
-            args = ["generate", r.qa_task, "--out", str(path), "--checkpoint", str(run_dir(self.ws, run)),
+            args = ["generate", r.qa_task, "--out", str(path), "--checkpoint", str(self.ws.run_dir(run)),
                     "--set", f'generate.contexts="{mode}"'] + (["--limit", str(r.qa_limit)] if r.qa_limit else [])
             out.append(Stage(f"generate {mode} {run}", args, path.is_file))
         return out
@@ -220,7 +219,7 @@ class Reproduction:
                     lines += ["| " + " | ".join(row) + " |" for row in cells] + [""]
                 for note in part["notes"]:
                     lines += [note, ""]
-        path = self.ws.root / "report.md"
+        path = self.ws.report
         write_text_atomic(path, "\n".join(lines))
         return path
 
@@ -235,7 +234,7 @@ class Reproduction:
             return None
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         for run, label, colour in [(self.cfg.pretrain.run, "Retro", "tab:blue"), ("gpt", "GPT", "tab:orange")]:
-            path = run_dir(self.ws, run) / "metrics.jsonl"
+            path = self.ws.run_dir(run) / "metrics.jsonl"
             if not path.is_file():
                 continue
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -255,7 +254,7 @@ class Reproduction:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        out = self.ws.root / "loss.png"
+        out = self.ws.loss_plot
         tmp = out.with_name(out.name + ".tmp.png")
         fig.savefig(tmp)
         plt.close(fig)
@@ -322,7 +321,7 @@ class Showcase:
                 "removed first")
             edits.remove(self.cfg, [FACT["id"]], [])
             before = self.search(texts)
-        path = (self.ws.root / "showcase" / "new-fact.jsonl").resolve()
+        path = (self.ws.showcase_dir / "new-fact.jsonl").resolve()
         write_text_atomic(path, json.dumps(FACT, ensure_ascii=False) + "\n")
         added = edits.add(self.cfg, [str(path)])
         after_add = self.search([FACT_QUERY])[0]
@@ -344,8 +343,8 @@ class Showcase:
         per-token loss difference against the first model with its standard error."""
         cfg, ws = self.cfg, self.ws
         tok = open_tokenizer(ws)
-        retro = resolve_checkpoint(ws, None, cfg.pretrain.run)
-        models = [("GPT", resolve_checkpoint(ws, None, "gpt"), False)] if cfg.reproduce.baseline else []
+        retro = checkpoint.resolve_checkpoint(ws, None, cfg.pretrain.run)
+        models = [("GPT", checkpoint.resolve_checkpoint(ws, None, "gpt"), False)] if cfg.reproduce.baseline else []
         models += [("Retro", retro, True), ("Retro", retro, False)]
         losses = [checkpoint_token_losses(cfg, ws, tok, path, retrieval)[0] for _, path, retrieval in models]
         rows = []

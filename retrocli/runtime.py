@@ -1,15 +1,20 @@
-"""Process-level plumbing shared by every stage: the distributed context (one process or torchrun),
-console output and progress bars (rank 0 alone draws them)."""
+"""Process-level plumbing shared by every stage: the distributed context (one process or torchrun), the
+device and autocast of a rank, console output and progress bars (rank 0 alone draws them).
+
+torch is imported inside the functions that need it, so that commands which never touch a model (`retro
+config`, `retro score`) start without it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +27,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -68,6 +77,78 @@ def dist() -> Dist:
         else:
             _DIST = Dist()
     return _DIST
+
+
+def all_sum(values: Sequence[float], device: "torch.device") -> list[float]:
+    """Sum numbers over ranks (float64)."""
+    import torch
+
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist().world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------- device / autocast
+
+
+def device_for_rank() -> "torch.device":
+    """This rank's GPU (LOCAL_RANK) where there are GPUs, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist().local_rank)
+    return torch.device("cpu")
+
+
+def to_device(batch: "dict[str, np.ndarray]", device: "torch.device") -> "dict[str, torch.Tensor]":
+    import numpy as np
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def autocast(device: "torch.device", precision: str):
+    """The autocast context of `precision` ('fp32': none; 'bf16': bfloat16, with a warning once where a CPU
+    would emulate it)."""
+    import torch
+
+    if precision == "bf16":
+        if device.type == "cpu":
+            _warn_slow_cpu_bf16()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def cpu_flags() -> set[str] | None:
+    """The words of /proc/cpuinfo (its flags among them), or None where there is none (not Linux)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
+    except OSError:
+        return None
+
+
+def cpu_has_fast_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (x86 AVX-512 BF16 / AMX, Arm bf16); else torch emulates it, slower
+    than fp32. None where it cannot be told (no /proc/cpuinfo): false as a condition, so callers that want
+    bf16 only where it is known to be fast read it as no."""
+    flags = cpu_flags()
+    if flags is None:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def _warn_slow_cpu_bf16() -> None:
+    """Once per process: bf16 on a CPU without bf16 instructions is emulated, far slower than fp32 (a
+    training step of recipes/gpu-small.toml's model took over 10x as long on AMD EPYC Zen 3 cores)."""
+    if cpu_has_fast_bf16() is False:
+        warn("precision 'bf16' on a CPU without bf16 instructions is emulated and much slower than fp32: "
+             "set precision = \"fp32\" for CPU runs")
 
 
 def relaunch_under_torchrun(launch, argv: list[str]) -> None:

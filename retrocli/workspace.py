@@ -1,12 +1,21 @@
-"""Every artefact path of a workspace, its metadata files, and atomic writes.
+"""The artefact paths of a workspace, its metadata files, and atomic writes.
 
-Layout (one folder per stage; each has a `meta.json` saying what made it):
+Layout (one folder per database stage; each has a `meta.json` saying what made it):
 
     <workspace>/db/tokenizer/   tokenizer.model                       (or a reference to a loaded one)
     <workspace>/db/chunks/      tokens.npy docs.npy chunks.npy docs.jsonl
     <workspace>/db/embed/       block-000000.npy ...                  (float16, one file per block)
     <workspace>/db/index/       index.faiss
     <workspace>/db/neighbours/  block-000000.npy ...                  (int64 chunk ids, -1 = none)
+    <workspace>/checkpoints/RUN/  step-NNNNNN/ metrics.jsonl          (a training run: pretrain.run, sft.run)
+    <workspace>/ppl/            RUN-STEP-DATA-MODE.json               (`retro ppl`)
+    <workspace>/generate/       TASK.CONTEXTS.RUN.STEP.jsonl          (`retro generate`)
+    <workspace>/reproduce/      results.json                          (`retro reproduce`; its report.md,
+                                                                   loss.png and showcase/ sit beside db/)
+
+Every folder above is named here (`Workspace`). Inside two of them the owner lays out its own files: a
+checkpoint's files are train/checkpoint.py's, and the database's edits (`db/edits/`, `database.edits_dir`)
+are written by db/edit.py.
 
 A stage writes `meta.json` with `"complete": false` and its settings before it starts, and rewrites it with
 `"complete": true` and its counts at the end. A rerun with the same settings resumes (block files that
@@ -316,7 +325,8 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
 
 
 class Workspace:
-    """Paths of one workspace. Nothing else in the package builds artefact paths by hand."""
+    """Paths of one workspace: its folders, and the files of each database stage (see the module docstring for
+    the files laid out by their owners inside them)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -365,6 +375,34 @@ class Workspace:
 
     def neighbour_block(self, i: int) -> Path:
         return self.stage_dir("neighbours") / f"block-{i:06d}.npy"
+
+    # training runs and what the verbs after them write
+    def run_dir(self, run: str = "pretrain") -> Path:
+        """A training run's folder (pretrain.run, sft.run): its step-NNNNNN/ checkpoints and metrics.jsonl."""
+        return self.root / "checkpoints" / run
+
+    def ppl_result(self, name: str) -> Path:
+        return self.root / "ppl" / f"{name}.json"
+
+    @property
+    def generate_dir(self) -> Path:
+        return self.root / "generate"
+
+    @property
+    def reproduce_results(self) -> Path:
+        return self.root / "reproduce" / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def showcase_dir(self) -> Path:
+        return self.root / "showcase"
 
     # metadata
     def read_meta(self, stage: str) -> dict[str, Any] | None:

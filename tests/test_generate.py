@@ -231,12 +231,11 @@ def test_the_default_output_names_the_checkpoint_so_a_second_model_keeps_the_fir
     from retrocli.db.database import workspace_of
     from retrocli.eval.generate import run
     from retrocli.train import checkpoint
-    from retrocli.train.pretrain import run_dir
 
     cfg = load_config(workspace, ["generate.max_new_tokens=2", 'generate.contexts="none"'])
     ws = workspace_of(cfg)
-    first = checkpoint.latest(run_dir(ws, "pretrain"))
-    second = run_dir(ws, "other") / first.name
+    first = checkpoint.latest(ws.run_dir("pretrain"))
+    second = ws.run_dir("other") / first.name
     shutil.copytree(first, second)
     squad = workspace.parent / "squad.json"
     a = Path(run(cfg, str(squad), limit=2, checkpoint_path=first)["out"])
@@ -267,8 +266,8 @@ def test_generate_errors_name_the_problem(workspace: Path, capsys) -> None:
 
 
 def test_context_neighbours_are_the_prompt_contexts_as_in_sft() -> None:
+    from retrocli.data.qa import context_neighbours
     from retrocli.eval.generate import neighbour_source
-    from retrocli.train.sft import context_neighbours
 
     class Chars:  # a tokenizer of characters
         def encode(self, texts):

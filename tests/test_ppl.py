@@ -14,7 +14,6 @@ from retrocli.cli import main
 from retrocli.config import load_config
 from retrocli.db import database
 from retrocli.db.database import open_store
-from retrocli.train.pretrain import run_dir
 
 from .conftest import write_jsonl
 
@@ -66,7 +65,7 @@ def test_ppl_on_a_file_retrieves_on_the_fly(trained: Path, tmp_path: Path, capsy
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(trained: Path, tmp_path: Path, capsys) -> None:
     toml = copy_workspace(trained, tmp_path / "copy")
-    run = run_dir(database.workspace_of(load_config(toml)))
+    run = database.workspace_of(load_config(toml)).run_dir()
     weights = run / "step-000002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10:] = b"0123456789"
@@ -91,7 +90,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(trained: Path, tmp_pa
 
 def test_ppl_without_a_checkpoint_says_what_to_run(trained: Path, tmp_path: Path, capsys) -> None:
     toml = copy_workspace(trained, tmp_path / "copy")
-    shutil.rmtree(run_dir(database.workspace_of(load_config(toml))))
+    shutil.rmtree(database.workspace_of(load_config(toml)).run_dir())
     capsys.readouterr()
     assert main(["ppl", "-c", str(toml)]) == 2
     assert "retro pretrain" in capsys.readouterr().err

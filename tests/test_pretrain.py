@@ -26,8 +26,8 @@ from retrocli.errors import UserError
 from retrocli.train import checkpoint
 from retrocli.train.curriculum import PERIODS, CopyWindows
 from retrocli.train.loop import batch_nll
-from retrocli.train.pretrain import build, open_samples, run, run_dir
-from retrocli.train.samples import collate
+from retrocli.train.pretrain import build, run
+from retrocli.train.samples import collate, open_samples
 
 from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
 
@@ -168,7 +168,7 @@ def test_pretrain_needs_the_database(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.faults
 def test_loss_falls_and_resume_after_kills_reproduces_the_curve(workspace: Path) -> None:
-    run_path = run_dir(database.workspace_of(load_config(workspace)))
+    run_path = database.workspace_of(load_config(workspace)).run_dir()
     if run_path.exists():
         shutil.rmtree(run_path)
     run(load_config(workspace))  # the uninterrupted reference, in this process (one thread, like the others)
@@ -201,7 +201,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(workspace: Path)
     import resource
     import signal
 
-    run_path = run_dir(database.workspace_of(load_config(workspace)))
+    run_path = database.workspace_of(load_config(workspace)).run_dir()
     if not checkpoint.complete_steps(run_path):
         run(load_config(workspace))
     last = checkpoint.latest(run_path)
@@ -228,7 +228,7 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
     run(gpt_cfg)
     ws = database.workspace_of(gpt_cfg)
     gpt_dir = ws.root / "gpt"
-    run_dir(ws).rename(gpt_dir)
+    ws.run_dir().rename(gpt_dir)
     gpt_weights = checkpoint.load_weights(gpt_dir / "step-000002")
     assert not any("cca" in k or k.startswith("encoder.") for k in gpt_weights)
 
@@ -247,7 +247,7 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
     with pytest.raises(UserError, match="cannot resume .*model.layers: checkpoint 2, config 3"):
         run(load_config(toml, ["model.layers=3"]))  # resuming into another model shape
 
-    shutil.rmtree(run_dir(ws))
+    shutil.rmtree(ws.run_dir())
     # retro-fitting with the decoder frozen: only the encoder and CCA move
     init = f"pretrain.init_from={json.dumps(str(gpt_dir))}"
     frozen = checkpoint.load_weights(Path(run(load_config(toml, [init, "pretrain.freeze_decoder=true"]))["checkpoint"]))
@@ -256,15 +256,15 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
     assert all(not torch.equal(frozen[name], retro_state[name]) for name in cca if name.endswith(".weight"))
     with pytest.raises(UserError, match="trained [0-9,]+ parameters, this run would train [0-9,]+ .*freeze_decoder"):
         run(load_config(toml, [init, "pretrain.train_steps=3"]))  # resuming it with every weight training
-    shutil.rmtree(run_dir(ws))
+    shutil.rmtree(ws.run_dir())
     # the same under FSDP on two ranks (the same global batches): the same weights, written as shards
     proc = pretrain_on_two_ranks(toml, init, "pretrain.freeze_decoder=true")
     assert proc.returncode == 0 and "view tensor" not in proc.stderr, proc.stderr[-3000:]
-    assert (checkpoint.step_dir(run_dir(ws), 2) / "shards").is_dir()
-    sharded = checkpoint.load_weights(checkpoint.step_dir(run_dir(ws), 2))
+    assert (checkpoint.step_dir(ws.run_dir(), 2) / "shards").is_dir()
+    sharded = checkpoint.load_weights(checkpoint.step_dir(ws.run_dir(), 2))
     for name, value in frozen.items():
         assert torch.allclose(sharded[name], value, atol=1e-6), name
-    shutil.rmtree(run_dir(ws))
+    shutil.rmtree(ws.run_dir())
     with pytest.raises(UserError, match="freeze_decoder = true needs pretrain.init_from"):
         build(load_config(toml, ["pretrain.freeze_decoder=true"]))
     with pytest.raises(UserError, match="nothing to train in a plain GPT"):
@@ -315,7 +315,7 @@ def test_pretrain_copy_warmup_trains_on_the_copy_windows(workspace: Path) -> Non
     with torch.no_grad():
         expected = float(batch_nll(job.model, batch)) / float(batch["loss_mask"].sum())  # at the initial weights
     run(cfg)
-    assert metrics(run_dir(database.workspace_of(cfg), "copy"))[1] == pytest.approx(expected, rel=1e-5)
+    assert metrics(database.workspace_of(cfg).run_dir("copy"))[1] == pytest.approx(expected, rel=1e-5)
 
 
 def test_pretrain_in_bf16_on_the_cpu_trains_under_autocast_and_keeps_fp32_weights(workspace: Path) -> None:
@@ -328,11 +328,11 @@ def test_pretrain_in_bf16_on_the_cpu_trains_under_autocast_and_keeps_fp32_weight
     for precision in ("fp32", "bf16"):
         cfg = load_config(workspace, [f"pretrain.precision='{precision}'", f"pretrain.run='p-{precision}'"])
         run(cfg)
-        losses[precision] = metrics(run_dir(database.workspace_of(cfg), f"p-{precision}"))
+        losses[precision] = metrics(database.workspace_of(cfg).run_dir(f"p-{precision}"))
     assert losses["bf16"][1] == pytest.approx(losses["fp32"][1], rel=2e-2)
     assert losses["bf16"][1] != losses["fp32"][1]  # autocast was on
     assert losses["bf16"][6] < losses["bf16"][1] - 0.3
-    last = checkpoint.latest(run_dir(database.workspace_of(load_config(workspace)), "p-bf16"))
+    last = checkpoint.latest(database.workspace_of(load_config(workspace)).run_dir("p-bf16"))
     weights = load_file(last / checkpoint.WEIGHTS)
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
@@ -355,7 +355,7 @@ def test_two_ranks_through_launch_reproduce_the_one_process_loss(tmp_path: Path,
     toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 2, "eval_interval": 3})
     cfg = load_config(toml)
     run(cfg)
-    run_path = run_dir(database.workspace_of(cfg))
+    run_path = database.workspace_of(cfg).run_dir()
     one = metrics(run_path)
     shutil.rmtree(run_path)
     if not fsdp:  # one rank dies after step 2: the job ends promptly, non-zero, and the rerun resumes
@@ -390,7 +390,7 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path: Path) -
     toml = make_workspace(tmp_path, pretrain={"train_steps": 3, "save_interval": 2, "eval_interval": 3})
     cfg = load_config(toml)
     run(cfg)
-    run_path = run_dir(database.workspace_of(cfg))
+    run_path = database.workspace_of(cfg).run_dir()
     one = metrics(run_path)
     shutil.rmtree(checkpoint.step_dir(run_path, 3))
     assert (checkpoint.step_dir(run_path, 2) / checkpoint.WEIGHTS).is_file()
@@ -402,13 +402,13 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path: Path) -
 
 @pytest.mark.parametrize("flags,warned", [({"avx2", "fma"}, True), ({"avx2", "avx512_bf16"}, False), (None, False)])
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about_once(monkeypatch, capsys, flags, warned) -> None:
-    from retrocli.train import loop as train
+    from retrocli import runtime
 
-    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
-    train._warn_slow_cpu_bf16.cache_clear()
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    runtime._warn_slow_cpu_bf16.cache_clear()
     for _ in range(2):
-        with train.autocast(torch.device("cpu"), "bf16"):
+        with runtime.autocast(torch.device("cpu"), "bf16"):
             pass
     err = capsys.readouterr().err.replace("\n", " ")
     assert err.count("emulated") == (1 if warned else 0)
-    train._warn_slow_cpu_bf16.cache_clear()
+    runtime._warn_slow_cpu_bf16.cache_clear()

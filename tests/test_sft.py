@@ -15,7 +15,6 @@ from retrocli.config import load_config
 from retrocli.db import database
 from retrocli.train import checkpoint
 from retrocli.train.pretrain import run as pretrain
-from retrocli.train.pretrain import run_dir
 from retrocli.train.sft import build, run
 
 from .conftest import cli_in_process, run_cli
@@ -87,7 +86,7 @@ def test_sft_trains_on_answers_and_its_held_out_loss_falls(workspace: Path) -> N
     summary = run(cfg)
     assert summary["step"] == 8
     ws = database.workspace_of(cfg)
-    lines = [json.loads(x) for x in (run_dir(ws, "sft") / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (ws.run_dir("sft") / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in lines if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert set(evals[0]["eval_loss_by_set"]) == {"squad", "facts"}
@@ -95,7 +94,7 @@ def test_sft_trains_on_answers_and_its_held_out_loss_falls(workspace: Path) -> N
     untrained = run(load_config(workspace, ["sft.run=probe", "sft.train_steps=1", "sft.lr=1e-9", "sft.min_lr=0",
                                             "sft.eval_interval=1"]))
     assert evals[-1]["eval_loss"] < untrained["eval_loss"] - 0.5, (evals, untrained)
-    latest = checkpoint.latest(run_dir(ws, "sft"))
+    latest = checkpoint.latest(ws.run_dir("sft"))
     meta = checkpoint.read_meta(latest)
     assert meta["sft"]["neighbors"] == "none" and meta["phase"] == "sft"
 
@@ -122,16 +121,16 @@ def test_resume_after_a_kill_continues_the_same_curve(tmp_path: Path) -> None:
     cfg = load_config(toml, ["sft.train_steps=6", "sft.save_interval=3", "sft.eval_interval=6"])
     run(cfg)
     ws = database.workspace_of(cfg)
-    straight = metrics(run_dir(ws, "sft"))
+    straight = metrics(ws.run_dir("sft"))
     args = ["sft", "-c", str(toml), "--set", "sft.train_steps=6", "--set", "sft.save_interval=3",
             "--set", "sft.eval_interval=6"]
-    shutil.rmtree(run_dir(ws, "sft"))
+    shutil.rmtree(ws.run_dir("sft"))
     proc = run_cli(*args, env={"RETRO_FAULT": "sft:checkpoint:2", "OMP_NUM_THREADS": "1"})  # writing step 6
     assert proc.returncode == 137, proc.stderr[-2000:]
-    assert [p.name for p in checkpoint.complete_steps(run_dir(ws, "sft"))] == ["step-000003"]
-    assert list(run_dir(ws, "sft").glob(".step-000006.tmp-*"))  # the torn write is a temporary folder
+    assert [p.name for p in checkpoint.complete_steps(ws.run_dir("sft"))] == ["step-000003"]
+    assert list(ws.run_dir("sft").glob(".step-000006.tmp-*"))  # the torn write is a temporary folder
     run_cli(*args, env={"OMP_NUM_THREADS": "1"}, check=True)
-    resumed = metrics(run_dir(ws, "sft"))
+    resumed = metrics(ws.run_dir("sft"))
     assert sorted(resumed) == list(range(1, 7))
     for step in straight:
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
@@ -154,5 +153,5 @@ def test_errors_name_the_problem(workspace: Path, tmp_path: Path, capsys) -> Non
     broken.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"\n', encoding="utf-8")
     assert "broken.jsonl:2" in sft_with('path = "qa.jsonl"', f'path = "{broken}"')
     pretrain(load_config(workspace, ["pretrain.run=gpt", "model.retro_layers=[]", "pretrain.train_steps=1"]))
-    gpt = run_dir(database.workspace_of(load_config(workspace)), "gpt")
+    gpt = database.workspace_of(load_config(workspace)).run_dir("gpt")
     assert "plain GPT" in sft_with("", "", 'sft.neighbors="context"', f"sft.init_from={json.dumps(str(gpt))}")

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import INSTRUCTRETRO_SYSTEM as DEFAULT_SYSTEM
 from ..config import SFT_FORMATS as FORMATS
-from ..config import BlendEntry
+from ..config import BlendEntry, SFTConfig
 from ..errors import UserError
 from .corpus import GZIP_ERRORS, is_valid, loads_json
 from .tokenizer import Tokenizer
@@ -462,6 +462,11 @@ class PromptTemplate:
         _check_fields("user", self.user, allowed={"question"}, required={"question"})
 
 
+def template_of(sft: SFTConfig) -> PromptTemplate:
+    """The prompt template of [sft] (system, context_template, user_template): SFT's, and generation's."""
+    return PromptTemplate(system=sft.system, context=sft.context_template, user=sft.user_template)
+
+
 def _check_fields(name: str, template: str, allowed: set[str], required: set[str]) -> None:
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
@@ -484,6 +489,17 @@ def render_prompt(record: Record, template: PromptTemplate, contexts: list[dict]
 
 
 # -------------------------------------------------------------------------------------------------- tokens
+
+
+def context_neighbours(tok: Tokenizer, contexts: list[dict], k: int, r: int, pad_id: int) -> np.ndarray:
+    """(k, r): the first k contexts ("title: text", or the text alone), each cut to r tokens, padded: the
+    neighbours of every chunk in `context` mode, in SFT and in generation alike."""
+    out = np.full((k, r), pad_id, dtype=np.int64)
+    texts = [f"{c.get('title', '')}: {c['text']}" if c.get("title") else c["text"] for c in contexts[:k]]
+    for slot, ids in enumerate(tok.encode(texts) if texts else []):
+        ids = ids[:r]
+        out[slot, : len(ids)] = ids
+    return out
 
 
 def encode_sample(record: Record, template: PromptTemplate, tok: Tokenizer, seq_length: int,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from ..errors import UserError
-from ..runtime import Prefetcher
+from ..runtime import Prefetcher, cpu_has_fast_bf16
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 LEXICAL = "lexical"
@@ -51,16 +51,6 @@ def embed_texts(embedder: Embedder, texts: list[str]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- neural encoders
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (else torch emulates it, slower than fp32)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def packaged_minilm_dir() -> Path:

@@ -29,18 +29,15 @@ import torch
 
 from ..config import Config
 from ..data.corpus import data_file
-from ..data.qa import Record, detect_format, fit_prompt, read_records
+from ..data.qa import Record, context_neighbours, detect_format, fit_prompt, read_records, template_of
 from ..db.database import Retriever, describe_hits, open_store, open_tokenizer, retrieve_neighbours, workspace_of
 from ..db.store import ChunkStore
 from ..errors import UserError
 from ..model.decode import DecodeCache
 from ..model.retro import RetroModel
-from ..runtime import dist, fault_point, log, progress, set_kept_note
-from ..train.loop import autocast, device_for_rank
-from ..train.pretrain import run_dir
-from ..train.sft import context_neighbours, template_of
+from ..runtime import autocast, device_for_rank, dist, fault_point, log, progress, set_kept_note
+from ..train import checkpoint
 from ..workspace import Workspace, hash_obj, write_text_atomic
-from .ppl import load_model, resolve_checkpoint
 
 # rows, chunks (token lists) -> neighbour tokens (n, k, r) and their database chunk ids (n, k), -1: none
 NeighbourFn = Callable[[list[int], list[list[int]]], tuple[np.ndarray, np.ndarray]]
@@ -213,19 +210,17 @@ def resolve_generate_checkpoint(cfg: Config, ws, given: Path | None) -> Path:
     """--checkpoint, else generate.checkpoint, else the latest SFT checkpoint, else the latest pretraining one."""
     if given is None and cfg.generate.checkpoint:
         given = cfg.resolve(cfg.generate.checkpoint)
-    if given is None and run_dir(ws, cfg.sft.run).is_dir():
-        from ..train import checkpoint
-
-        if checkpoint.latest(run_dir(ws, cfg.sft.run), announce=False) is not None:
-            given = run_dir(ws, cfg.sft.run)
-    return resolve_checkpoint(ws, given, cfg.pretrain.run, what="--checkpoint")
+    if given is None and ws.run_dir(cfg.sft.run).is_dir():
+        if checkpoint.latest(ws.run_dir(cfg.sft.run), announce=False) is not None:
+            given = ws.run_dir(cfg.sft.run)
+    return checkpoint.resolve_checkpoint(ws, given, cfg.pretrain.run, what="--checkpoint")
 
 
 def default_out(ws, task: Path, contexts: str, checkpoint_path: Path) -> Path:
     """WORKSPACE/generate/TASK.CONTEXTS.RUN.STEP.jsonl: named by the checkpoint too, so that a second model's
     (or a later step's) answers to the same task never overwrite the first's."""
     stem = task.name.split(".")[0]
-    return ws.root / "generate" / f"{stem}.{contexts}.{checkpoint_path.parent.name}.{checkpoint_path.name}.jsonl"
+    return ws.generate_dir / f"{stem}.{contexts}.{checkpoint_path.parent.name}.{checkpoint_path.name}.jsonl"
 
 
 def neighbour_mode(cfg: Config, model: RetroModel, meta: dict[str, Any], path: Path) -> str:
@@ -262,7 +257,7 @@ class Prompter:
     def __init__(self, cfg: Config, ws, tok, model: RetroModel, store: ChunkStore | None,
                  retriever: Retriever | None):
         g = cfg.generate
-        template = template_of(cfg)
+        template = template_of(cfg.sft)
         self.template = dataclasses.replace(template, user=g.user_template) if g.user_template else template
         self.cfg, self.tok, self.store, self.retriever = cfg, tok, store, retriever
         self.budget = model.cfg.seq_length - g.max_new_tokens
@@ -292,7 +287,7 @@ def neighbour_source(mode: str, contexts: list[list[dict]], tok, retriever: Retr
                      store: ChunkStore | None, model: RetroModel) -> NeighbourFn | None:
     """The CCA's neighbours for the rows of one batch (row i has `contexts[i]` in its prompt): "database"
     retrieves each completed chunk's nearest chunks; "context" gives every chunk the row's contexts, as SFT
-    does (sft.context_neighbours); "none": no retrieval."""
+    does (qa.context_neighbours); "none": no retrieval."""
     k, r, pad = model.cfg.num_neighbors, model.retrieved_length, model.pad_id
     if mode == "none":
         return None
@@ -313,7 +308,7 @@ def _settings_hash(cfg: Config, ws: Workspace, path: Path, mode: str, task: Path
                                            "edits": store.manifest}
     return hash_obj({"generate": g, "checkpoint": str(path.resolve()), "neighbors": mode,
                      "task": str(task.resolve()) if task else None, "seed": cfg.workspace.seed,
-                     "template": dataclasses.asdict(template_of(cfg)), "database": database})[:10]
+                     "template": dataclasses.asdict(template_of(cfg.sft)), "database": database})[:10]
 
 
 def _read_partial(paths: list[Path]) -> dict[int, dict]:
@@ -336,7 +331,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     ws = workspace_of(cfg)
     tok = open_tokenizer(ws)
     path = resolve_generate_checkpoint(cfg, ws, checkpoint_path)
-    model, meta = load_model(ws, path)
+    model, meta = checkpoint.load_model(ws, path)
     mode = neighbour_mode(cfg, model, meta, path)
     model.cca_gate_off = mode == "none"
     device = device_for_rank()

@@ -25,34 +25,11 @@ from ..db.database import open_store, open_tokenizer, search_texts, workspace_of
 from ..db.store import chunk_spans
 from ..errors import UserError
 from ..model.retro import RetroModel
-from ..runtime import dist, log
-from ..train import checkpoint
-from ..train.loop import all_sum, device_for_rank, evaluate, to_device, token_nll
-from ..train.pretrain import open_samples, run_dir
-from ..train.samples import Samples, StreamDocs, collate
+from ..runtime import all_sum, device_for_rank, dist, log, to_device
+from ..train.checkpoint import load_model, resolve_checkpoint
+from ..train.loop import evaluate, token_nll
+from ..train.samples import Samples, StreamDocs, collate, open_samples, retrieved_length
 from ..workspace import Workspace, write_json_atomic
-
-
-def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain",
-                       what: str = "--checkpoint") -> Path:
-    """A step folder: the given one (or the latest complete one inside a given run folder), else the latest
-    complete checkpoint of the workspace's run `run` (pretrain.run)."""
-    if given is not None:
-        return checkpoint.in_folder(given, what)
-    found = checkpoint.latest(run_dir(ws, run))
-    if found is None:
-        raise UserError(f"no complete checkpoint in {run_dir(ws, run)}: run `retro pretrain` first, or pass "
-                        "--checkpoint")
-    return found
-
-
-def load_model(ws: Workspace, path: Path) -> tuple[RetroModel, dict[str, Any]]:
-    """The model of a verified checkpoint, checked against the workspace tokenizer."""
-    meta = checkpoint.read_meta(path)
-    checkpoint.check_tokenizer(meta, checkpoint.tokenizer_ref(ws), path)
-    model = RetroModel(checkpoint.model_config_of(meta), meta["chunk_length"], meta["pad_id"])
-    model.load_state_dict(checkpoint.load_weights(path))
-    return model.eval(), meta
 
 
 def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int, retrieval: bool,
@@ -74,7 +51,7 @@ def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int
         chunk_texts = [tok.decode(ids[s : s + n]) for ids in docs for s, n in chunk_spans(len(ids), m)]
         table, _ = search_texts(cfg, ws, chunk_texts, store, model_cfg.num_neighbors)
     samples = Samples(StreamDocs.from_token_lists(docs, m), store, table, model_cfg.seq_length, m,
-                      model_cfg.num_neighbors, model_cfg.retrieved_length or 2 * m, pad_id, eos_id, drop_last=False)
+                      model_cfg.num_neighbors, retrieved_length(model_cfg, m), pad_id, eos_id, drop_last=False)
     return samples, nbytes
 
 
@@ -130,7 +107,7 @@ def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True
               "seconds": round(time.time() - started, 2)}
     mode = "retrieval" if use_retrieval else "no-retrieval"
     name = f"{path.parent.name}-{path.name}-{'valid' if data is None else Path(data).name}-{mode}"  # run-step-...
-    result["json_path"] = str(ws.root / "ppl" / f"{name}.json")
+    result["json_path"] = str(ws.ppl_result(name))
     if D.main:
         write_json_atomic(Path(result["json_path"]), result)
         if retrieval and not model.retro_layers:

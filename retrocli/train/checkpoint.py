@@ -15,6 +15,10 @@ A run sharded with FSDP over several processes writes instead of model.safetenso
 They load into any number of processes, sharded or not (DCP reshards on load), and `load_weights` gives
 the full weights in one process for ppl, generate and init_from.
 
+The verbs after training find a checkpoint here too: `resolve_checkpoint` turns a step or run folder (or
+nothing: the latest of a run) into a step folder, and `load_model` gives its model, checked against the
+workspace tokenizer.
+
 The folder is written under a temporary name (`.step-000500.tmp-PID`) and renamed into place, and
 meta.json, which lists every file with its size and sha256, is written last: a folder without a readable
 meta.json or whose files do not match it is incomplete or corrupt and is never loaded; `latest` falls back
@@ -39,8 +43,9 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..model.retro import RetroModel
 from ..runtime import fault_point, warn
-from ..workspace import sha256_file, write_failed
+from ..workspace import Workspace, sha256_file, write_failed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.safetensors", "config.toml", "meta.json"
@@ -195,6 +200,35 @@ def latest(run: Path, announce: bool = True) -> Path | None:
     if skipped and announce:
         warn(f"no complete checkpoint in {run}: skipped {', '.join(skipped)}")
     return None
+
+
+def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain",
+                       what: str = "--checkpoint") -> Path:
+    """A step folder: the given one (or the latest complete one inside a given run folder), else the latest
+    complete checkpoint of the workspace's run `run` (pretrain.run)."""
+    if given is not None:
+        return in_folder(given, what)
+    found = latest(ws.run_dir(run))
+    if found is None:
+        raise UserError(f"no complete checkpoint in {ws.run_dir(run)}: run `retro pretrain` first, or pass "
+                        "--checkpoint")
+    return found
+
+
+def load_model(ws: Workspace, path: Path) -> tuple[RetroModel, dict[str, Any]]:
+    """The model of a verified checkpoint, checked against the workspace tokenizer (in eval mode)."""
+    meta = read_meta(path)
+    check_tokenizer(meta, tokenizer_ref(ws), path)
+    model = RetroModel(model_config_of(meta), meta["chunk_length"], meta["pad_id"])
+    model.load_state_dict(load_weights(path))
+    return model.eval(), meta
+
+
+def is_cca_or_encoder(name: str) -> bool:
+    """Whether a parameter (by its state-dict name) belongs to retrieval: the encoder or a CCA layer. These are
+    what a GPT checkpoint lacks when it initialises a Retro model (pretrain.init_from), and what trains alone
+    with pretrain.freeze_decoder or is frozen with sft.neighbors = "none"."""
+    return name.startswith("encoder.") or ".cca." in name or ".norm_cca." in name
 
 
 def prune(run: Path, keep_last: int) -> None:

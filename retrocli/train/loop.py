@@ -14,7 +14,6 @@ tokens, so the gradient does not depend on how the batch is split either.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import shutil
@@ -40,13 +39,17 @@ from ..errors import UserError
 from ..runtime import (
     Interrupted,
     Prefetcher,
+    all_sum,
+    autocast,
     console,
+    device_for_rank,
     dist,
     fault_point,
     log,
     set_kept_note,
     show_progress,
     sigterm_at_step_end,
+    to_device,
     warn,
 )
 from . import checkpoint
@@ -168,42 +171,6 @@ def _full(t: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------- batches
 
 
-def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist().local_rank)
-    return torch.device("cpu")
-
-
-def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        if device.type == "cpu":
-            _warn_slow_cpu_bf16()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def cpu_flags() -> set[str] | None:
-    """The words of /proc/cpuinfo (its flags among them), or None where there is none (not Linux)."""
-    try:
-        return set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
-    except OSError:
-        return None
-
-
-@functools.cache
-def _warn_slow_cpu_bf16() -> None:
-    """Once per process: bf16 on a CPU without bf16 instructions is emulated, far slower than fp32 (a
-    training step of recipes/gpu-small.toml's model took over 10x as long on AMD EPYC Zen 3 cores)."""
-    flags = cpu_flags()
-    if flags is not None and not flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512 BF16 / AMX, Arm bf16
-        warn("precision 'bf16' on a CPU without bf16 instructions is emulated and much slower than fp32: "
-             "set precision = \"fp32\" for CPU runs")
-
-
 def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval: bool = True) -> torch.Tensor:
     """(b, n) next-token losses (nats, fp32) of a batch, 0 where batch["loss_mask"] is."""
     logits = model(batch["tokens"], batch.get("neighbours"), retrieval=retrieval)  # (b, n, v)
@@ -214,16 +181,6 @@ def token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval:
 def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], retrieval: bool = True) -> torch.Tensor:
     """Sum of the masked next-token losses (nats, fp32) of a batch."""
     return token_nll(model, batch, retrieval).sum()
-
-
-def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
-    """Sum numbers over ranks (float64)."""
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    if dist().world > 1:
-        import torch.distributed as td
-
-        td.all_reduce(t)
-    return t.tolist()
 
 
 @torch.no_grad()

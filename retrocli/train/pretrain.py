@@ -1,5 +1,5 @@
 """`retro pretrain`: the Retro model trained on the database's training documents with their precomputed
-neighbours (samples.py), through the shared loop (train.py), with checkpoints in
+neighbours (samples.py), through the shared loop (loop.py), with checkpoints in
 `<workspace>/checkpoints/pretrain/step-NNNNNN/` (checkpoint.py).
 
 `pretrain.init_from` starts from another checkpoint: a Retro one loads everything, a GPT one (retro_layers
@@ -18,24 +18,23 @@ from typing import Any
 import torch
 
 from ..config import Config, ModelConfig, to_commented_toml
-from ..db.database import NeighbourBlocks, open_store, open_tokenizer, workspace_of
-from ..db.store import ChunkStore
+from ..db.database import open_store, open_tokenizer, workspace_of
 from ..errors import UserError
 from ..model.retro import RetroModel, ffn_width, resolve_retro_layers
 from ..runtime import log
 from ..workspace import Workspace
 from . import checkpoint
+from .checkpoint import is_cca_or_encoder
 from .curriculum import CopyWindows
 from .loop import Job, TrainSettings, find_resume, require_tensorboard, train
-from .samples import Samples, StreamDocs
+from .samples import check_seq_length, open_samples, retrieved_length
 
 # decoder fields that must agree between a checkpoint and the model it is loaded into
 DECODER_FIELDS = ("layers", "hidden", "heads", "ffn_hidden", "vocab_size", "position", "rotary_percent", "norm",
                   "mlp")
 
 
-def run_dir(ws: Workspace, phase: str = "pretrain") -> Path:
-    return ws.root / "checkpoints" / phase
+run_dir = Workspace.run_dir  # run_dir(ws, run): the run's folder, under the name it had here
 
 
 def require_database(ws: Workspace) -> dict[str, Any]:
@@ -76,30 +75,6 @@ def check_fits_in_memory(m: ModelConfig) -> None:
                         f"{m.layers}, model.hidden {d}, model.ffn_hidden {ffn_width(m)}, vocabulary {m.vocab_size}, "
                         f"model.seq_length {m.seq_length}), "
                         f"more than this machine's {memory / 2**30:,.0f} GiB: use a smaller model")
-
-
-def retrieved_length(cfg: Config) -> int:
-    return cfg.model.retrieved_length or 2 * cfg.db.chunk_length
-
-
-def open_samples(cfg: Config, ws: Workspace, split: str, pad_id: int, eos_id: int, retrieval: bool,
-                 drop_last: bool = True, store: ChunkStore | None = None) -> Samples:
-    """The pretraining samples of one split ("train" or "valid") of the workspace."""
-    store = store or open_store(ws, cfg.db.chunk_length)
-    table = None
-    if retrieval:
-        nmeta = ws.require("neighbours")
-        stored = nmeta["settings"]["num_neighbors_query"]
-        if cfg.model.num_neighbors > stored:
-            raise UserError(f"model.num_neighbors ({cfg.model.num_neighbors}) exceeds the {stored} neighbours "
-                            f"stored per chunk in {ws.stage_dir('neighbours')} (db.num_neighbors_query when built)")
-        table = NeighbourBlocks(ws, nmeta["settings"]["block_size"], store)
-    return Samples(StreamDocs.from_store(store, split), store, table, cfg.model.seq_length, cfg.db.chunk_length,
-                   cfg.model.num_neighbors, retrieved_length(cfg), pad_id, eos_id, drop_last)
-
-
-def is_cca_or_encoder(name: str) -> bool:
-    return name.startswith("encoder.") or ".cca." in name or ".norm_cca." in name
 
 
 def load_init(model: RetroModel, path: Path, tok_ref: dict[str, Any]) -> None:
@@ -145,9 +120,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     tok_ref = checkpoint.tokenizer_ref(ws)
     model_cfg = resolve_model_config(cfg, tok.vocab_size)
     m = cfg.db.chunk_length
-    if model_cfg.seq_length % m:
-        raise UserError(f"model.seq_length ({model_cfg.seq_length}) must be a multiple of db.chunk_length ({m}) "
-                        f"for pretraining: each chunk of a sample is then exactly one database chunk")
+    check_seq_length(model_cfg.seq_length, m)
     built_m = ws.require("chunks")["settings"]["chunk_length"]
     if built_m != m:
         raise UserError(f"the database in {ws.db} was chunked with chunk_length {built_m} but db.chunk_length "
@@ -164,7 +137,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
                         f"{model_cfg.vocab_size}, model.seq_length {model_cfg.seq_length} ({e})") from None
     retrieval = bool(resolve_retro_layers(model_cfg))
     settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed, model_cfg.seq_length)
-    out = run_dir(ws, cfg.pretrain.run)
+    out = ws.run_dir(cfg.pretrain.run)
     resume_from = find_resume(out, settings)
     if resume_from is None and cfg.pretrain.init_from:
         load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)
@@ -178,7 +151,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     meta["eos_id"] = tok.eos_id
     p, synthetic = cfg.pretrain, None
     if p.copy_warmup_steps or p.copy_share:
-        synthetic = CopyWindows(model_cfg.seq_length, m, model_cfg.num_neighbors, retrieved_length(cfg),
+        synthetic = CopyWindows(model_cfg.seq_length, m, model_cfg.num_neighbors, retrieved_length(model_cfg, m),
                                 model_cfg.vocab_size, {tok.pad_id, tok.eos_id},
                                 p.copy_warmup_steps * settings.global_batch_size, p.copy_share, settings.seed,
                                 neighbours=retrieval).at

@@ -28,9 +28,23 @@ from typing import Callable
 
 import numpy as np
 
-from ..db.database import neighbour_tokens
+from ..config import Config, ModelConfig
+from ..db.database import NeighbourBlocks, neighbour_tokens, open_store
 from ..db.store import ChunkStore
 from ..errors import UserError
+from ..workspace import Workspace
+
+
+def retrieved_length(model: ModelConfig, chunk_length: int) -> int:
+    """r, the tokens of each neighbour: model.retrieved_length, or 0 -> 2 x chunk_length (chunk + continuation)."""
+    return model.retrieved_length or 2 * chunk_length
+
+
+def check_seq_length(seq_length: int, m: int) -> None:
+    """A pretraining sample's chunks are database chunks only when seq_length is a multiple of m."""
+    if seq_length % m:
+        raise UserError(f"model.seq_length ({seq_length}) must be a multiple of db.chunk_length ({m}) for "
+                        f"pretraining: each chunk of a sample is then exactly one database chunk")
 
 
 @dataclass
@@ -93,9 +107,7 @@ class Samples:
 
     def __init__(self, docs: StreamDocs, store: ChunkStore | None, neighbour_table, seq_length: int, m: int,
                  k: int, r: int, pad_id: int, eos_id: int, drop_last: bool = True):
-        if seq_length % m:
-            raise UserError(f"model.seq_length ({seq_length}) must be a multiple of db.chunk_length ({m}) for "
-                            f"pretraining: each chunk of a sample is then exactly one database chunk")
+        check_seq_length(seq_length, m)
         self.docs, self.store, self.table = docs, store, neighbour_table
         self.n, self.m, self.k, self.r = seq_length, m, k, r
         self.l = seq_length // m
@@ -175,6 +187,23 @@ class Samples:
 
     def neighbour_tokens(self, cid: int) -> np.ndarray:
         return neighbour_tokens(self.store, cid, self.r)
+
+
+def open_samples(cfg: Config, ws: Workspace, split: str, pad_id: int, eos_id: int, retrieval: bool,
+                 drop_last: bool = True, store: ChunkStore | None = None) -> Samples:
+    """The pretraining samples of one split ("train" or "valid") of the workspace."""
+    store = store or open_store(ws, cfg.db.chunk_length)
+    table = None
+    if retrieval:
+        nmeta = ws.require("neighbours")
+        stored = nmeta["settings"]["num_neighbors_query"]
+        if cfg.model.num_neighbors > stored:
+            raise UserError(f"model.num_neighbors ({cfg.model.num_neighbors}) exceeds the {stored} neighbours "
+                            f"stored per chunk in {ws.stage_dir('neighbours')} (db.num_neighbors_query when built)")
+        table = NeighbourBlocks(ws, nmeta["settings"]["block_size"], store)
+    return Samples(StreamDocs.from_store(store, split), store, table, cfg.model.seq_length, cfg.db.chunk_length,
+                   cfg.model.num_neighbors, retrieved_length(cfg.model, cfg.db.chunk_length), pad_id, eos_id,
+                   drop_last)
 
 
 def collate(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

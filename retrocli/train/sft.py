@@ -1,10 +1,10 @@
 """`retro sft`: instruction tuning of a pretrained Retro (or GPT) checkpoint on a weighted blend of instruction
-and QA datasets, with the pretraining loop (train.py): the same optimizer, schedule, checkpoints, resume,
+and QA datasets, with the pretraining loop (loop.py): the same optimizer, schedule, checkpoints, resume,
 torchrun and bf16, checkpoints in `<workspace>/checkpoints/sft/`.
 
-    [[sft.blend]] files --sft_data.read_records--> records --split_records--> train / held-out, per dataset
+    [[sft.blend]] files --qa.read_records--> records --split_records--> train / held-out, per dataset
       --Blend.draw(train_steps x global_batch_size)--> the training order (records too long to fit dropped)
-      --sft_data.encode_sample--> [prompt][answer][EOS][pad], loss on the answer and EOS only
+      --qa.encode_sample--> [prompt][answer][EOS][pad], loss on the answer and EOS only
       --neighbours (sft.neighbors)--> none (encoder gated off, InstructRetro's choice) | the sample's own
                                       contexts | the database's nearest chunks of each of its chunks
 
@@ -23,30 +23,26 @@ import torch
 
 from ..config import Config, to_commented_toml
 from ..data.corpus import data_file
-from ..data.qa import Blend, PromptTemplate, Record, encode_sample, load_blend, split_records
+from ..data.qa import (
+    Blend,
+    PromptTemplate,
+    Record,
+    context_neighbours,
+    encode_sample,
+    load_blend,
+    split_records,
+    template_of,
+)
 from ..db.database import Retriever, open_store, open_tokenizer, retrieve_neighbours, workspace_of
 from ..db.store import ChunkStore
 from ..errors import UserError
-from ..eval.ppl import load_model as load_checkpoint_model
-from ..eval.ppl import resolve_checkpoint
 from ..model.retro import RetroModel
 from ..runtime import console, dist, log
 from . import checkpoint
+from .checkpoint import is_cca_or_encoder
 from .loop import Job, TrainSettings, find_resume, require_tensorboard, train
-from .pretrain import is_cca_or_encoder, run_dir
 
 EVAL_RECORDS_PER_SET = 256  # held-out records evaluated per dataset (the first ones, in file order)
-
-
-def context_neighbours(tok, contexts: list[dict], k: int, r: int, pad_id: int) -> np.ndarray:
-    """(k, r): the first k contexts ("title: text", or the text alone), each cut to r tokens, padded: the
-    neighbours of every chunk in `context` mode, in SFT and in generation alike."""
-    out = np.full((k, r), pad_id, dtype=np.int64)
-    texts = [f"{c.get('title', '')}: {c['text']}" if c.get("title") else c["text"] for c in contexts[:k]]
-    for slot, ids in enumerate(tok.encode(texts) if texts else []):
-        ids = ids[:r]
-        out[slot, : len(ids)] = ids
-    return out
 
 
 class Neighbours:
@@ -96,10 +92,6 @@ class SFTSamples:
         return sample
 
 
-def template_of(cfg: Config) -> PromptTemplate:
-    return PromptTemplate(system=cfg.sft.system, context=cfg.sft.context_template, user=cfg.sft.user_template)
-
-
 def fitting(records: list[Record], template: PromptTemplate, tok, seq_length: int,
             num_contexts: int) -> tuple[list[bool], dict[str, int]]:
     """Which records fit seq_length (their answer is never cut), and the totals of what was cut."""
@@ -116,8 +108,8 @@ def fitting(records: list[Record], template: PromptTemplate, tok, seq_length: in
 def load_model(cfg: Config, ws) -> tuple[RetroModel, dict[str, Any], Path]:
     """The checkpoint to fine-tune (sft.init_from, else the latest pretraining checkpoint) as a model."""
     given = cfg.resolve(cfg.sft.init_from) if cfg.sft.init_from else None
-    path = resolve_checkpoint(ws, given, cfg.pretrain.run, what="sft.init_from")
-    model, meta = load_checkpoint_model(ws, path)
+    path = checkpoint.resolve_checkpoint(ws, given, cfg.pretrain.run, what="sft.init_from")
+    model, meta = checkpoint.load_model(ws, path)
     return model.train(), meta, path
 
 
@@ -152,7 +144,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     full, counts = load_blend(entries, s.on_bad_record)
     splits = [split_records(recs, s.valid_fraction, cfg.workspace.seed) for recs in full.records]
     blend = Blend(entries, [train_recs or recs for (train_recs, _), recs in zip(splits, full.records)])
-    template = template_of(cfg)
+    template = template_of(s)
     draws = blend.draw(settings.train_steps * s.global_batch_size, cfg.workspace.seed)
     order = [blend.records[d][r] for d, r in draws.tolist()]
     unique = {id(rec): rec for rec in order}
@@ -183,7 +175,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     job_meta = {**checkpoint.model_meta(model.cfg, model.chunk_length, model.pad_id, tok_ref, model.retro_layers),
                 "eos_id": tok.eos_id, "sft": {"init_from": str(init_path), "neighbors": s.neighbors}}
     resolved = dataclasses.replace(cfg, model=model.cfg)
-    out = run_dir(ws, s.run)
+    out = ws.run_dir(s.run)
     job = Job("sft", out, model, train_samples, valid or None, job_meta,
               to_commented_toml(resolved, "# the resolved configuration of this checkpoint"), {"blend": table})
     resume_from = find_resume(out, settings)

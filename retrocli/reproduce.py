@@ -39,7 +39,7 @@ from .eval.ppl import checkpoint_token_losses, paired_difference
 from .eval.score import read_predictions, score
 from .runtime import Interrupted, console, log, run_child, set_kept_note
 from .train import checkpoint
-from .train.loop import TrainSettings
+from .train.job import TrainSettings
 from .workspace import Workspace, write_json_atomic, write_text_atomic
 
 GPT = ["--set", 'pretrain.run="gpt"', "--set", "model.retro_layers=[]"]

@@ -25,7 +25,7 @@ from retrocli.db.database import open_store
 from retrocli.errors import UserError
 from retrocli.train import checkpoint
 from retrocli.train.curriculum import PERIODS, CopyWindows
-from retrocli.train.loop import batch_nll
+from retrocli.train.evaluator import batch_nll
 from retrocli.train.pretrain import build, run
 from retrocli.train.samples import collate, open_samples
 

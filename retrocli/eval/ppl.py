@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..model.retro import RetroModel
 from ..runtime import all_sum, device_for_rank, dist, log, to_device
 from ..train.checkpoint import load_model, resolve_checkpoint
-from ..train.loop import evaluate, token_nll
+from ..train.evaluator import evaluate, token_nll
 from ..train.samples import Samples, StreamDocs, collate, open_samples, retrieved_length
 from ..workspace import Workspace, write_json_atomic
 

@@ -25,8 +25,11 @@ from ..runtime import log
 from ..workspace import Workspace
 from . import checkpoint
 from .checkpoint import is_cca_or_encoder
+from .checkpointer import find_resume
 from .curriculum import CopyWindows
-from .loop import Job, TrainSettings, find_resume, require_tensorboard, train
+from .job import Job, TrainSettings
+from .loop import train
+from .metrics import require_tensorboard
 from .samples import check_seq_length, open_samples, retrieved_length
 
 # decoder fields that must agree between a checkpoint and the model it is loaded into
@@ -138,7 +141,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     retrieval = bool(resolve_retro_layers(model_cfg))
     settings = TrainSettings.from_section(cfg.pretrain, cfg.workspace.seed, model_cfg.seq_length)
     out = ws.run_dir(cfg.pretrain.run)
-    resume_from = find_resume(out, settings)
+    resume_from = find_resume(out, settings, "pretrain")
     if resume_from is None and cfg.pretrain.init_from:
         load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)
     if cfg.pretrain.freeze_decoder:

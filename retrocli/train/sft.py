@@ -40,7 +40,10 @@ from ..model.retro import RetroModel
 from ..runtime import console, dist, log
 from . import checkpoint
 from .checkpoint import is_cca_or_encoder
-from .loop import Job, TrainSettings, find_resume, require_tensorboard, train
+from .checkpointer import find_resume
+from .job import Job, TrainSettings
+from .loop import train
+from .metrics import require_tensorboard
 
 EVAL_RECORDS_PER_SET = 256  # held-out records evaluated per dataset (the first ones, in file order)
 
@@ -178,7 +181,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     out = ws.run_dir(s.run)
     job = Job("sft", out, model, train_samples, valid or None, job_meta,
               to_commented_toml(resolved, "# the resolved configuration of this checkpoint"), {"blend": table})
-    resume_from = find_resume(out, settings)
+    resume_from = find_resume(out, settings, "sft")
     if resume_from is None:
         log(f"fine-tuning {init_path} ({meta.get('kind', 'retro')}, step {meta.get('step')})")
     return job, settings, resume_from, table

@@ -36,12 +36,7 @@ sys.path.insert(0, str(REPO))
 from retrocli.config import load_config  # noqa: E402
 from retrocli.db import index as faiss_index  # noqa: E402
 from retrocli.db.build import chunk_texts  # noqa: E402
-from retrocli.db.database import (  # noqa: E402
-    EmbeddingStore,
-    open_store,  # noqa: E402
-    open_tokenizer,
-    workspace_of,
-)
+from retrocli.db.database import Database, EmbeddingStore, open_tokenizer, workspace_of  # noqa: E402
 from retrocli.db.embed import HFEmbedder, embed_blocks, resolve_embedder_path  # noqa: E402
 from retrocli.db.search import Reranked  # noqa: E402
 from retrocli.db.store import ChunkStore  # noqa: E402
@@ -297,7 +292,7 @@ def main() -> None:
         ws = workspace_of(cfg)
         if not (ws.read_meta("embed") or {}).get("complete"):
             sys.exit(f"build it first: retro db build -c {tiny}")
-    store = open_store(ws, cfg.db.chunk_length)
+    store = Database.open(ws, cfg.db.chunk_length).store
     tok = open_tokenizer(ws)
     nprobe = args.nprobe or cfg.db.nprobe
     print(f"workspace {ws.root}: {store.num_chunks:,} chunks; faiss {faiss.__version__}, "

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from retrocli.config import load_config  # noqa: E402
-from retrocli.db.database import open_store, workspace_of  # noqa: E402
+from retrocli.db.database import Database, workspace_of  # noqa: E402
 from retrocli.db.store import ChunkStore  # noqa: E402
 from retrocli.eval.ppl import load_model, resolve_checkpoint  # noqa: E402
 
@@ -100,7 +100,7 @@ def main() -> None:
     a = ap.parse_args()
     cfg = load_config(Path(a.recipe))
     ws = workspace_of(cfg)
-    store = open_store(ws, cfg.db.chunk_length)
+    store = Database.open(ws, cfg.db.chunk_length).store
     paths = [Path(p) for p in a.checkpoint] or [resolve_checkpoint(ws, None, r) for r in a.runs.split(",")]
     results = []
     print(f"{'checkpoint':<48} {'probe':<10} {'first':>7} {'repeat':>7} {'drop':>7}  (nats per token)")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from retrocli.data.corpus import Document
-from retrocli.db.database import open_store
+from retrocli.db.database import Database
 from retrocli.db.store import build_chunks, chunk_spans
 from retrocli.errors import UserError
 from retrocli.workspace import Workspace
@@ -44,7 +44,7 @@ def test_store_round_trip(tmp_path: Path):
     counts = build_chunks(ws.stage_dir("chunks"), docs, WordTokenizer(), 4, seed=0, valid_fraction=0.0)
     assert counts["documents"] == 3 and counts["empty_after_tokenizing"] == 1
     assert counts["chunks"] == 3 + 1 + 2 and counts["tokens"] == 21
-    store = open_store(ws, 4)
+    store = Database.open(ws, 4).store
     assert store.chunks["doc"].tolist() == [0, 0, 0, 1, 2, 2]
     assert store.chunks["length"].tolist() == [4, 4, 2, 3, 4, 4]
     assert WordTokenizer().decode(store.chunk_ids(2).tolist()) == "8 9"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retrocli.config import load_config
-from retrocli.db.database import open_store, workspace_of
+from retrocli.db.database import Database, workspace_of
 
 from .conftest import load_benchmark
 
@@ -105,7 +105,7 @@ def test_the_script_reports_both_probes_for_a_workspace_checkpoint(trained, tmp_
 def test_text_segments_are_spans_of_validation_documents(trained):
     cp = _module()
     ws = workspace_of(load_config(trained))
-    store = open_store(ws, 16)
+    store = Database.open(ws, 16).store
     seg = cp.segments("text", store, 300, 8, 6, seed=0)
     valid = store.docs[store.docs["valid"]]
     texts = [store.doc_ids(int(i)).tolist() for i in np.flatnonzero(store.docs["valid"])]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from retrocli.config import load_config, min_chunk_tokens
-from retrocli.db.database import open_store, workspace_of
+from retrocli.db.database import Database, workspace_of
 from retrocli.workspace import DB_STAGES
 
 from .conftest import run_cli
@@ -33,7 +33,7 @@ def test_build_query_info(small_workspace):
     ws = workspace_of(cfg)
     for stage in DB_STAGES:
         assert ws.require(stage)["complete"]
-    store = open_store(ws, cfg.db.chunk_length)
+    store = Database.open(ws, cfg.db.chunk_length).store
     chunk_docs = store.chunks["doc"]
     train = store.train_mask()
     # every chunk of every document has neighbours: database (train) chunks from other documents only
@@ -92,7 +92,7 @@ def test_a_compressed_index_reranked_by_the_stored_vectors_finds_the_exact_neigh
     run_cli("db", "build", "-c", str(toml), check=True)  # db.index = "Flat": exact
     cfg = load_config(toml)
     ws = workspace_of(cfg)
-    store = open_store(ws, cfg.db.chunk_length)
+    store = Database.open(ws, cfg.db.chunk_length).store
     vectors = np.concatenate([np.load(p) for p in sorted(ws.stage_dir("embed").glob("block-*.npy"))])
 
     def neighbours() -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +205,7 @@ def test_empty_corpus_and_short_documents(small_workspace, tmp_path):
     assert proc.returncode == 2 and "db.min_chunk_tokens" in proc.stderr  # nothing long enough to index
     proc = run_cli("db", "build", "-c", str(toml), "--set", "db.min_chunk_tokens=1")
     assert proc.returncode == 0, proc.stderr
-    store = open_store(workspace_of(load_config(toml)), 16)
+    store = Database.open(workspace_of(load_config(toml)), 16).store
     assert store.num_chunks == 30 and (store.chunks["length"] < 16).all()
 
 

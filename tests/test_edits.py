@@ -13,7 +13,7 @@ import pytest
 from retrocli.config import load_config, min_chunk_tokens
 from retrocli.db import build as db
 from retrocli.db import database
-from retrocli.db.database import open_store
+from retrocli.db.database import Database
 from retrocli.db.store import ChunkStore
 from retrocli.eval.generate import _settings_hash
 from retrocli.train.pretrain import open_samples
@@ -58,7 +58,7 @@ def test_added_documents_are_retrieved_and_not_added_twice(built: Path) -> None:
     copy = run_cli("db", "add", str(same_text), "-c", str(built))  # the same text under another id
     for p in (again, copy):
         assert p.returncode == 0 and "already in the database" in p.stderr.replace("\n", " ")
-    store = open_store(database.workspace_of(load_config(built)), 16)
+    store = Database.open(database.workspace_of(load_config(built)), 16).store
     ids = [info["id"] for _, info in store.iter_doc_info()]
     assert ids.count("zebra") == 1 and "zebra-copy" not in ids
     # pretraining reads the added document and its chunks' neighbours, which exist and are not its own
@@ -124,7 +124,7 @@ def test_removed_documents_are_never_retrieved_again(built: Path) -> None:
         assert victim not in hits(built, text, k=10)
     # neither as a pretraining neighbour
     ws = database.workspace_of(cfg)
-    store = open_store(ws, 16)
+    store = Database.open(ws, 16).store
     samples = open_samples(cfg, ws, "train", 0, 2, retrieval=True)
     row = [r for r, info in store.iter_doc_info() if info["id"] == victim][0]
     for i in range(len(samples)):
@@ -182,11 +182,12 @@ def test_answers_cite_what_the_database_holds_after_each_edit(tmp_path: Path) ->
         answer = json.loads(out.read_text())
         return answer["contexts"][0]["doc_id"], {c for ids in answer["neighbour_chunks"] for c in ids}
 
-    store = lambda: open_store(database.workspace_of(load_config(toml)), 16)  # noqa: E731
+    opened = lambda: Database.open(database.workspace_of(load_config(toml)), 16)  # noqa: E731
+    store = lambda: opened().store  # noqa: E731
 
     def resume_key() -> str:  # answers kept by a killed run are resumed only under the same key
         cfg = load_config(toml)
-        return _settings_hash(cfg, database.workspace_of(cfg), toml, "database", task, store())
+        return _settings_hash(cfg, database.workspace_of(cfg), toml, "database", task, opened())
 
     keys = [resume_key()]
     before, _ = cited("before")
@@ -262,8 +263,8 @@ def test_retrain_trains_one_index_over_every_live_chunk(small_workspace) -> None
     manifest = json.loads((ws.db / "edits" / "manifest.json").read_text())
     retrained = manifest["index"]
     assert retrained["segments"] == ["add-000001", "add-000002"]
-    store = open_store(ws, 16)
-    index = database.open_index(ws, cfg.db, store=store)
+    opened = Database.open(cfg)
+    store, index = opened.store, opened.index(cfg.db)
     assert not hasattr(index, "parts") or len(index.parts) == 1  # one index, no segment searched beside it
     live = store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(cfg.db))
     live[np.isin(store.chunks["doc"], store.removed_docs)] = False
@@ -277,24 +278,24 @@ def test_retrain_trains_one_index_over_every_live_chunk(small_workspace) -> None
 
 
 def test_db_build_searches_again_only_the_neighbour_rows_that_named_a_removed_chunk(built: Path) -> None:
-    from retrocli.db.database import NeighbourBlocks
-
     cfg = load_config(built)
     ws = database.workspace_of(cfg)
-    store = open_store(ws, 16)
-    before = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
+    opened = Database.open(ws, 16)
+    store = opened.store
+    before = opened.neighbours[np.arange(store.num_chunks)]
     victim_row = int(store.chunks["doc"][before[0, 0]])  # a document some chunk's first neighbour comes from
     victim = store.doc_info([victim_row])[victim_row]["id"]
     assert run_cli("db", "remove", "--doc", victim, "-c", str(built)).returncode == 0
-    store = open_store(ws, 16)
+    store = Database.open(ws, 16).store
     gone = np.flatnonzero(store.chunks["doc"] == victim_row)
     named = np.isin(before, gone).any(1) & (store.chunks["doc"] != victim_row)
     killed = run_cli("db", "build", "-c", str(built), env={"RETRO_FAULT": "refresh:manifest"})
     assert killed.returncode == 137  # its refresh folder is in place but not listed: the rerun clears it
     proc = run_cli("db", "build", "-c", str(built))
     assert proc.returncode == 0, proc.stderr
-    store = open_store(ws, 16)
-    after = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
+    opened = Database.open(ws, 16)
+    store = opened.store
+    after = opened.neighbours[np.arange(store.num_chunks)]
     refresh = json.loads((ws.db / "edits" / "manifest.json").read_text())["refresh"]
     assert refresh["searched_now"] == int(named.sum()) > 0
     assert (after[~named] == before[~named]).all()  # the rest are untouched
@@ -308,10 +309,97 @@ def test_db_build_searches_again_only_the_neighbour_rows_that_named_a_removed_ch
     second = store.doc_info([second_row])[second_row]["id"]
     assert run_cli("db", "remove", "--doc", second, "-c", str(built)).returncode == 0
     assert run_cli("db", "build", "-c", str(built)).returncode == 0
-    store = open_store(ws, 16)
-    final = NeighbourBlocks(ws, cfg.db.block_size, store)[np.arange(store.num_chunks)]
+    opened = Database.open(ws, 16)
+    store = opened.store
+    final = opened.neighbours[np.arange(store.num_chunks)]
     live = ~np.isin(store.chunks["doc"], [victim_row, second_row])
     gone = np.flatnonzero(~live)  # the chunks of both removed documents
     assert not np.isin(final[live], gone).any()  # no live row names a removed chunk
     untouched = live & ~np.isin(after, gone).any(1)
     assert (final[untouched] == after[untouched]).all()
+
+
+def test_an_open_database_keeps_the_edits_it_was_opened_with(built: Path) -> None:
+    """`Database` reads the manifest once: a `db add` that lands between opening and searching is not seen
+    half-way (neither its rows in the store nor its segment in the index), and the next open sees all of it."""
+    from retrocli.db import edit as edits
+    from retrocli.db.database import Manifest
+
+    cfg = load_config(built)
+    opened = Database.open(cfg)
+    chunks, before = opened.store.num_chunks, opened.query([QUERY], 3)
+    edits.add(cfg, [str(write_jsonl(built.parent / "new.jsonl", [{"id": "zebra", "text": ZEBRA}]))])
+    assert opened.store.num_chunks == chunks and not opened.manifest.segments
+    assert opened.query([QUERY], 3) == before and opened.neighbours[np.arange(chunks)].shape[0] == chunks
+    reopened = Database.open(cfg)
+    assert reopened.store.num_chunks > chunks and reopened.query([QUERY], 1)[0][0]["doc_id"] == "zebra"
+    # the typed manifest writes what it read
+    ws = database.workspace_of(cfg)
+    assert Manifest.read(ws).to_json() == json.loads((ws.db / "edits" / "manifest.json").read_text())
+
+
+class OverFetch:
+    """Searches as they were before removals were filtered inside Faiss: every part asked for k + removed
+    results, the removed dropped, the parts merged by distance."""
+
+    def __init__(self, edited):
+        self.parts, self.removed = edited.parts, edited.removed
+        self.ntotal, self.metric_type = edited.ntotal, edited.metric_type
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        found = [p.search(x, min(k + len(self.removed), p.ntotal)) for p in self.parts if p.ntotal]
+        D, I = np.concatenate([f[0] for f in found], 1), np.concatenate([f[1] for f in found], 1)
+        bad = (I < 0) | np.isin(I, self.removed)
+        ip = self.metric_type == faiss.METRIC_INNER_PRODUCT
+        D = np.where(bad, -np.inf if ip else np.inf, D)
+        order = np.argsort(-D if ip else D, axis=1, kind="stable")[:, :k]
+        I, D = np.take_along_axis(np.where(bad, -1, I), order, 1), np.take_along_axis(D, order, 1)
+        pad = k - I.shape[1]
+        return (np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf if ip else np.inf),
+                np.pad(I, ((0, 0), (0, pad)), constant_values=-1)) if pad > 0 else (D, I)
+
+
+@pytest.mark.parametrize("index", ["Flat", "IVF4,Flat", "IVF4,PQ4x4"])
+def test_removed_chunks_are_left_out_with_the_results_of_over_fetching(small_workspace, index: str) -> None:
+    """Searches leave removed chunks out inside Faiss (an ID selector: IVF) or by asking for a little more
+    (exact flat search, whose fast path a selector disables) with the results of asking Faiss for
+    k + removed results and dropping the removed ones, as searches did before; re-ranked too (PQ codes).
+    Among chunks with the same vector, which one is found is Faiss' choice either way."""
+    from retrocli.db import edit as edits
+    from retrocli.db.database import EditedIndex
+    from retrocli.db.search import Reranked, search_excluding
+
+    toml = small_workspace(n_docs=30, words=200, db={"index": index, "nprobe": 2})
+    db.build(load_config(toml))
+    cfg = load_config(toml)
+    add = write_jsonl(toml.parent / "a.jsonl", [{"id": "zebra", "text": ZEBRA}])
+    edits.add(cfg, [str(add)])  # a segment searched beside the base
+    store = Database.open(cfg).store
+    victims = [info["id"] for _, info in list(store.iter_doc_info())[:25:3]] + ["zebra"]
+    edits.remove(cfg, victims, [])
+    opened = Database.open(cfg)
+    filtered = opened.index()
+    edited = filtered.index if isinstance(filtered, Reranked) else filtered
+    assert isinstance(edited, EditedIndex) and len(edited.parts) == 2
+    assert all((p is None) == (index == "Flat") for p in edited.params)  # a selector for IVF
+    over = OverFetch(edited)
+    if isinstance(filtered, Reranked):
+        over = Reranked(over, opened.embeddings, filtered.depth)
+    queries = opened.embeddings(np.arange(opened.store.num_chunks))
+    docs = np.ascontiguousarray(opened.store.chunks["doc"])
+
+    def same(got: np.ndarray, want: np.ndarray) -> bool:
+        """The same ids, but where two chunks have the same vector (Faiss keeps whichever of equals it meets
+        first, so which one depends on how many results are asked for, with or without removals)."""
+        differ = got != want
+        return bool(np.array_equal(queries[got[differ]], queries[want[differ]]))
+
+    for k in (1, 5, 40):
+        got, want = filtered.search(queries, k), over.search(queries, k)
+        assert np.array_equal(got[0], want[0]) and same(got[1], want[1])
+        assert not np.isin(got[1], opened.removed_chunks).any()
+        ids, dist = search_excluding(filtered, queries, docs, docs, k)
+        ids_over, dist_over = search_excluding(over, queries, docs, docs, k)
+        assert np.array_equal(dist, dist_over) and same(ids, ids_over)

@@ -13,7 +13,7 @@ import pytest
 from retrocli.cli import main
 from retrocli.config import load_config
 from retrocli.db import database
-from retrocli.db.database import open_store
+from retrocli.db.database import Database
 
 from .conftest import write_jsonl
 
@@ -41,7 +41,7 @@ def test_ppl_json_with_and_without_retrieval(trained: Path, capsys) -> None:
     assert with_r["retrieval"] is True and without["retrieval"] is False
     assert with_r["checkpoint"].endswith("step-000002")  # the latest complete checkpoint by default
     ws = database.workspace_of(load_config(trained))
-    valid = open_store(ws, 16).docs
+    valid = Database.open(ws, 16).store.docs
     valid = valid[valid["valid"]]
     assert with_r["tokens"] == without["tokens"] == int(valid["num_tokens"].sum()) + len(valid) - 1
     assert with_r["perplexity"] != without["perplexity"]  # the trained CCA changes the predictions

@@ -21,7 +21,7 @@ from retrocli.config import load_config
 from retrocli.data.tokenizer import EOS_ID, PAD_ID
 from retrocli.db import build as db
 from retrocli.db import database
-from retrocli.db.database import open_store
+from retrocli.db.database import Database
 from retrocli.errors import UserError
 from retrocli.train import checkpoint
 from retrocli.train.curriculum import PERIODS, CopyWindows
@@ -79,7 +79,7 @@ def metrics(run: Path) -> dict[int, float]:
 def test_samples_layout_and_masking(workspace: Path) -> None:
     cfg = load_config(workspace)
     ws = database.workspace_of(cfg)
-    store = open_store(ws, 16)
+    store = Database.open(ws, 16).store
     samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
     n, m, k, r = 32, 16, 2, 32
     # the stream, rebuilt by hand: each training document + EOS, padded to a multiple of m
@@ -103,7 +103,7 @@ def test_samples_layout_and_masking(workspace: Path) -> None:
 def test_neighbours_exclude_sample_documents_and_stop_at_document_end(workspace: Path) -> None:
     cfg = load_config(workspace)
     ws = database.workspace_of(cfg)
-    store = open_store(ws, 16)
+    store = Database.open(ws, 16).store
     samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
     chunk_docs = store.chunks["doc"]
     # a neighbour table that offers each chunk's own neighbours behind the first chunks of the documents
@@ -149,7 +149,7 @@ def test_validation_samples_cover_every_token(workspace: Path) -> None:
     total = sum(float(samples.get(i)["loss_mask"].sum()) for i in range(len(samples)))
     assert total == int(samples.docs.lengths.sum()) + len(samples.docs.lengths) - 1  # tokens + EOS, minus the first
     assert set(np.asarray(samples.docs.doc_keys).tolist()).isdisjoint(
-        np.flatnonzero(~open_store(ws, 16).docs["valid"]).tolist())
+        np.flatnonzero(~Database.open(ws, 16).store.docs["valid"]).tolist())
 
 
 def test_seq_length_must_be_a_multiple_of_the_chunk_length(workspace: Path) -> None:

@@ -25,12 +25,11 @@ from ..runtime import dist, fault_point, log, progress, set_kept_note, warn
 from ..workspace import DB_STAGES, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
 from . import index as faiss_index
 from .database import (
+    Database,
     EmbeddingStore,
-    _finished_meta,
     as_built,
-    database_embedder,
-    open_index,
     open_tokenizer,
+    require_built,
     tokenizer_sha256,
     tokenizer_source,
     workspace_of,
@@ -46,6 +45,15 @@ def begin_shared(ws: Workspace, stage: str, settings: dict, rebuild: bool) -> di
         ws.begin(stage, settings, rebuild)
     dist().barrier()
     meta = ws.read_meta(stage)
+    return meta if meta and meta.get("complete") else None
+
+
+def _finished_meta(ws: Workspace, stage: str) -> dict | None:
+    """The metadata of a complete stage, or None (none, unfinished, or unreadable: a rebuild replaces it)."""
+    try:
+        meta = ws.read_meta(stage)
+    except UserError:
+        return None
     return meta if meta and meta.get("complete") else None
 
 
@@ -235,9 +243,10 @@ def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool
     _note_kept("neighbours")
     D = dist()
     started = time.time()
-    store = ChunkStore.open(ws, d.chunk_length)
+    database = Database.open(ws, d.chunk_length, edits=False)  # the edits are not the neighbour blocks' business
+    store = database.store
     emb = EmbeddingStore(ws, store.num_chunks)
-    index = open_index(ws, d, edits=False, store=store)
+    index = database.index(d)
     chunk_docs = np.ascontiguousarray(store.chunks["doc"])
     k = d.num_neighbors_query
     spans = blocks(store.num_chunks, d.block_size)
@@ -337,16 +346,12 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     if not 0 < fraction <= 1:
         raise UserError(f"--fraction {fraction}: expected a number in (0, 1]")
     ws = workspace_of(cfg)
-    for stage in DB_STAGES:
-        ws.require(stage)
+    require_built(ws)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"stages": {}, "recomputed": {}, "damaged": {}}
     sampled: dict[str, list[int]] = {}
     for stage in DB_STAGES:
-        recorded = ws.read_meta(stage).get("files") or {}
-        if not recorded:
-            out["stages"][stage] = {"checked": 0, "note": "built before checksums were recorded: rebuild to check"}
-            continue
+        recorded = ws.read_meta(stage)["files"]
         block_names = sorted(n for n in recorded if n.startswith("block-"))
         picked = sorted(rng.choice(len(block_names), size=max(1, round(fraction * len(block_names))),
                                    replace=False).tolist()) if block_names else []
@@ -363,7 +368,8 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
         out["repaired"] = True
         return out
     d = as_built(cfg, ws, knobs=False)  # recomputed as built, whatever [db] or --set say now
-    store = ChunkStore.open(ws, d.chunk_length)
+    database = Database.open(cfg, d.chunk_length, edits=False, settings=d)
+    store = database.store
     emb = EmbeddingStore(ws, store.num_chunks)
     spans = {stage: blocks(store.num_chunks, int(ws.read_meta(stage)["settings"]["block_size"]))
              for stage in ("embed", "neighbours")}  # as built, whatever db.block_size says now
@@ -371,7 +377,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     upstream_ok = not out["damaged"].get("tokenizer") and not out["damaged"].get("chunks")
     if ok_embed and upstream_ok:  # recomputing from damaged tokens would compare garbage (or fail to decode)
         tok = open_tokenizer(ws)
-        embedder = database_embedder(cfg, ws, d)
+        embedder = database.embedder
         worst = 1.0
         for b in ok_embed:
             _, s, e = spans["embed"][b]
@@ -384,7 +390,7 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     ok_nb = [b for b in sampled.get("neighbours", [])
              if f"block-{b:06d}.npy" not in out["damaged"].get("neighbours", {})]
     if ok_nb and upstream_ok and not out["damaged"].get("embed") and not out["damaged"].get("index"):
-        index = open_index(ws, d, edits=False, store=store)
+        index = database.index()
         chunk_docs = np.ascontiguousarray(store.chunks["doc"])
         k = ws.read_meta("neighbours")["counts"]["k"]
         same = total = 0

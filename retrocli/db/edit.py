@@ -1,24 +1,7 @@
 """`retro db add | remove`: edit the retrieval database in place, without rebuilding it or training again.
 
-Beside the stages `retro db build` writes:
-
-    db/edits/manifest.json   the live segments, the removed documents, the sources added (file, ids, hash)
-    db/edits/trained.faiss   the base index emptied: its trained quantizer, for new segments to add into
-    db/edits/base-keys.npz   the base documents' keys (hashes of id and of tokens, sorted), made by the first
-                             `db add` so that later ones find duplicates without reading the database
-    db/edits/add-000001/     one segment per `db add`: a chunk store of the new documents (as chunks.py
-                             writes it), their embeddings, a Faiss index of the base's trained type holding
-                             their chunks, their chunks' neighbours (for pretraining on them) and
-                             their documents' keys
-    db/edits/index-000002/   `db add --retrain`: an index trained afresh on every live chunk and holding them
-                             all (base and segments so far); searches use it instead of the base index
-    db/edits/refresh-000003/ `db build` after removals: the precomputed neighbour rows that named a removed
-                             chunk, searched again (rows.npy, ids.npy); pretraining reads them over the blocks
-
-Rows continue the base store's: segment i's first document row is the base's document count plus those
-of the segments before it; the same for chunks and tokens, so every id in the base index and in the
-precomputed neighbours keeps its meaning. A removed document stays in the store (rows never move) and
-its chunks are filtered out of every search (`EditedIndex`) and of the neighbours pretraining reads.
+The edits are laid out beside the stages `retro db build` writes as database.py describes; the manifest
+(`database.Manifest`) lists what is live.
 
 Crash safety: a segment is written under a temporary name and renamed, then the manifest is replaced
 atomically, so a kill leaves the database as before the command or as after it (a folder the manifest does
@@ -44,7 +27,6 @@ from ..data.corpus import CorpusStats, corpus_files, iter_documents
 from ..errors import UserError
 from ..runtime import fault_point, log, progress, set_kept_note, warn
 from ..workspace import (
-    DB_STAGES,
     Workspace,
     atomic_path,
     blocks,
@@ -55,35 +37,23 @@ from ..workspace import (
 )
 from . import index as faiss_index
 from .database import (
-    Retriever,
-    _embedding_layout,
-    _segment_store,
+    Database,
+    Manifest,
+    Refresh,
+    Removal,
+    Retrained,
+    Segment,
+    Source,
     edits_dir,
-    open_index,
-    open_store,
     open_tokenizer,
-    read_manifest,
-    refreshed_rows,
-    removed_chunks,
     require_as_built,
-    segment_neighbours,
-    with_edits,
+    require_built,
     workspace_of,
 )
 from .search import search_excluding
 from .store import ChunkStore, build_chunks
 
-# ----------------------------------------------------------------------------------------- reading
-
-
-# ----------------------------------------------------------------------------------------- writing
-
-
-def _require_database(ws: Workspace) -> None:
-    for stage in DB_STAGES:
-        if (ws.read_meta(stage) or {}).get("complete") is not True:
-            raise UserError(f"`retro db add` / `remove` edit a built database, but its '{stage}' stage is not "
-                            f"complete in {ws.db}: run `retro db build` first")
+EDITS_NEED = "`retro db add` / `remove` edit a built database"  # (the opening of require_built's message)
 
 
 # ------------------------------------------------------------------------------------- document keys
@@ -130,28 +100,26 @@ def _read_keys(path: Path) -> dict[str, np.ndarray] | None:
         return None  # missing or damaged: made again
 
 
-def _key_tables(ws: Workspace, store: ChunkStore) -> tuple[list[dict[str, np.ndarray]], list[tuple[Path, dict]]]:
-    """The key tables of the base and of every segment of `store`, and those that had to be made (the base's
-    once per database; a segment's is written by the `db add` that made it), for `_keep_keys` to save once
-    the add has succeeded: a failed add leaves no file behind."""
-    fingerprint = (ws.read_meta("chunks") or {}).get("fingerprint") or ""
+def _key_tables(database: Database) -> tuple[list[dict[str, np.ndarray]], list[tuple[Path, dict]]]:
+    """The key tables of the base and of every segment, and those that had to be made (the base's once per
+    database; a segment's is written by the `db add` that made it, and made again if damaged), for
+    `_keep_keys` to save once the add has succeeded: a failed add leaves no file behind."""
+    ws, m = database.ws, database.store.chunk_length
+    fingerprint = database.manifest.chunks_fingerprint or ""
     path = edits_dir(ws) / "base-keys.npz"
     base, made = _read_keys(path), []
     if base is None or str(base["fingerprint"]) != fingerprint:
-        base_store = ChunkStore.open(ws, store.chunk_length)
+        base_store = ChunkStore.open(ws, m)
         log(f"indexing the keys of the database's {len(base_store.docs):,} documents (once)")
         base = _make_keys(base_store, 0, fingerprint)
         made.append((path, base))
-    segments = (store.manifest or {}).get("segments", [])
-    tables, first = [base], len(store.docs) - sum(seg["documents"] for seg in segments)
-    for seg in segments:
-        seg_path = edits_dir(ws) / seg["name"] / "keys.npz"
-        table = _read_keys(seg_path)
-        if table is None:  # a segment written before keys existed, or its keys damaged
-            table = _make_keys(_segment_store(seg_path.parent, store.chunk_length), first)
-            made.append((seg_path, table))
+    tables = [base]
+    for p in database.segments:
+        table = _read_keys(p.folder / "keys.npz")
+        if table is None:  # missing or damaged: a cache, made again
+            table = _make_keys(ChunkStore.at(p.folder, m), p.doc)
+            made.append((p.folder / "keys.npz", table))
         tables.append(table)
-        first += seg["documents"]
     return tables, made
 
 
@@ -183,11 +151,11 @@ def _present(tables: list[dict[str, np.ndarray]], store: ChunkStore, doc_id: str
                for row in live(_rows_with_key(tables, "tokens", _token_key(ids))))
 
 
-def _trained_empty(ws: Workspace, manifest: dict[str, Any]) -> faiss.Index:
+def _trained_empty(ws: Workspace, manifest: Manifest) -> faiss.Index:
     """The index in force (the base, or the one `--retrain` trained), trained and empty (written once, so later
     adds do not read the whole index)."""
-    if manifest.get("index"):
-        return faiss_index.load(edits_dir(ws) / manifest["index"]["name"] / "trained.faiss")
+    if manifest.index is not None:
+        return faiss_index.load(edits_dir(ws) / manifest.index.name / "trained.faiss")
     path = edits_dir(ws) / "trained.faiss"
     if not path.is_file():
         index = faiss_index.load(ws.index_file)
@@ -202,7 +170,7 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     tokens) are skipped and counted. `retrain`: train the index afresh on every chunk now in the database
     (base and added), for when the added text differs from what the index was trained on."""
     ws = workspace_of(cfg)
-    _require_database(ws)
+    require_built(ws, needed_by=EDITS_NEED)
     require_as_built(cfg, ws, "db add")  # new chunks, vectors and neighbours as the database's own
     corpus = dataclasses.replace(cfg.corpus, train=list(files))
     paths = corpus_files(corpus, Path.cwd(), key="retro db add")  # before anything is written
@@ -212,12 +180,12 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
                   "documents")
     started = time.time()
     tok = open_tokenizer(ws)
-    manifest = read_manifest(ws)
+    database = Database.open(cfg)
+    manifest, store = database.manifest, database.store
     folder = edits_dir(ws)
     folder.mkdir(parents=True, exist_ok=True)
     _clear_unlisted(folder, manifest)
-    store = open_store(ws, m)
-    tables, made_keys = _key_tables(ws, store)
+    tables, made_keys = _key_tables(database)
 
     stats = CorpusStats()
     docs = list(iter_documents(corpus, Path.cwd(), paths, stats))
@@ -246,13 +214,12 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     tmp = folder / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir(parents=True)
     counts = build_chunks(tmp, new, tok, m, cfg.workspace.seed, valid_fraction=0.0)
-    seg = _segment_store(tmp, m)
+    seg = ChunkStore.at(tmp, m)
     _save_keys(tmp / "keys.npz", _make_keys(seg, len(store.docs)))
     first_chunk = store.num_chunks
-    retriever = Retriever(cfg, ws, store)
     texts = [tok.decode(seg.chunk_ids(i).tolist()) for i in range(seg.num_chunks)]
     t_embed = time.time()
-    vectors = retriever.embed(texts)
+    vectors = database.embed(texts)
     t_embed = time.time() - t_embed
     save_npy_atomic(tmp / "embeddings.npy", vectors)
     index = _trained_empty(ws, manifest)
@@ -264,73 +231,71 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
     tmp.rename(folder / name)  # not live until the manifest lists it
 
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    pending = {**manifest, "segments": [*manifest["segments"], {
-        "name": name, "documents": counts["documents"], "chunks": counts["chunks"], "tokens": counts["tokens"],
-        "added": now}]}
+    pending = dataclasses.replace(manifest, segments=(*manifest.segments, Segment(
+        name, counts["documents"], counts["chunks"], counts["tokens"], now)))
     t_retrain = 0.0
     if retrain:
         t_retrain = time.time()
-        pending["index"] = _retrain(cfg, ws, with_edits(ws, ChunkStore.open(ws, m), pending),
-                                    f"index-{_next_number(pending):06d}")
+        pending = dataclasses.replace(pending, index=_retrain(cfg, database.edited(pending),
+                                                              f"index-{_next_number(pending):06d}"))
         t_retrain = time.time() - t_retrain
     # the new chunks' neighbours, over the database as it will be (base, earlier segments, this one)
-    after = with_edits(ws, ChunkStore.open(ws, m), pending)
-    chunk_docs = np.ascontiguousarray(after.chunks["doc"])
+    after = database.edited(pending)
+    chunk_docs = np.ascontiguousarray(after.store.chunks["doc"])
     t_search = time.time()
-    ids, _ = search_excluding(open_index(ws, d, store=after), vectors, chunk_docs[first_chunk:], chunk_docs,
-                              d.num_neighbors_query)
+    ids, _ = search_excluding(after.index(d), vectors, chunk_docs[first_chunk:], chunk_docs, d.num_neighbors_query)
     t_search = time.time() - t_search
     save_npy_atomic(folder / name / "neighbours.npy", ids)
     by_source: dict[str, list[str]] = {}
     for doc in new:
         by_source.setdefault(doc.source, []).append(doc.id)
+    added = []
     for source, ids_ in by_source.items():
         path = next((p for p in paths if p == source or os.path.relpath(p, Path.cwd()) == source), None)
-        pending["sources"].append({"source": source, "segment": name, "documents": ids_, "added": now,
-                                   "sha256": sha256_file(path) if path and os.path.isfile(path) else None})
+        added.append(Source(source, name, ids_, now, sha256_file(path) if path and os.path.isfile(path) else None))
+    pending = dataclasses.replace(pending, sources=(*pending.sources, *added))
     fault_point("add:manifest")
-    write_json_atomic(folder / "manifest.json", pending)
+    write_json_atomic(folder / "manifest.json", pending.to_json())
     _keep_keys(made_keys)
     summary.update(segment=name, chunks=counts["chunks"], tokens=counts["tokens"], indexed=int(len(eligible)),
                    seconds=round(time.time() - started, 2), seconds_embed=round(t_embed, 2),
-                   seconds_neighbours=round(t_search, 2), retrained=pending.get("index") if retrain else None,
+                   seconds_neighbours=round(t_search, 2),
+                   retrained=dataclasses.asdict(pending.index) if retrain else None,
                    seconds_retrain=round(t_retrain, 2))
     return summary
 
 
-def _next_number(manifest: dict[str, Any]) -> int:
+def _next_number(manifest: Manifest) -> int:
     """Edit folders are numbered in one sequence (add-, index-, refresh-): the next number."""
-    names = [seg["name"] for seg in manifest["segments"]]
-    names += [manifest[key]["name"] for key in ("index", "refresh") if manifest.get(key)]
-    return max([int(n.rsplit("-", 1)[1]) for n in names], default=0) + 1
+    return max([int(n.rsplit("-", 1)[1]) for n in manifest.folders], default=0) + 1
 
 
-def _clear_unlisted(folder: Path, manifest: dict[str, Any]) -> None:
+def _clear_unlisted(folder: Path, manifest: Manifest) -> None:
     """Remove what a killed edit left (temporary folders, a renamed folder the manifest never listed) and
     what later edits superseded (an older retrained index or refresh)."""
-    listed = {seg["name"] for seg in manifest["segments"]}
-    listed |= {manifest[key]["name"] for key in ("index", "refresh") if manifest.get(key)}
+    listed = manifest.folders
     for path in folder.iterdir() if folder.is_dir() else []:
         if path.is_dir() and path.name not in listed and (
                 path.name.startswith(".tmp-") or path.name.split("-")[0] in ("add", "index", "refresh")):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _live_rows(ws: Workspace, d: DBConfig, store: ChunkStore) -> Iterator[tuple[np.ndarray, Callable]]:
-    """The indexable chunks of `store` (training split, at least db.min_chunk_tokens tokens, not removed),
-    block by block: (global rows, a function giving their (n, dim) float32 embeddings)."""
+def _live_rows(database: Database, d: DBConfig) -> Iterator[tuple[np.ndarray, Callable]]:
+    """The indexable chunks (training split, at least db.min_chunk_tokens tokens, not removed), block by block:
+    (global rows, a function giving their (n, dim) float32 embeddings)."""
+    store = database.store
     ok = store.train_mask() & (np.asarray(store.chunks["length"]) >= min_chunk_tokens(d))
-    ok[removed_chunks(store)] = False
-    return _rows_where(ws, d, store, ok)
+    ok[database.removed_chunks] = False
+    return _rows_where(database, ok)
 
 
-def _all_rows(ws: Workspace, d: DBConfig, store: ChunkStore) -> Iterator[tuple[np.ndarray, Callable]]:
-    """Every chunk of `store`, block by block, as `_live_rows` gives them."""
-    return _rows_where(ws, d, store, np.ones(store.num_chunks, dtype=bool))
+def _all_rows(database: Database) -> Iterator[tuple[np.ndarray, Callable]]:
+    """Every chunk, block by block, as `_live_rows` gives them."""
+    return _rows_where(database, np.ones(database.store.num_chunks, dtype=bool))
 
 
-def _rows_where(ws: Workspace, d: DBConfig, store: ChunkStore, ok: np.ndarray) -> Iterator[tuple[np.ndarray, Callable]]:
-    base, segments = _embedding_layout(ws, store)
+def _rows_where(database: Database, ok: np.ndarray) -> Iterator[tuple[np.ndarray, Callable]]:
+    base, segments = database.embedding_parts()
     for _, s, e in blocks(base.n, base.block_size):
         rows = s + np.flatnonzero(ok[s:e])
         yield rows, (lambda s=s, e=e, rows=rows: base.rows(s, e)[rows - s])
@@ -340,12 +305,12 @@ def _rows_where(ws: Workspace, d: DBConfig, store: ChunkStore, ok: np.ndarray) -
                                                                           dtype=np.float32))
 
 
-def _retrain(cfg: Config, ws: Workspace, store: ChunkStore, name: str) -> dict[str, Any]:
+def _retrain(cfg: Config, database: Database, name: str) -> Retrained:
     """`db add --retrain`: an index of the base's type trained afresh on a seeded sample of every live chunk
-    of `store` and holding them all, written as edits/<name>/ (the manifest makes it live)."""
-    d = cfg.db
+    of `database` and holding them all, written as edits/<name>/ (the manifest makes it live)."""
+    d, ws = cfg.db, database.ws
     spec = ws.require("index")["counts"]["spec"]
-    parts = list(_live_rows(ws, d, store))
+    parts = list(_live_rows(database, d))
     every = np.concatenate([rows for rows, _ in parts])
     rng = np.random.default_rng(cfg.workspace.seed)
     chosen = np.sort(rng.choice(every, size=min(d.index_train_samples, len(every)), replace=False))
@@ -363,35 +328,33 @@ def _retrain(cfg: Config, ws: Workspace, store: ChunkStore, name: str) -> dict[s
     index.reset()
     faiss_index.save(index, tmp / "trained.faiss")
     tmp.rename(edits_dir(ws) / name)
-    return {"name": name, "spec": spec, "ntotal": int(len(every)), "train_samples": int(len(sample)),
-            "segments": [seg["name"] for seg in (store.manifest or {}).get("segments", [])],
-            "trained": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return Retrained(name, spec, int(len(every)), int(len(sample)), [s.name for s in database.manifest.segments],
+                     time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
-def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
+def refresh_neighbours(cfg: Config, ws: Workspace) -> Refresh | None:
     """`retro db build` on an edited database: search again, over the database as it is now, the precomputed
     neighbour rows (base blocks and segments) that name a chunk removed since the last refresh; the rest stay
     valid and are not touched. Written as edits/refresh-N/ (rows.npy, ids.npy: earlier refreshed rows
     included) and made live by the manifest. Returns the refresh record, or None without removals."""
-    _require_database(ws)
-    manifest = read_manifest(ws)
-    if not manifest["removed"]:
-        return None
-    if (manifest.get("refresh") or {}).get("removals") == len(manifest["removed"]):
-        return manifest["refresh"]  # up to date
-    _clear_unlisted(edits_dir(ws), manifest)  # what a killed refresh left, which would block this one's rename
+    require_built(ws, needed_by=EDITS_NEED)
     d = cfg.db
+    database = Database.open(ws, d.chunk_length)
+    manifest, store = database.manifest, database.store
+    if not manifest.removed:
+        return None
+    if manifest.refresh is not None and manifest.refresh.removals == len(manifest.removed):
+        return manifest.refresh  # up to date
+    _clear_unlisted(edits_dir(ws), manifest)  # what a killed refresh left, which would block this one's rename
     started = time.time()
-    store = open_store(ws, d.chunk_length)
     nmeta = ws.require("neighbours")
-    gone = removed_chunks(store)
+    gone = database.removed_chunks
     gone_docs = np.zeros(len(store.docs), dtype=bool)
     gone_docs[store.removed_docs] = True
-    old_rows, old_ids = refreshed_rows(ws, store)
-    segments = segment_neighbours(ws, store)
-    base_n = segments[0][0] if segments else store.num_chunks
+    old_rows, old_ids = database.refreshed
+    segments = database.segment_neighbours()
     parts = [(s, lambda i=i: load_npy(ws.neighbour_block(i)))
-             for i, s, _ in blocks(base_n, nmeta["settings"]["block_size"])]
+             for i, s, _ in blocks(database.base_chunks, nmeta["settings"]["block_size"])]
     parts += [(first, lambda t=table: t) for first, table in segments]
     stale = []
     for start, table in parts:  # block by block, vectorised: the rows as pretraining reads them now
@@ -407,7 +370,7 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
     new_ids = np.zeros((0, k), dtype=np.int64)
     if len(stale):
         vectors = {}
-        for rows, vecs in _all_rows(ws, d, store):
+        for rows, vecs in _all_rows(database):
             want = rows[np.isin(rows, stale)]
             if len(want):
                 got = vecs()
@@ -416,7 +379,7 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
         chunk_docs = np.ascontiguousarray(store.chunks["doc"])
         x = np.stack([vectors[int(r)] for r in stale])
         with progress("refresh neighbours", len(stale), "chunks") as bar:
-            new_ids, _ = search_excluding(open_index(ws, d, store=store), x, chunk_docs[stale], chunk_docs, k)
+            new_ids, _ = search_excluding(database.index(d), x, chunk_docs[stale], chunk_docs, k)
             bar.advance(len(stale))
     keep = ~np.isin(old_rows, stale)
     rows = np.concatenate([np.asarray(old_rows)[keep], stale]).astype(np.int64)
@@ -428,13 +391,12 @@ def refresh_neighbours(cfg: Config, ws: Workspace) -> dict[str, Any] | None:
     save_npy_atomic(tmp / "rows.npy", rows[order])
     save_npy_atomic(tmp / "ids.npy", ids[order])
     tmp.rename(edits_dir(ws) / name)
-    manifest["refresh"] = {"name": name, "removals": len(manifest["removed"]), "rows": int(len(rows)),
-                           "searched_now": int(len(stale)), "seconds": round(time.time() - started, 2),
-                           "refreshed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    refresh = Refresh(name, len(manifest.removed), int(len(rows)), int(len(stale)), round(time.time() - started, 2),
+                      time.strftime("%Y-%m-%dT%H:%M:%S"))
     fault_point("refresh:manifest")
-    write_json_atomic(edits_dir(ws) / "manifest.json", manifest)
+    write_json_atomic(edits_dir(ws) / "manifest.json", dataclasses.replace(manifest, refresh=refresh).to_json())
     log(f"neighbours: searched again the {len(stale):,} chunk rows that named a removed chunk")
-    return manifest["refresh"]
+    return refresh
 
 
 def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any]:
@@ -442,11 +404,11 @@ def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any
     if not doc_ids and not sources:
         raise UserError("say what to remove: --doc ID or --source FILE (each may be repeated)")
     ws = workspace_of(cfg)
-    _require_database(ws)
+    require_built(ws, needed_by=EDITS_NEED)
     set_kept_note("db remove: the database is as it was before (a removal goes live in one atomic write of the "
                   "edit manifest)")
-    manifest = read_manifest(ws)
-    store = open_store(ws, cfg.db.chunk_length)
+    database = Database.open(cfg)
+    manifest, store = database.manifest, database.store
     already = set(store.removed_docs.tolist())
     wanted_ids = set(doc_ids)
     wanted_sources = set(sources) | {os.path.abspath(s) for s in sources}
@@ -467,11 +429,11 @@ def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any
     if not rows:
         log("already removed: nothing to do")
         return {"removed_documents": 0, "removed_chunks": 0}
-    manifest["removed"].append({"rows": rows, "ids": sorted(found_ids), "sources": sorted(found_sources),
-                                "removed": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    removal = Removal(rows, sorted(found_ids), sorted(found_sources), time.strftime("%Y-%m-%dT%H:%M:%S"))
     fault_point("remove:manifest")
     edits_dir(ws).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(edits_dir(ws) / "manifest.json", manifest)
+    write_json_atomic(edits_dir(ws) / "manifest.json",
+                      dataclasses.replace(manifest, removed=(*manifest.removed, removal)).to_json())
     n_chunks = int(store.docs["num_chunks"][rows].sum())
     return {"removed_documents": len(rows), "removed_chunks": n_chunks}
 
@@ -479,7 +441,7 @@ def remove(cfg: Config, doc_ids: list[str], sources: list[str]) -> dict[str, Any
 def describe(ws: Workspace) -> dict[str, Any]:
     """For `retro db info`: the sources added and the documents removed, with their times; the retrained
     index and the refreshed neighbours, if any."""
-    manifest = read_manifest(ws)
+    manifest = Manifest.read(ws).to_json()
     return {"segments": manifest["segments"], "sources": manifest["sources"], "index": manifest.get("index"),
             "refresh": manifest.get("refresh"),
             "removed": [{k: e[k] for k in ("ids", "sources", "removed")} | {"documents": len(e["rows"])}

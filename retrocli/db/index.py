@@ -109,6 +109,36 @@ def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
         inner.hnsw.efSearch = ef_search
 
 
+def _innermost(index: faiss.Index) -> faiss.Index:
+    """The index under the id map and the transforms, which does the searching."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def filters_cheaply(index: faiss.Index) -> bool:
+    """Whether Faiss leaves ids out of a search of this index by an IDSelector (in its search parameters) at
+    about no cost: IVF (any codes), HNSW and flat scalar-quantised codes, which check each candidate as they
+    scan. Not exact flat search (an IDSelector takes it off its BLAS path: 2.6x slower at 8,000 chunks,
+    docs/benchmarks.md), nor flat PQ codes or refined indexes (which refuse search parameters)."""
+    inner = _innermost(index)
+    return ivf_of(index) is not None or isinstance(inner, (faiss.IndexScalarQuantizer, faiss.IndexHNSW))
+
+
+def search_parameters(index: faiss.Index, sel: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters carrying `sel` for an index that `filters_cheaply`. Given parameters replace the
+    index's own settings for that search, so they repeat them (`set_search_params`): IVF's nprobe and
+    max_codes (a HNSW quantizer keeps its own efSearch), HNSW's efSearch."""
+    ivf = ivf_of(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
+    inner = _innermost(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
 def save(index: faiss.Index, path: Path) -> None:
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))

@@ -133,13 +133,18 @@ class ChunkStore:
     doc_info_paths: list[tuple[Path, int]]  # (docs.jsonl, global row of its first document)
     chunk_length: int
     removed_docs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    manifest: dict | None = None  # the edits (edits.read_manifest) this view was opened with
 
     @classmethod
     def open(cls, ws: Workspace, chunk_length: int) -> "ChunkStore":
-        """The store as `retro db build` wrote it. Readers want it with the edits since (`database.open_store`)."""
+        """The store as `retro db build` wrote it. Readers want it with the edits since (`Database.store`)."""
         return cls(load_npy(ws.chunk_tokens), load_npy(ws.chunk_docs), load_npy(ws.chunk_table), [(ws.doc_info, 0)],
                    chunk_length)
+
+    @classmethod
+    def at(cls, folder: Path, chunk_length: int) -> "ChunkStore":
+        """The store `build_chunks` wrote in `folder` (a segment `retro db add` wrote), rows from 0."""
+        tokens, docs, chunks, info = (folder / name for name in STORE_FILES)
+        return cls(load_npy(tokens), load_npy(docs), load_npy(chunks), [(info, 0)], chunk_length)
 
     @property
     def num_chunks(self) -> int:

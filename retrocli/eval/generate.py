@@ -30,7 +30,7 @@ import torch
 from ..config import Config
 from ..data.corpus import data_file
 from ..data.qa import Record, context_neighbours, detect_format, fit_prompt, read_records, template_of
-from ..db.database import Retriever, describe_hits, open_store, open_tokenizer, retrieve_neighbours, workspace_of
+from ..db.database import Database, Retriever, describe_hits, open_tokenizer, workspace_of
 from ..db.store import ChunkStore
 from ..errors import UserError
 from ..model.decode import DecodeCache
@@ -292,23 +292,23 @@ def neighbour_source(mode: str, contexts: list[list[dict]], tok, retriever: Retr
     if mode == "none":
         return None
     if mode == "database":
-        return lambda rows, chunks: retrieve_neighbours(retriever, store, tok, chunks, k, r, pad)
+        return lambda rows, chunks: retriever.neighbours(tok, chunks, k, r, pad)
     per_row = np.stack([context_neighbours(tok, ctxs, k, r, pad) for ctxs in contexts]) if contexts else \
         np.zeros((0, k, r), dtype=np.int64)
     return lambda rows, chunks: (per_row[rows], np.full((len(rows), k), -1, dtype=np.int64))
 
 
 def _settings_hash(cfg: Config, ws: Workspace, path: Path, mode: str, task: Path | None,
-                   store: ChunkStore | None) -> str:
+                   database: Database | None) -> str:
     """What the answers depend on. With retrieval, that includes the database as edited: answers written
     before a `db add`/`db remove` are not resumed after it."""
     g = dataclasses.asdict(cfg.generate)
     g.pop("batch_size")  # batching does not change what is answered
-    database = None if store is None else {"index": (ws.read_meta("index") or {}).get("files"),
-                                           "edits": store.manifest}
+    edited = None if database is None else {"index": (ws.read_meta("index") or {}).get("files"),
+                                            "edits": database.manifest.to_json()}
     return hash_obj({"generate": g, "checkpoint": str(path.resolve()), "neighbors": mode,
                      "task": str(task.resolve()) if task else None, "seed": cfg.workspace.seed,
-                     "template": dataclasses.asdict(template_of(cfg.sft)), "database": database})[:10]
+                     "template": dataclasses.asdict(template_of(cfg.sft)), "database": edited})[:10]
 
 
 def _read_partial(paths: list[Path]) -> dict[int, dict]:
@@ -339,11 +339,11 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     task = None if task is None else data_file(task, Path.cwd(), ws.root)  # a path, or builtin:tiny-cloze-test
     questions = read_questions(task, prompts, fmt, skip_bad, limit)
 
-    store = retriever = None
+    store = retriever = database = None
     if g.contexts == "database" or mode == "database":
         ws.require("index")
-        store = open_store(ws, model.chunk_length)
-        retriever = Retriever(cfg, ws, store)
+        database = Database.open(cfg, model.chunk_length)
+        store, retriever = database.store, database.retriever()
     prompter = Prompter(cfg, ws, tok, model, store, retriever)
     eos_id = meta.get("eos_id", tok.eos_id)
 
@@ -353,7 +353,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     done: dict[int, dict] = {}
     mine = pattern = None
     if out is not None:  # answers go to this rank's partial file as they are made; a rerun skips them
-        pattern = f"{out.name}.{_settings_hash(cfg, ws, path, mode, task, store)}.rank*.partial"
+        pattern = f"{out.name}.{_settings_hash(cfg, ws, path, mode, task, database)}.rank*.partial"
         done = _read_partial(sorted(out.parent.glob(pattern)))
         mine = out.parent / pattern.replace("*", str(D.rank))
         mine.parent.mkdir(parents=True, exist_ok=True)

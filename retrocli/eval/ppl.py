@@ -21,7 +21,7 @@ import torch
 
 from ..config import Config, CorpusConfig
 from ..data.corpus import CorpusStats, iter_documents
-from ..db.database import open_store, open_tokenizer, search_texts, workspace_of
+from ..db.database import Database, open_tokenizer, workspace_of
 from ..db.store import chunk_spans
 from ..errors import UserError
 from ..model.retro import RetroModel
@@ -45,11 +45,12 @@ def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int
     if not docs:
         raise UserError(f"--data {data}: no text to evaluate")
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    store = open_store(ws, m)
+    database = Database.open(ws, m, cfg=cfg)
+    store = database.store
     table = None
     if retrieval:
         chunk_texts = [tok.decode(ids[s : s + n]) for ids in docs for s, n in chunk_spans(len(ids), m)]
-        table, _ = search_texts(cfg, ws, chunk_texts, store, model_cfg.num_neighbors)
+        table, _ = database.search(chunk_texts, model_cfg.num_neighbors)
     samples = Samples(StreamDocs.from_token_lists(docs, m), store, table, model_cfg.seq_length, m,
                       model_cfg.num_neighbors, retrieved_length(model_cfg, m), pad_id, eos_id, drop_last=False)
     return samples, nbytes

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..config import Config, ModelConfig, to_commented_toml
-from ..db.database import open_store, open_tokenizer, workspace_of
+from ..db.database import Database, open_tokenizer, workspace_of
 from ..errors import UserError
 from ..model.retro import RetroModel, ffn_width, resolve_retro_layers
 from ..runtime import log
@@ -146,9 +146,9 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
         load_init(model, cfg.resolve(cfg.pretrain.init_from), tok_ref)
     if cfg.pretrain.freeze_decoder:
         freeze_decoder(model, cfg, resuming=resume_from is not None)
-    store = open_store(ws, m)
-    train_samples = open_samples(cfg, ws, "train", tok.pad_id, tok.eos_id, retrieval, store=store)
-    valid_samples = open_samples(cfg, ws, "valid", tok.pad_id, tok.eos_id, retrieval, store=store)
+    database = Database.open(ws, m)
+    train_samples = open_samples(cfg, ws, "train", tok.pad_id, tok.eos_id, retrieval, database=database)
+    valid_samples = open_samples(cfg, ws, "valid", tok.pad_id, tok.eos_id, retrieval, database=database)
     resolved = dataclasses.replace(cfg, model=model_cfg)
     meta = checkpoint.model_meta(model_cfg, m, tok.pad_id, tok_ref, model.retro_layers)
     meta["eos_id"] = tok.eos_id

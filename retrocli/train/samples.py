@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import Config, ModelConfig
-from ..db.database import NeighbourBlocks, neighbour_tokens, open_store
+from ..db.database import Database, neighbour_tokens
 from ..db.store import ChunkStore
 from ..errors import UserError
 from ..workspace import Workspace
@@ -190,9 +190,10 @@ class Samples:
 
 
 def open_samples(cfg: Config, ws: Workspace, split: str, pad_id: int, eos_id: int, retrieval: bool,
-                 drop_last: bool = True, store: ChunkStore | None = None) -> Samples:
+                 drop_last: bool = True, database: Database | None = None) -> Samples:
     """The pretraining samples of one split ("train" or "valid") of the workspace."""
-    store = store or open_store(ws, cfg.db.chunk_length)
+    database = database or Database.open(ws, cfg.db.chunk_length)
+    store = database.store
     table = None
     if retrieval:
         nmeta = ws.require("neighbours")
@@ -200,7 +201,7 @@ def open_samples(cfg: Config, ws: Workspace, split: str, pad_id: int, eos_id: in
         if cfg.model.num_neighbors > stored:
             raise UserError(f"model.num_neighbors ({cfg.model.num_neighbors}) exceeds the {stored} neighbours "
                             f"stored per chunk in {ws.stage_dir('neighbours')} (db.num_neighbors_query when built)")
-        table = NeighbourBlocks(ws, nmeta["settings"]["block_size"], store)
+        table = database.neighbours
     return Samples(StreamDocs.from_store(store, split), store, table, cfg.model.seq_length, cfg.db.chunk_length,
                    cfg.model.num_neighbors, retrieved_length(cfg.model, cfg.db.chunk_length), pad_id, eos_id,
                    drop_last)

@@ -33,7 +33,7 @@ from ..data.qa import (
     split_records,
     template_of,
 )
-from ..db.database import Retriever, open_store, open_tokenizer, retrieve_neighbours, workspace_of
+from ..db.database import Database, Retriever, open_tokenizer, workspace_of
 from ..db.store import ChunkStore
 from ..errors import UserError
 from ..model.retro import RetroModel
@@ -68,8 +68,8 @@ class Neighbours:
         else:
             chunks = [tokens[j * self.m : (j + 1) * self.m] for j in range(self.l)]
             real = [j for j, c in enumerate(chunks) if (c != self.pad_id).any()]
-            found, _ = retrieve_neighbours(self.retriever, self.store, self.tok, [chunks[j].tolist() for j in real],
-                                           self.k, self.r, self.pad_id)
+            found, _ = self.retriever.neighbours(self.tok, [chunks[j].tolist() for j in real], self.k, self.r,
+                                                 self.pad_id)
             out[real] = found
         return out
 
@@ -159,8 +159,8 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
 
     retriever = store = None
     if s.neighbors == "database":
-        store = open_store(ws, model.chunk_length)
-        retriever = Retriever(cfg, ws, store)
+        database = Database.open(cfg, model.chunk_length)
+        store, retriever = database.store, database.retriever()
     neighbours = Neighbours(s.neighbors, model, tok, retriever, store) if s.neighbors != "none" else None
     valid = {}
     for entry, (_, held_out) in zip(entries, splits):

@@ -88,6 +88,102 @@ def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
     return min(cuts) if cuts else None
 
 
+class Rows:
+    """The rows of one `generate` call: each prompt with the tokens written after it, why it stopped, and the
+    neighbours retrieved for its complete chunks."""
+
+    def __init__(self, model: RetroModel, prompts: list[list[int]], neighbours_of: NeighbourFn | None):
+        self.m, self.k, self.r = model.chunk_length, model.cfg.num_neighbors, model.retrieved_length
+        self.pad = model.pad_id
+        self.neighbours_of = neighbours_of
+        self.retrieval = neighbours_of is not None and bool(model.retro_layers) and not model.cca_gate_off
+        self.b = len(prompts)
+        self.seqs = [list(p) for p in prompts]  # prompt + generated
+        self.out: list[list[int]] = [[] for _ in range(self.b)]  # generated
+        self.stopped: list[str | None] = [None] * self.b
+        self.chunk_nbrs: list[list[np.ndarray]] = [[] for _ in range(self.b)]  # (k, r) per complete chunk
+        self.chunk_ids: list[list[list[int]]] = [[] for _ in range(self.b)]
+
+    def retrieve(self, rows: list[int]) -> None:
+        """Neighbours for every chunk of these rows that is complete and not yet retrieved for."""
+        m = self.m
+        wanted = [(i, c) for i in rows for c in range(len(self.chunk_nbrs[i]), len(self.seqs[i]) // m)]
+        if not self.retrieval or not wanted:
+            return
+        toks, ids = self.neighbours_of([i for i, _ in wanted], [self.seqs[i][c * m : (c + 1) * m] for i, c in wanted])
+        for (i, _), t, row_ids in zip(wanted, toks, ids):
+            self.chunk_nbrs[i].append(t)
+            self.chunk_ids[i].append([int(x) for x in row_ids])
+
+    def neighbours(self, i: int, length: int) -> np.ndarray:
+        """(ceil(length / m), k, r): row i's retrieved chunks, padding after them."""
+        out = np.full((-(-length // self.m), self.k, self.r), self.pad, dtype=np.int64)
+        if self.chunk_nbrs[i]:
+            out[: len(self.chunk_nbrs[i])] = np.stack(self.chunk_nbrs[i])[: len(out)]
+        return out
+
+    def step_neighbours(self, live: list[int]) -> np.ndarray:
+        """(b, k, r): the rows whose new token completed a chunk get its neighbours; the rest are not read."""
+        step_nbrs = np.full((self.b, self.k, self.r), self.pad, dtype=np.int64)
+        for i in live:
+            if len(self.seqs[i]) % self.m == 0:
+                step_nbrs[i] = self.chunk_nbrs[i][len(self.seqs[i]) // self.m - 1]
+        return step_nbrs
+
+    def append(self, nxt: list[int], eos_id: int, d: Decoding, decode: Callable[[list[int]], str] | None) -> list[int]:
+        """Add each row's next token (EOS and a stop string end a row); the rows still writing."""
+        for i, tok in enumerate(nxt):
+            if self.stopped[i] is not None:
+                continue
+            if tok == eos_id:
+                self.stopped[i] = "eos"
+                continue
+            self.out[i].append(tok)
+            self.seqs[i].append(tok)
+            if d.stop:
+                cut = _stop_at(decode(self.out[i]), d.stop)
+                if cut is not None:
+                    self.stopped[i] = "stop"
+        return [i for i in range(self.b) if self.stopped[i] is None]
+
+    def answers(self, d: Decoding, decode: Callable[[list[int]], str] | None) -> list[Answer]:
+        answers = []
+        for i in range(self.b):
+            text = None
+            if decode is not None:
+                text = decode(self.out[i])
+                text = text[: _stop_at(text, d.stop)] if self.stopped[i] == "stop" else text
+            answers.append(Answer(self.out[i], self.stopped[i] or "length", self.chunk_ids[i], text))
+        return answers
+
+
+def full_logits(model: RetroModel, rows: Rows, device: torch.device) -> torch.Tensor:
+    """Uncached: the whole sequences (right-padded) through the model, the logits at each row's end."""
+    b = rows.b
+    lengths = [len(s) for s in rows.seqs]
+    n = max(lengths)
+    tokens = torch.full((b, n), rows.pad, dtype=torch.long)
+    for i, s in enumerate(rows.seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    nbrs = torch.from_numpy(np.stack([rows.neighbours(i, n) for i in range(b)])).to(device) if rows.retrieval else None
+    logits = model(tokens.to(device), nbrs)  # (b, n, v)
+    return logits[torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1]
+
+
+def prefill(model: RetroModel, rows: Rows, max_new_tokens: int, device: torch.device
+            ) -> tuple[torch.Tensor, DecodeCache]:
+    """Each prompt once through the model into its own cache, the caches then left-padded together: the logits
+    at each prompt's end (b, v), and the batch's cache."""
+    capacity = max(len(s) for s in rows.seqs) + max_new_tokens
+    caches, first = [], []
+    for i, s in enumerate(rows.seqs):
+        row = DecodeCache(model, 1, len(s), device)
+        nbrs = torch.from_numpy(rows.neighbours(i, len(s)))[None].to(device) if rows.retrieval else None
+        first.append(model(torch.tensor(s, device=device)[None], nbrs, cache=row)[0, -1])
+        caches.append(row)
+    return torch.stack(first), DecodeCache.left_padded(model, caches, capacity)
+
+
 def generate(model: RetroModel, prompts: list[list[int]], d: Decoding, eos_id: int,
              neighbours_of: NeighbourFn | None = None, decode: Callable[[list[int]], str] | None = None,
              seeds: list[int] | None = None, use_cache: bool = True, precision: str = "fp32") -> list[Answer]:
@@ -104,97 +200,26 @@ def generate(model: RetroModel, prompts: list[list[int]], d: Decoding, eos_id: i
         raise ValueError("stop strings need `decode`")
     model.eval()
     device = next(model.parameters()).device
-    m, k, r, pad = model.chunk_length, model.cfg.num_neighbors, model.retrieved_length, model.pad_id
-    retrieval = neighbours_of is not None and bool(model.retro_layers) and not model.cca_gate_off
-    b = len(prompts)
-    seqs = [list(p) for p in prompts]
-    chunk_nbrs: list[list[np.ndarray]] = [[] for _ in range(b)]  # (k, r) per complete chunk of each row
-    chunk_ids: list[list[list[int]]] = [[] for _ in range(b)]
-
-    def retrieve(rows: list[int]) -> None:
-        """Neighbours for every chunk of these rows that is complete and not yet retrieved for."""
-        wanted = [(i, c) for i in rows for c in range(len(chunk_nbrs[i]), len(seqs[i]) // m)]
-        if not retrieval or not wanted:
-            return
-        toks, ids = neighbours_of([i for i, _ in wanted], [seqs[i][c * m : (c + 1) * m] for i, c in wanted])
-        for (i, _), t, row_ids in zip(wanted, toks, ids):
-            chunk_nbrs[i].append(t)
-            chunk_ids[i].append([int(x) for x in row_ids])
-
-    def neighbours_tensor(i: int, length: int) -> np.ndarray:
-        """(ceil(length / m), k, r): the row's retrieved chunks, padding after them."""
-        out = np.full((-(-length // m), k, r), pad, dtype=np.int64)
-        if chunk_nbrs[i]:
-            out[: len(chunk_nbrs[i])] = np.stack(chunk_nbrs[i])[: len(out)]
-        return out
-
-    def full_logits() -> torch.Tensor:
-        """Uncached: the whole sequences (right-padded) through the model, the logits at each row's end."""
-        lengths = [len(s) for s in seqs]
-        n = max(lengths)
-        tokens = torch.full((b, n), pad, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(s)
-        nbrs = torch.from_numpy(np.stack([neighbours_tensor(i, n) for i in range(b)])).to(device) if retrieval else None
-        logits = model(tokens.to(device), nbrs)  # (b, n, v)
-        return logits[torch.arange(b, device=device), torch.tensor(lengths, device=device) - 1]
-
-    generators = [torch.Generator().manual_seed(int(s)) for s in (seeds or range(b))]
-    out: list[list[int]] = [[] for _ in range(b)]
-    stopped: list[str | None] = [None] * b
+    rows = Rows(model, prompts, neighbours_of)
+    generators = [torch.Generator().manual_seed(int(s)) for s in (seeds or range(rows.b))]
     with torch.no_grad(), autocast(device, precision):
-        retrieve(list(range(b)))
+        rows.retrieve(list(range(rows.b)))
         if use_cache:
-            capacity = max(len(s) for s in seqs) + d.max_new_tokens
-            rows, first = [], []
-            for i, s in enumerate(seqs):
-                row = DecodeCache(model, 1, len(s), device)
-                nbrs = torch.from_numpy(neighbours_tensor(i, len(s)))[None].to(device) if retrieval else None
-                first.append(model(torch.tensor(s, device=device)[None], nbrs, cache=row)[0, -1])
-                rows.append(row)
-            cache = DecodeCache.left_padded(model, rows, capacity)
-            logits = torch.stack(first)
+            logits, cache = prefill(model, rows, d.max_new_tokens, device)
         else:
-            logits = full_logits()
+            logits = full_logits(model, rows, device)
         for t in range(d.max_new_tokens):
-            nxt = pick_next(logits, d, generators)
-            for i, tok in enumerate(nxt.tolist()):
-                if stopped[i] is not None:
-                    continue
-                if tok == eos_id:
-                    stopped[i] = "eos"
-                    continue
-                out[i].append(tok)
-                seqs[i].append(tok)
-                if d.stop:
-                    cut = _stop_at(decode(out[i]), d.stop)
-                    if cut is not None:
-                        stopped[i] = "stop"
-            live = [i for i in range(b) if stopped[i] is None]
+            live = rows.append(pick_next(logits, d, generators).tolist(), eos_id, d, decode)
             if not live or t == d.max_new_tokens - 1:
                 break
-            retrieve(live)
+            rows.retrieve(live)
             if use_cache:
-                nbrs = None
-                if retrieval:
-                    # the rows whose new token completed a chunk get its neighbours; the rest are not read
-                    step_nbrs = np.full((b, k, r), pad, dtype=np.int64)
-                    for i in live:
-                        if len(seqs[i]) % m == 0:
-                            step_nbrs[i] = chunk_nbrs[i][len(seqs[i]) // m - 1]
-                    nbrs = torch.from_numpy(step_nbrs).to(device)
-                last = torch.tensor([s[-1] for s in seqs], device=device)
+                nbrs = torch.from_numpy(rows.step_neighbours(live)).to(device) if rows.retrieval else None
+                last = torch.tensor([s[-1] for s in rows.seqs], device=device)
                 logits = model.step(last, cache, nbrs)
             else:
-                logits = full_logits()
-    answers = []
-    for i in range(b):
-        text = None
-        if decode is not None:
-            text = decode(out[i])
-            text = text[: _stop_at(text, d.stop)] if stopped[i] == "stop" else text
-        answers.append(Answer(out[i], stopped[i] or "length", chunk_ids[i], text))
-    return answers
+                logits = full_logits(model, rows, device)
+    return rows.answers(d, decode)
 
 
 # ----------------------------------------------------------------------------------------------- the verb
@@ -324,6 +349,114 @@ def _read_partial(paths: list[Path]) -> dict[int, dict]:
     return done
 
 
+class PartialFiles:
+    """The answers to `out` as they are made: each rank appends them to its own partial file beside `out`
+    (OUT.SETTINGS.rankR.partial, named by `_settings_hash`), so that a rerun of a killed run skips those already
+    answered; at the end rank 0 merges them into `out` in input order and removes them."""
+
+    def __init__(self, out: Path, settings: str):
+        self.out = out
+        self.pattern = f"{out.name}.{settings}.rank*.partial"
+        self.done = _read_partial(sorted(out.parent.glob(self.pattern)))  # by every rank of the earlier run
+        self.mine = out.parent / self.pattern.replace("*", str(dist().rank))
+        self.mine.parent.mkdir(parents=True, exist_ok=True)
+        if self.mine.is_file() and not self.mine.read_bytes().endswith(b"\n"):  # a line torn by a kill: end it
+            with open(self.mine, "a", encoding="utf-8") as f:
+                f.write("\n")
+
+    @property
+    def where(self) -> Path:
+        return self.mine if dist().world == 1 else self.out.parent / self.pattern
+
+    def merge(self, questions: list[Question]) -> None:
+        """Every rank waits; rank 0 writes `out` from the partial files (all questions answered) and removes them."""
+        D = dist()
+        D.barrier()
+        if D.main:
+            merged = _read_partial(sorted(self.out.parent.glob(self.pattern)))
+            missing = [q.index for q in questions if q.index not in merged]
+            if missing:
+                raise UserError(f"{len(missing)} answers are missing from the partial files "
+                                f"{self.out.parent / self.pattern}: rerun the same command")
+            lines = [json.dumps({key: v for key, v in merged[q.index].items() if key != "index"}) for q in questions]
+            write_text_atomic(self.out, "\n".join(lines) + "\n")
+            for p in self.out.parent.glob(self.pattern):
+                p.unlink()
+        D.barrier()
+
+
+class Answerer:
+    """Questions -> answer records (the JSON lines of the output): prompts with their contexts, the CCA's
+    neighbours, and the decoding of generate.*; each question's sampling seeded by its index."""
+
+    def __init__(self, cfg: Config, ws, tok, model: RetroModel, mode: str, store: ChunkStore | None,
+                 retriever: Retriever | None, eos_id: int):
+        g = cfg.generate
+        self.prompter = Prompter(cfg, ws, tok, model, store, retriever)
+        self.cfg, self.tok, self.model, self.mode, self.store, self.retriever = cfg, tok, model, mode, store, retriever
+        self.eos_id = eos_id
+        self.decoding = Decoding(g.max_new_tokens, g.temperature, g.top_k, g.top_p, tuple(g.stop))
+
+    def __call__(self, batch: list[Question]) -> list[dict]:
+        g = self.cfg.generate
+        t0 = time.time()
+        contexts = self.prompter.contexts(batch)
+        fitted = [self.prompter(q, c) for q, c in zip(batch, contexts)]
+        live = [j for j, (ids, _) in enumerate(fitted) if ids]
+        source = neighbour_source(self.mode, [fitted[j][1] for j in live], self.tok, self.retriever, self.store,
+                                  self.model)
+        answers = generate(self.model, [fitted[j][0] for j in live], self.decoding, self.eos_id, source,
+                           self.tok.decode, seeds=[self.cfg.workspace.seed * 1_000_003 + batch[j].index for j in live],
+                           use_cache=g.cache, precision=g.precision)
+        seconds = time.time() - t0
+        by_row = dict(zip(live, answers))
+        records = []
+        for j, q in enumerate(batch):
+            a = by_row.get(j)
+            records.append({"index": q.index, "id": q.record.id, "question": q.record.question,
+                            "prediction": a.text.strip() if a else "",
+                            "gold": q.record.answers,
+                            "contexts": [{key: c[key] for key in ("title", "source", "chunk_id", "doc_id") if key in c}
+                                         for c in fitted[j][1]],
+                            "neighbour_chunks": a.neighbour_ids if a else [],
+                            "tokens": len(a.tokens) if a else 0, "stopped": a.stopped if a else "prompt too long",
+                            "seconds": round(seconds / len(batch), 4)})
+        return records
+
+
+def answer_all(todo: list[Question], answer: Answerer, batch_size: int, partial: PartialFiles | None,
+               total: int, resumed: int) -> tuple[list[dict], int]:
+    """Answer `todo` batch by batch, each batch's records appended to this rank's partial file at once:
+    (the records, the tokens generated)."""
+    answered: list[dict] = []
+    started, new_tokens = time.time(), 0
+
+    def note_kept() -> None:
+        if partial is None:
+            set_kept_note("generate: answers to --prompt are printed at the end, so none is kept")
+        else:
+            set_kept_note(f"generate: {resumed + len(answered):,} of {total:,} answers are kept in {partial.where}")
+
+    note_kept()
+    with progress("generate", total=len(todo), unit="questions") as bar, ExitStack() as stack:
+        sink = stack.enter_context(open(partial.mine, "a", encoding="utf-8")) if partial is not None else None
+        for s in range(0, len(todo), batch_size):
+            batch = todo[s : s + batch_size]
+            for rec in answer(batch):
+                answered.append(rec)
+                new_tokens += rec["tokens"]
+                if sink is not None:
+                    sink.write(json.dumps(rec) + "\n")
+            if sink is not None:
+                sink.flush()
+            note_kept()
+            fault_point("generate:batch")
+            bar.advance(len(batch))
+            elapsed = max(time.time() - started, 1e-9)
+            bar.set_rate(f"{len(answered) / elapsed:.2f} questions/s, {new_tokens / elapsed:,.0f} tokens/s")
+    return answered, new_tokens
+
+
 def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, fmt: str = "auto",
         out: Path | None = None, checkpoint_path: Path | None = None, skip_bad: bool = False,
         limit: int = 0) -> dict[str, Any]:
@@ -344,75 +477,19 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
         ws.require("index")
         database = Database.open(cfg, model.chunk_length)
         store, retriever = database.store, database.retriever()
-    prompter = Prompter(cfg, ws, tok, model, store, retriever)
-    eos_id = meta.get("eos_id", tok.eos_id)
+    answerer = Answerer(cfg, ws, tok, model, mode, store, retriever, meta.get("eos_id", tok.eos_id))
 
     if out is None and task is not None:
         out = default_out(ws, task, g.contexts, path)
-    D = dist()
-    done: dict[int, dict] = {}
-    mine = pattern = None
+    partial = None
     if out is not None:  # answers go to this rank's partial file as they are made; a rerun skips them
-        pattern = f"{out.name}.{_settings_hash(cfg, ws, path, mode, task, database)}.rank*.partial"
-        done = _read_partial(sorted(out.parent.glob(pattern)))
-        mine = out.parent / pattern.replace("*", str(D.rank))
-        mine.parent.mkdir(parents=True, exist_ok=True)
-        if mine.is_file() and not mine.read_bytes().endswith(b"\n"):  # a line torn by a kill: end it
-            with open(mine, "a", encoding="utf-8") as f:
-                f.write("\n")
-        if done:
-            log(f"resuming: {len(done):,} of {len(questions):,} questions were answered by an earlier run")
-    todo = D.shard([q for q in questions if q.index not in done])
-    decoding = Decoding(g.max_new_tokens, g.temperature, g.top_k, g.top_p, tuple(g.stop))
-
-    answered: list[dict] = []
-    started, new_tokens = time.time(), 0
-
-    def note_kept() -> None:
-        if mine is None:
-            set_kept_note("generate: answers to --prompt are printed at the end, so none is kept")
-        else:
-            where = mine if D.world == 1 else out.parent / pattern
-            set_kept_note(f"generate: {len(done) + len(answered):,} of {len(questions):,} answers are kept in "
-                          f"{where}")
-
-    note_kept()
-    with progress("generate", total=len(todo), unit="questions") as bar, ExitStack() as stack:
-        sink = stack.enter_context(open(mine, "a", encoding="utf-8")) if mine is not None else None
-        for s in range(0, len(todo), g.batch_size):
-            batch = todo[s : s + g.batch_size]
-            t0 = time.time()
-            contexts = prompter.contexts(batch)
-            fitted = [prompter(q, c) for q, c in zip(batch, contexts)]
-            live = [j for j, (ids, _) in enumerate(fitted) if ids]
-            source = neighbour_source(mode, [fitted[j][1] for j in live], tok, retriever, store, model)
-            answers = generate(model, [fitted[j][0] for j in live], decoding, eos_id,
-                               source, tok.decode,
-                               seeds=[cfg.workspace.seed * 1_000_003 + batch[j].index for j in live],
-                               use_cache=g.cache, precision=g.precision)
-            seconds = time.time() - t0
-            by_row = dict(zip(live, answers))
-            for j, q in enumerate(batch):
-                a = by_row.get(j)
-                rec = {"index": q.index, "id": q.record.id, "question": q.record.question,
-                       "prediction": a.text.strip() if a else "",
-                       "gold": q.record.answers,
-                       "contexts": [{key: c[key] for key in ("title", "source", "chunk_id", "doc_id") if key in c}
-                                    for c in fitted[j][1]],
-                       "neighbour_chunks": a.neighbour_ids if a else [],
-                       "tokens": len(a.tokens) if a else 0, "stopped": a.stopped if a else "prompt too long",
-                       "seconds": round(seconds / len(batch), 4)}
-                answered.append(rec)
-                new_tokens += rec["tokens"]
-                if sink is not None:
-                    sink.write(json.dumps(rec) + "\n")
-            if sink is not None:
-                sink.flush()
-            note_kept()
-            fault_point("generate:batch")
-            bar.advance(len(batch))
-            elapsed = max(time.time() - started, 1e-9)
-            bar.set_rate(f"{len(answered) / elapsed:.2f} questions/s, {new_tokens / elapsed:,.0f} tokens/s")
+        partial = PartialFiles(out, _settings_hash(cfg, ws, path, mode, task, database))
+    done = partial.done if partial is not None else {}
+    if done:
+        log(f"resuming: {len(done):,} of {len(questions):,} questions were answered by an earlier run")
+    started = time.time()
+    todo = dist().shard([q for q in questions if q.index not in done])
+    answered, new_tokens = answer_all(todo, answerer, g.batch_size, partial, len(questions), len(done))
 
     elapsed = time.time() - started
     summary = {"questions": len(questions), "answered_now": len(answered), "resumed": len(done),
@@ -422,17 +499,6 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     if out is None:
         summary["answers"] = answered
         return summary
-    D.barrier()
-    if D.main:
-        merged = _read_partial(sorted(out.parent.glob(pattern)))
-        missing = [q.index for q in questions if q.index not in merged]
-        if missing:
-            raise UserError(f"{len(missing)} answers are missing from the partial files {out.parent / pattern}: "
-                            "rerun the same command")
-        lines = [json.dumps({key: v for key, v in merged[q.index].items() if key != "index"}) for q in questions]
-        write_text_atomic(out, "\n".join(lines) + "\n")
-        for p in out.parent.glob(pattern):
-            p.unlink()
-    D.barrier()
+    partial.merge(questions)
     summary["out"] = str(out)
     return summary

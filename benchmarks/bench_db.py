@@ -8,7 +8,7 @@
    search for the same queries, index bytes per chunk; an index of PQ codes also re-ranked as `db.rerank`
    = -1 does (its top 200 in order by the stored embeddings, read back from the embed blocks).
 3. `retro db add`: 1,000 new documents added to synthetic databases of 10,000 and 100,000 chunks (lexical
-   embedder, IVF,SQ8): seconds per 1,000 added chunks for each size. Target (issue 7): proportional to the
+   embedder, IVF,SQ8): seconds per 1,000 added chunks for each size. Target: proportional to the
    new documents, not to the database (the two figures about equal).
 4. Peak memory (max RSS) of this process.
 

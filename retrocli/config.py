@@ -2,8 +2,14 @@
 
 One dataclass per TOML section; each field's `help` is its documentation (shown by `retro init` in the
 commented TOML). Precedence, stated once: `--set section.key=value` > the TOML file > the defaults here.
-Unknown sections and keys are errors naming `section.key` and the file. Each stage receives only its own
-section (plus resolved values such as paths), never the whole `Config`.
+Unknown sections and keys are errors naming `section.key` and the file.
+
+Who reads what: components inside a stage take their own section (the training loop its [pretrain] or [sft]
+keys as `TrainSettings`, the prompt template [sft], a `Decoding` the [generate] keys). The stages themselves
+(db build and edit, pretrain, sft, ppl, generate, reproduce) still take the whole `Config`: each reads
+several sections (pretraining [db], [model] and [pretrain]; generation [generate], [sft] and [pretrain].run;
+ppl the checkpoint's model with [db] and [corpus]), and `cfg.resolve` turns the paths in them into paths
+relative to the TOML file.
 """
 
 from __future__ import annotations
@@ -130,7 +136,7 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    """The training keys [pretrain] and [sft] share (one loop, `train.TrainSettings`, reads them)."""
+    """The training keys [pretrain] and [sft] share (one loop reads them, as `train.job.TrainSettings`)."""
 
     micro_batch_size: int = opt(8, "sequences per forward pass on each process")
     global_batch_size: int = opt(32, "sequences per optimizer step, all processes together (a multiple of "
@@ -255,11 +261,6 @@ class GenerateConfig:
 
 
 @dataclass
-class ScoreConfig:
-    pass
-
-
-@dataclass
 class ReproduceConfig:
     baseline: bool = opt(True, "also train and instruction-tune the GPT of the identical decoder (runs 'gpt' and "
                                "'sft-gpt', model.retro_layers = []): every claim is measured against it")
@@ -292,6 +293,10 @@ class LaunchConfig:
                        choices=("auto", "nccl", "gloo"))
 
 
+# Sections of earlier versions that never had a key: a file that still has one empty (`retro init` and every
+# checkpoint's config.toml wrote `[score]`) loads as before; a key in one is an unknown section.
+RETIRED_SECTIONS = ("score",)
+
 MOVED = {  # keys of earlier versions: where they are now
     "launch.fsdp": "pretrain.fsdp and sft.fsdp",
     "db.num_neighbors": "model.num_neighbors (db.num_neighbors_query is how many the database keeps per chunk)",
@@ -306,7 +311,6 @@ SECTIONS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
     "generate": GenerateConfig,
-    "score": ScoreConfig,
     "reproduce": ReproduceConfig,
     "launch": LaunchConfig,
 }
@@ -322,7 +326,6 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
     reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: Path = Path("retro.toml")
@@ -554,6 +557,8 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: Pa
         origins[f"{section}.{key}"] = SET
     sections = {}
     for name, values in data.items():
+        if name in RETIRED_SECTIONS and values == {}:
+            continue
         if name not in SECTIONS:
             close = _did_you_mean(name, SECTIONS)
             hint = f": did you mean [{close}]?" if close else f" (known: {', '.join(SECTIONS)})"

@@ -79,8 +79,9 @@ def metrics(run: Path) -> dict[int, float]:
 def test_samples_layout_and_masking(workspace: Path) -> None:
     cfg = load_config(workspace)
     ws = database.workspace_of(cfg)
-    store = Database.open(ws, 16).store
-    samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
+    opened = Database.open(ws, 16)
+    store = opened.store
+    samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, database=opened)
     n, m, k, r = 32, 16, 2, 32
     # the stream, rebuilt by hand: each training document + EOS, padded to a multiple of m
     stream, real = [], []
@@ -103,8 +104,9 @@ def test_samples_layout_and_masking(workspace: Path) -> None:
 def test_neighbours_exclude_sample_documents_and_stop_at_document_end(workspace: Path) -> None:
     cfg = load_config(workspace)
     ws = database.workspace_of(cfg)
-    store = Database.open(ws, 16).store
-    samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, store=store)
+    opened = Database.open(ws, 16)
+    store = opened.store
+    samples = open_samples(cfg, ws, "train", PAD_ID, EOS_ID, retrieval=True, database=opened)
     chunk_docs = store.chunks["doc"]
     # a neighbour table that offers each chunk's own neighbours behind the first chunks of the documents
     # just before and after it, which share samples with it: those must be skipped

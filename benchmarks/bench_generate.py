@@ -7,7 +7,7 @@ of its tokens (the database search itself costs the same in both modes and is no
 the lexical embedder it is ~0.1 ms a chunk). EOS is disabled, so every row writes exactly --new tokens.
 The two modes must write the same tokens; the benchmark fails if they do not.
 
-Target (issue 5): cached tokens/s >= 5x uncached at 256 new tokens on CPU.
+Target: cached tokens/s >= 5x uncached at 256 new tokens on CPU.
 
     python benchmarks/bench_generate.py [--new 256 --prompt 128 --batch 1 8 --threads 2] [--json FILE]
 """

@@ -1,4 +1,4 @@
-"""`make bench-gpu`: the one prepared script for a lent GPU (issue 9), run unchanged on a CPU with `--tiny`.
+"""`make bench-gpu`: the one prepared script for a lent GPU, run unchanged on a CPU with `--tiny`.
 
 A lent GPU comes with 15 minutes of device time in all, so everything here is debugged on a CPU first: the
 device is chosen once at the top and every section runs the same functions on it; the few CUDA-only calls
@@ -59,7 +59,7 @@ from retrocli.config import ModelConfig, load_config  # noqa: E402
 from retrocli.model.decode import DecodeCache  # noqa: E402
 from retrocli.model.flops import flops_per_sequence  # noqa: E402
 from retrocli.model.retro import RetroModel  # noqa: E402
-from retrocli.train.loop import batch_nll  # noqa: E402
+from retrocli.train.evaluator import batch_nll  # noqa: E402
 from retrocli.workspace import write_text_atomic  # noqa: E402
 
 SECTIONS = ("train", "embed", "search", "generate")

@@ -17,7 +17,7 @@ count credits the GPT with arithmetic its kernel skips. For the peer, the
 FLOPs its own code executes are also counted with torch.utils.flop_counter (its einsum attention is
 counted; our SDPA on CPU is not visible to that counter, so ours are not counted that way).
 
-Targets (issue 3): Retro's achieved FLOP/s within 10% of the GPT's, Retro's tokens/s >= 1.5x retro-pytorch's
+Targets: Retro's achieved FLOP/s within 10% of the GPT's, Retro's tokens/s >= 1.5x retro-pytorch's
 as its users run it ("retro-pytorch-glibc": it makes no allocator setting). Given retro's allocator setting too
 ("retro-pytorch"), the peer runs its executed FLOPs nearly as fast as our GPT runs its own on a quiet CPU, so
 that ratio is bounded by how many more FLOPs it executes than the model needs (1.25x at the default shape).
@@ -57,7 +57,7 @@ def build_ours(a, retro: bool):
 
     from retrocli.config import ModelConfig
     from retrocli.model.retro import RetroModel
-    from retrocli.train.loop import batch_nll
+    from retrocli.train.evaluator import batch_nll
 
     cfg = ModelConfig(layers=a.layers, hidden=a.hidden, heads=a.heads, seq_length=a.seq,
                       retro_layers=megatron_retro_layers(a.layers) if retro else [], encoder_layers=2,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from retrocli.config import load_config  # noqa: E402
 from retrocli.db.database import Database, workspace_of  # noqa: E402
 from retrocli.db.store import ChunkStore  # noqa: E402
-from retrocli.eval.ppl import load_model, resolve_checkpoint  # noqa: E402
+from retrocli.train.checkpoint import load_model, resolve_checkpoint  # noqa: E402
 
 
 def segments(kind: str, store: ChunkStore, vocab_size: int, length: int, batch: int, seed: int) -> torch.Tensor:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 from retrocli.config import load_config  # noqa: E402
 from retrocli.db.database import open_tokenizer, workspace_of  # noqa: E402
 from retrocli.errors import UserError  # noqa: E402
-from retrocli.eval.ppl import checkpoint_token_losses, paired_difference, resolve_checkpoint  # noqa: E402
+from retrocli.eval.ppl import checkpoint_token_losses, paired_difference  # noqa: E402
+from retrocli.train.checkpoint import resolve_checkpoint  # noqa: E402
 
 
 def parse(entry: str, ws) -> tuple[Path, bool]:

@@ -134,6 +134,11 @@ class ModelConfig:
     retrieved_length: int = opt(0, "tokens per neighbour (r); 0: 2 x db.chunk_length (chunk + continuation)")
 
 
+def retrieved_length(m: ModelConfig, chunk_length: int) -> int:
+    """r, the tokens of each neighbour: model.retrieved_length, or 0 -> 2 x chunk_length (chunk + continuation)."""
+    return m.retrieved_length or 2 * chunk_length
+
+
 @dataclass
 class TrainingConfig:
     """The training keys [pretrain] and [sft] share (one loop reads them, as `train.job.TrainSettings`)."""
@@ -702,7 +707,8 @@ def _check_choices(where: str, section: Any, p: list[str]) -> None:
         value = getattr(section, f.name)
         if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
-                _check_choices(f"{where}.{f.name}[{i}]", item, p)
+                named = f" ({item.name})" if getattr(item, "name", "") else ""  # [[sft.blend]] entries by name
+                _check_choices(f"{where}.{f.name}[{i}]{named}", item, p)
             continue
         choices = f.metadata.get("choices")
         if not choices:

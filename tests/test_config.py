@@ -159,6 +159,6 @@ def test_a_value_outside_its_choices_is_named_with_the_nearest_choice(tmp_path: 
         load_config(toml, ['reproduce.contexts=["file", "web"]', "pretrain.precision=fp16"])
     msg = str(e.value)
     assert f"model.norm must be 'layernorm' or 'rmsnorm', got 'rmsnrom' (did you mean 'rmsnorm'?) (in {toml})" in msg
-    assert "sft.blend[0].format must be 'squad', " in msg and "(did you mean 'squad'?)" in msg
+    assert "sft.blend[0] (a).format must be 'squad', " in msg and "(did you mean 'squad'?)" in msg
     assert "reproduce.contexts must be 'file', 'database' or 'none', got 'web' (given by --set)" in msg
     assert "pretrain.precision must be 'fp32' or 'bf16', got 'fp16'" in msg

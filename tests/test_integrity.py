@@ -19,7 +19,7 @@ from retrocli.config import load_config
 from retrocli.db import build as db
 from retrocli.db import database
 from retrocli.train import checkpoint
-from retrocli.train.pretrain import run, run_dir
+from retrocli.train.pretrain import run
 from retrocli.workspace import sha256_file
 
 from .conftest import run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
@@ -49,7 +49,7 @@ def ws_of(toml: Path):
 
 
 def step2(toml: Path) -> Path:
-    return run_dir(ws_of(toml)) / "step-000002"
+    return ws_of(toml).run_dir() / "step-000002"
 
 
 def copy_workspace(toml: Path, dest: Path) -> Path:
@@ -103,7 +103,7 @@ def test_identical_builds_have_identical_fingerprints(trained_a: Path, built_b: 
 
 def test_a_checkpoint_works_with_an_identically_built_workspace(trained_a: Path, built_b: Path) -> None:
     """A's checkpoint folder copied into B: `retro ppl` in B uses it."""
-    dest = run_dir(ws_of(built_b)) / "step-000002"
+    dest = ws_of(built_b).run_dir() / "step-000002"
     shutil.copytree(step2(trained_a), dest)
     proc = run_cli("ppl", "-c", str(built_b), "--json", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
@@ -196,7 +196,7 @@ def test_a_crafted_trainer_pickle_is_refused_before_it_runs(trained_a: Path, tmp
     assert not marker.exists()
     said = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(said) == 1 and str(step / "trainer.pt") in said[0] and "Traceback" not in proc.stderr
-    assert not (run_dir(ws_of(toml)) / "step-000003").exists()
+    assert not (ws_of(toml).run_dir() / "step-000003").exists()
 
 
 def test_an_old_trainer_pt_still_resumes(trained_a: Path, tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ def test_an_old_trainer_pt_still_resumes(trained_a: Path, tmp_path: Path) -> Non
     proc = run_cli("pretrain", "-c", str(toml), "--set", "pretrain.train_steps=3", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     assert "resuming pretrain" in proc.stdout + proc.stderr
-    assert (run_dir(ws_of(toml)) / "step-000003" / checkpoint.TRAINER).is_file()
+    assert (ws_of(toml).run_dir() / "step-000003" / checkpoint.TRAINER).is_file()
 
 
 def test_a_crafted_shard_metadata_pickle_is_refused_before_it_runs(trained_a: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from retrocli.config import load_config
 from retrocli.db import build as db
 from retrocli.db import database
 from retrocli.train import checkpoint
-from retrocli.train.pretrain import run, run_dir
+from retrocli.train.pretrain import run
 from retrocli.workspace import LOCK_FILE
 
 from .conftest import small_sections, synthetic_documents, write_jsonl, write_toml
@@ -181,7 +181,7 @@ def test_pretrain_sigint_keeps_the_last_checkpoint_and_sigterm_saves_the_step_un
         pretrain_workspace: Path) -> None:
     toml = pretrain_workspace
     ws = database.workspace_of(load_config(toml))
-    straight, resumed = run_dir(ws), run_dir(ws, "interrupted")
+    straight, resumed = ws.run_dir(), ws.run_dir("interrupted")
     args = ["pretrain", "-c", str(toml), "--set", 'pretrain.run="interrupted"']
 
     code, stderr = interrupt(*args, at="pretrain:step:3", sig=signal.SIGINT)  # after step 3; step 2 was saved
@@ -218,7 +218,7 @@ def test_a_sigterm_to_two_ranks_and_their_torchrun_saves_the_same_step_on_both(p
     lines = [x for x in stderr.splitlines() if x.startswith("interrupted (")]
     assert lines == ["interrupted (SIGTERM): pretrain: checkpoint step-000003 is kept, no step is lost; rerun the "
                      "same command to continue"] * 2, stderr[-3000:]
-    run_path = run_dir(database.workspace_of(load_config(pretrain_workspace)), "ranks")
+    run_path = database.workspace_of(load_config(pretrain_workspace)).run_dir("ranks")
     assert checkpoint.latest(run_path).name == "step-000003" and checkpoint.problem(checkpoint.latest(run_path)) is None
 
 
@@ -228,7 +228,7 @@ def test_pretrain_interrupted_before_its_first_checkpoint_says_that_nothing_is_k
     assert code == 130
     assert "pretrain: no checkpoint yet, so the 1 step done is lost (one is written every pretrain.save_interval " \
            "= 2 steps)" in interrupted_line(stderr)
-    assert not checkpoint.complete_steps(run_dir(database.workspace_of(load_config(pretrain_workspace)), "early"))
+    assert not checkpoint.complete_steps(database.workspace_of(load_config(pretrain_workspace)).run_dir("early"))
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ def test_sft_sigterm_saves_the_step_under_way_and_the_rerun_continues_the_same_c
     assert interrupted_line(stderr) == ("interrupted (SIGTERM): sft: checkpoint step-000002 is kept, no step is "
                                         "lost; rerun the same command to continue")
     retro(*args)
-    assert_same_training(run_dir(ws, "sft-interrupted"), run_dir(ws, "sft-straight"), 4)
+    assert_same_training(ws.run_dir("sft-interrupted"), ws.run_dir("sft-straight"), 4)
 
 
 # ----------------------------------------------------------------------------------------- generate, db add
@@ -258,7 +258,7 @@ def test_sft_sigterm_saves_the_step_under_way_and_the_rerun_continues_the_same_c
 @pytest.mark.slow
 def test_generate_interrupted_keeps_its_answers_and_the_rerun_writes_the_uninterrupted_file(sft_ready: Path) -> None:
     toml = sft_ready
-    model = run_dir(database.workspace_of(load_config(toml)))  # the pretraining run
+    model = database.workspace_of(load_config(toml)).run_dir()  # the pretraining run
     args = ["generate", str(toml.parent / "squad.json"), "-c", str(toml), "--checkpoint", str(model),
             "--limit", "12", "--set", "generate.max_new_tokens=4", "--set", "generate.batch_size=4"]
     straight, resumed = toml.parent / "straight.jsonl", toml.parent / "resumed.jsonl"
@@ -311,7 +311,7 @@ def test_tensorboard_events_hold_the_metrics_once_per_step_across_an_interruptio
     code, _ = interrupt(*args, at="pretrain:step:3", sig=signal.SIGINT)  # step 3 is written, then lost
     assert code == 130
     retro(*args)
-    run_path = run_dir(ws, "tb")
+    run_path = ws.run_dir("tb")
     events = EventAccumulator(str(run_path / "tensorboard"))
     events.Reload()
     loss = {e.step: e.value for e in events.Scalars("train/loss")}
@@ -347,7 +347,7 @@ def test_tensorboard_without_the_package_is_refused_before_training_starts(secti
     assert "Traceback" not in said
     assert f"{section}.tensorboard = true needs the tensorboard package" in said
     assert "pip install 'retrocli[tensorboard]'" in said
-    assert not run_dir(database.workspace_of(load_config(toml)), "no-tb").exists()  # nothing trained
+    assert not database.workspace_of(load_config(toml)).run_dir("no-tb").exists()  # nothing trained
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from retrocli.config import ModelConfig, config_from_dict
 from retrocli.errors import UserError
 from retrocli.model.flops import flops_per_sequence
 from retrocli.model.retro import RetroModel, resolve_retro_layers
-from retrocli.train.loop import token_nll
+from retrocli.train.evaluator import token_nll
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

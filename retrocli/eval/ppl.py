@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config, CorpusConfig
+from ..config import Config, CorpusConfig, retrieved_length
 from ..data.corpus import CorpusStats, iter_documents
 from ..db.database import Database, open_tokenizer, workspace_of
 from ..db.store import chunk_spans
@@ -28,7 +28,7 @@ from ..model.retro import RetroModel
 from ..runtime import all_sum, device_for_rank, dist, log, to_device
 from ..train.checkpoint import load_model, resolve_checkpoint
 from ..train.evaluator import evaluate, token_nll
-from ..train.samples import Samples, StreamDocs, collate, open_samples, retrieved_length
+from ..train.samples import Samples, StreamDocs, collate, open_samples
 from ..workspace import Workspace, write_json_atomic
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, retrieved_length
 
 
 def resolve_retro_layers(cfg: ModelConfig) -> list[int]:
@@ -363,7 +363,7 @@ class RetroModel(nn.Module):
         self.chunk_length = chunk_length
         self.pad_id = pad_id
         self.retro_layers = resolve_retro_layers(cfg)
-        self.retrieved_length = cfg.retrieved_length or 2 * chunk_length
+        self.retrieved_length = retrieved_length(cfg, chunk_length)
         self.cca_gate_off = False  # True: encoder ablation, the model runs as the plain GPT inside it
 
         d = cfg.hidden

@@ -40,7 +40,7 @@ from ..runtime import (
     to_device,
 )
 from .checkpointer import Checkpointer, Position
-from .evaluator import Evaluator, batch_nll, token_nll  # noqa: F401  (token_nll: still importable from here)
+from .evaluator import Evaluator, batch_nll
 from .job import Job, TrainSettings
 from .metrics import Metrics, ProgressBar, require_tensorboard
 from .samples import SampleOrder, collate

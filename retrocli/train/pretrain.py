@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ModelConfig, to_commented_toml
-from ..db.database import Database, open_tokenizer, workspace_of
+from ..config import Config, ModelConfig, retrieved_length, to_commented_toml
+from ..db.database import Database, open_tokenizer, require_built, workspace_of
 from ..errors import UserError
 from ..model.retro import RetroModel, ffn_width, resolve_retro_layers
 from ..runtime import log
-from ..workspace import Workspace
 from . import checkpoint
 from .checkpoint import is_cca_or_encoder
 from .checkpointer import find_resume
@@ -30,25 +29,13 @@ from .curriculum import CopyWindows
 from .job import Job, TrainSettings
 from .loop import train
 from .metrics import require_tensorboard
-from .samples import check_seq_length, open_samples, retrieved_length
+from .samples import check_seq_length, open_samples
 
 # decoder fields that must agree between a checkpoint and the model it is loaded into
 DECODER_FIELDS = ("layers", "hidden", "heads", "ffn_hidden", "vocab_size", "position", "rotary_percent", "norm",
                   "mlp")
 
 
-run_dir = Workspace.run_dir  # run_dir(ws, run): the run's folder, under the name it had here
-
-
-def require_database(ws: Workspace) -> dict[str, Any]:
-    """The neighbour stage's metadata (so every database stage is complete), or a UserError naming the fix."""
-    for stage in ("tokenizer", "chunks", "neighbours"):
-        meta = ws.read_meta(stage)
-        if meta is None or not meta.get("complete"):
-            raise UserError(f"`retro pretrain` needs the retrieval database, but its '{stage}' stage is "
-                            f"{'missing' if meta is None else 'incomplete'} in {ws.db}: run `retro db build -c "
-                            f"<this TOML>` first")
-    return ws.require("neighbours")
 
 
 def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
@@ -118,7 +105,7 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None]:
     if cfg.pretrain.tensorboard:
         require_tensorboard("pretrain")  # before anything is loaded
     ws = workspace_of(cfg)
-    require_database(ws)
+    require_built(ws, ("tokenizer", "chunks", "neighbours"), needed_by="`retro pretrain` needs the retrieval database")
     tok = open_tokenizer(ws)
     tok_ref = checkpoint.tokenizer_ref(ws)
     model_cfg = resolve_model_config(cfg, tok.vocab_size)

@@ -28,16 +28,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import Config, ModelConfig
+from ..config import Config, retrieved_length
 from ..db.database import Database, neighbour_tokens
 from ..db.store import ChunkStore
 from ..errors import UserError
 from ..workspace import Workspace
-
-
-def retrieved_length(model: ModelConfig, chunk_length: int) -> int:
-    """r, the tokens of each neighbour: model.retrieved_length, or 0 -> 2 x chunk_length (chunk + continuation)."""
-    return model.retrieved_length or 2 * chunk_length
 
 
 def check_seq_length(seq_length: int, m: int) -> None:

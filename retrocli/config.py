@@ -302,11 +302,6 @@ class LaunchConfig:
 # checkpoint's config.toml wrote `[score]`) loads as before; a key in one is an unknown section.
 RETIRED_SECTIONS = ("score",)
 
-MOVED = {  # keys of earlier versions: where they are now
-    "launch.fsdp": "pretrain.fsdp and sft.fsdp",
-    "db.num_neighbors": "model.num_neighbors (db.num_neighbors_query is how many the database keeps per chunk)",
-}
-
 SECTIONS: dict[str, type] = {
     "workspace": WorkspaceConfig,
     "corpus": CorpusConfig,
@@ -428,9 +423,7 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
         origin = _origin(origins, name.split("[")[0] if "[" in name else f"{name}.{key}", where)
         if key not in known:
             close = _did_you_mean(key, known)
-            if f"{name}.{key}" in MOVED:
-                hint = f": it moved to {MOVED[f'{name}.{key}']}"
-            elif close:
+            if close:
                 hint = f": did you mean '{name}.{close}'?"
             else:
                 hint = f" (known keys: {', '.join(sorted(known))})" if known else " (this section has no keys yet)"

@@ -40,7 +40,9 @@ DOC_CHUNKS = 16  # chunks of 64 tokens in each synthetic document (~960 made-up 
 
 
 class OverFetch:
-    """The former search of an edited index: every part asked for k + removed results, the removed dropped."""
+    """The former search of an edited index, the reference the filtered one is compared with (here and in
+    tests/test_edits.py): every part asked for k + removed results, the removed dropped, the parts merged by
+    distance, padded to k (-1) where fewer were found."""
 
     def __init__(self, edited):
         self.parts, self.removed = edited.parts, edited.removed
@@ -53,7 +55,10 @@ class OverFetch:
         ip = self.metric_type == faiss.METRIC_INNER_PRODUCT
         D = np.where(bad, -np.inf if ip else np.inf, D)
         order = np.argsort(-D if ip else D, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(D, order, 1), np.take_along_axis(np.where(bad, -1, I), order, 1)
+        I, D = np.take_along_axis(np.where(bad, -1, I), order, 1), np.take_along_axis(D, order, 1)
+        pad = k - I.shape[1]
+        return (np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf if ip else np.inf),
+                np.pad(I, ((0, 0), (0, pad)), constant_values=-1)) if pad > 0 else (D, I)
 
 
 def timed_search(database: Database, queries: np.ndarray, over_fetch: bool = False,

@@ -19,7 +19,7 @@ from retrocli.eval.generate import _settings_hash
 from retrocli.train.pretrain import open_samples
 from retrocli.workspace import sha256_file
 
-from .conftest import run_cli, write_jsonl
+from .conftest import load_benchmark, run_cli, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -338,29 +338,6 @@ def test_an_open_database_keeps_the_edits_it_was_opened_with(built: Path) -> Non
     assert Manifest.read(ws).to_json() == json.loads((ws.db / "edits" / "manifest.json").read_text())
 
 
-class OverFetch:
-    """Searches as they were before removals were filtered inside Faiss: every part asked for k + removed
-    results, the removed dropped, the parts merged by distance."""
-
-    def __init__(self, edited):
-        self.parts, self.removed = edited.parts, edited.removed
-        self.ntotal, self.metric_type = edited.ntotal, edited.metric_type
-
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
-        found = [p.search(x, min(k + len(self.removed), p.ntotal)) for p in self.parts if p.ntotal]
-        D, I = np.concatenate([f[0] for f in found], 1), np.concatenate([f[1] for f in found], 1)
-        bad = (I < 0) | np.isin(I, self.removed)
-        ip = self.metric_type == faiss.METRIC_INNER_PRODUCT
-        D = np.where(bad, -np.inf if ip else np.inf, D)
-        order = np.argsort(-D if ip else D, axis=1, kind="stable")[:, :k]
-        I, D = np.take_along_axis(np.where(bad, -1, I), order, 1), np.take_along_axis(D, order, 1)
-        pad = k - I.shape[1]
-        return (np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf if ip else np.inf),
-                np.pad(I, ((0, 0), (0, pad)), constant_values=-1)) if pad > 0 else (D, I)
-
-
 @pytest.mark.parametrize("index", ["Flat", "IVF4,Flat", "IVF4,PQ4x4"])
 def test_removed_chunks_are_left_out_with_the_results_of_over_fetching(small_workspace, index: str) -> None:
     """Searches leave removed chunks out inside Faiss (an ID selector: IVF) or by asking for a little more
@@ -384,7 +361,7 @@ def test_removed_chunks_are_left_out_with_the_results_of_over_fetching(small_wor
     edited = filtered.index if isinstance(filtered, Reranked) else filtered
     assert isinstance(edited, EditedIndex) and len(edited.parts) == 2
     assert all((p is None) == (index == "Flat") for p in edited.params)  # a selector for IVF
-    over = OverFetch(edited)
+    over = load_benchmark("bench_removals").OverFetch(edited)  # the former search, as the benchmark times it
     if isinstance(filtered, Reranked):
         over = Reranked(over, opened.embeddings, filtered.depth)
     queries = opened.embeddings(np.arange(opened.store.num_chunks))

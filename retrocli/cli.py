@@ -24,14 +24,17 @@ def _bare_flags(params: list) -> list:
     return params
 
 
-class _Command(typer.core.TyperCommand):
+class _BareFlags:
     def get_params(self, ctx):
         return _bare_flags(super().get_params(ctx))
 
 
-class _Group(typer.core.TyperGroup):
-    def get_params(self, ctx):
-        return _bare_flags(super().get_params(ctx))
+class _Command(_BareFlags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_BareFlags, typer.core.TyperGroup):
+    pass
 
 
 def _typer(help: str, completion: bool = False) -> typer.Typer:

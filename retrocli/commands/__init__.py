@@ -12,7 +12,6 @@ import typer
 
 from ..config import Config, load_config
 from ..runtime import console, dist, relaunch_under_torchrun
-from ..workspace import writer_lock
 
 ConfigOpt = typer.Option(None, "-c", "--config", metavar="TOML", help="workspace TOML (default: ./retro.toml)")
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="override a TOML value: --set db.nprobe=32 "
@@ -37,6 +36,8 @@ def load_workspace(config: Optional[Path], sets: Optional[List[str]]) -> Config:
 
 def writing(cfg: Config, command: str):
     """The workspace's writer lock, held for `command` (one writer at a time; readers never wait)."""
+    from ..workspace import writer_lock  # (numpy: imported by the verbs that write, not at start-up)
+
     return writer_lock(cfg.resolve(cfg.workspace.dir), command)
 
 

@@ -654,11 +654,9 @@ def _with_origin(cfg: Config, problem: str) -> str:
     """A value check's message with where its keys were set: `(given by --set)` when any of them was, else the
     file that set one, else `(the defaults)`."""
     keys = [f"{s}.{k}" for s, k in _DOTTED_KEY.findall(problem) if s in SECTIONS]
-    origins = [cfg.origins[k] for k in keys if k in cfg.origins]
-    if SET in origins:
-        return f"{problem} (given by --set)"
-    if origins:
-        return f"{problem} (in {origins[0]})"
+    given = sorted((k for k in keys if k in cfg.origins), key=lambda k: cfg.origins[k] != SET)  # --set first
+    if given:
+        return f"{problem} ({_origin(cfg.origins, given[0], str(cfg.source))})"
     return f"{problem} ({'the defaults' if keys else f'in {cfg.source}'})"
 
 

@@ -32,10 +32,12 @@ def generate(
 ):
     """Answer every question of TASK (or --prompt / stdin prompts) with the model, retrieving as it writes.
 
-    Prompts are built as in SFT, with `generate.contexts` = file | database (the question as the query) |
-    none (closed book). Decoding keeps a KV cache; whenever the text crosses a chunk boundary the new chunk's
-    neighbours are retrieved for the CCA (`generate.neighbors`). Greedy by default; temperature, top_k,
-    top_p, stop strings and max_new_tokens in [generate]. A rerun after a kill continues; under torchrun
+    Prompts are built as in SFT (the tokenizer's chat template too), with `generate.contexts` = file |
+    database (the question as the query) | none (closed book). Decoding keeps a KV cache; whenever the text
+    crosses a chunk boundary the new chunk's neighbours are retrieved for the CCA (`generate.neighbors`).
+    An answer ends at any end token of the model (a Hugging Face folder's generation_config.json and
+    config.json may list several). Greedy by default; temperature, top_k, top_p, stop strings and
+    max_new_tokens in [generate]. A rerun after a kill continues; under torchrun
     (`[launch]`) the questions are shared among the ranks. Score the output with `retro score`.
 
     **Examples**

@@ -11,9 +11,12 @@ The data flow:
 
 Prompt layout (InstructRetro): the system line, the contexts as "title: {title}, source: {text}" joined by
 blank lines, then "User: {question}\\n\\nAssistant:"; the sections are separated by blank lines and the answer
-follows as " " + answer. A sample is [prompt][answer][EOS][pad]; the loss covers the answer and its EOS only.
-When a sample is too long, context text is cut (whole trailing contexts first, then the tail of the last kept
-one), never the answer; a record whose question and answer alone do not fit is skipped and counted.
+follows as " " + answer. With a Hugging Face tokenizer that has a chat template (and sft.chat_template =
+"auto"), the template writes the prompt instead (ChatPrompt): a system message, then one user message of the
+contexts and the question, then the template's generation prompt; the answer follows it the same way.
+A sample is [prompt][answer][EOS][pad]; the loss covers the answer and its EOS only. When a sample is too long,
+context text is cut (whole trailing contexts first, then the tail of the last kept one), never the answer; a
+record whose question and answer alone do not fit is skipped and counted.
 
 Questions without a short answer are data, not damage: NQ and QED give them as an empty answer list or [""],
 SQuAD v2 as `is_impossible: true` with no answers, the qa and instructretro formats as an empty answer list.
@@ -42,7 +45,7 @@ from ..config import SFT_FORMATS as FORMATS
 from ..config import BlendEntry, SFTConfig
 from ..errors import UserError
 from .corpus import GZIP_ERRORS, is_valid, loads_json
-from .tokenizer import Tokenizer
+from .tokenizer import HFTokenizer, Tokenizer
 
 JSON_FORMATS = ("squad", "instructretro")  # one JSON document; the others are JSON lines
 
@@ -461,10 +464,41 @@ class PromptTemplate:
         _check_fields("context", self.context, allowed={"title", "text"}, required=set())
         _check_fields("user", self.user, allowed={"question"}, required={"question"})
 
+    def render(self, record: Record, contexts: list[dict], tok: Tokenizer) -> str:
+        return render_prompt(record, self, contexts)
 
-def template_of(sft: SFTConfig) -> PromptTemplate:
-    """The prompt template of [sft] (system, context_template, user_template): SFT's, and generation's."""
-    return PromptTemplate(system=sft.system, context=sft.context_template, user=sft.user_template)
+
+@dataclass
+class ChatPrompt:
+    """The prompt as a Hugging Face tokenizer's chat template writes it: a system message (`system`, when not
+    empty), then one user message of the contexts (each formatted with `context`, joined by blank lines) and the
+    question after a blank line, up to where the assistant's answer begins."""
+
+    system: str
+    context: str
+    chat_template: str  # the tokenizer's (Jinja): a field, so that the prompt's settings name the template too
+
+    def __post_init__(self) -> None:
+        _check_fields("context", self.context, allowed={"title", "text"}, required=set())
+
+    def render(self, record: Record, contexts: list[dict], tok: HFTokenizer) -> str:
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        user = [render_contexts(self.context, contexts)] if contexts else []
+        messages.append({"role": "user", "content": "\n\n".join([*user, record.question])})
+        return tok.chat_prompt(messages, self.chat_template)
+
+
+Prompt = PromptTemplate | ChatPrompt
+
+
+def template_of(sft: SFTConfig, tok: Tokenizer, user: str = "") -> Prompt:
+    """The prompt of [sft], SFT's and generation's alike: the tokenizer's chat template with sft.system and
+    sft.context_template when sft.chat_template = "auto" and it has one; else InstructRetro's (system,
+    context_template, user_template). `user`: generation's own user turn in place of sft.user_template (the
+    InstructRetro prompt only: a chat template writes its own)."""
+    if sft.chat_template == "auto" and tok.chat_template:
+        return ChatPrompt(system=sft.system, context=sft.context_template, chat_template=tok.chat_template)
+    return PromptTemplate(system=sft.system, context=sft.context_template, user=user or sft.user_template)
 
 
 def _check_fields(name: str, template: str, allowed: set[str], required: set[str]) -> None:
@@ -482,10 +516,14 @@ def render_prompt(record: Record, template: PromptTemplate, contexts: list[dict]
     """System line, the contexts (joined by blank lines), the user turn; sections separated by blank lines."""
     sections = [template.system] if template.system else []
     if contexts:
-        sections.append("\n\n".join(template.context.format(title=c.get("title", ""), text=c["text"])
-                                    for c in contexts))
+        sections.append(render_contexts(template.context, contexts))
     sections.append(template.user.format(question=record.question))
     return "\n\n".join(sections)
+
+
+def render_contexts(context: str, contexts: list[dict]) -> str:
+    """Each context formatted with the template `context` ({title}, {text}), joined by blank lines."""
+    return "\n\n".join(context.format(title=c.get("title", ""), text=c["text"]) for c in contexts)
 
 
 # -------------------------------------------------------------------------------------------------- tokens
@@ -502,7 +540,7 @@ def context_neighbours(tok: Tokenizer, contexts: list[dict], k: int, r: int, pad
     return out
 
 
-def encode_sample(record: Record, template: PromptTemplate, tok: Tokenizer, seq_length: int,
+def encode_sample(record: Record, template: Prompt, tok: Tokenizer, seq_length: int,
                   num_contexts: int) -> tuple[dict | None, dict]:
     """One training sample of seq_length tokens, or None when even the bare question and answer do not fit.
 
@@ -533,14 +571,14 @@ def encode_sample(record: Record, template: PromptTemplate, tok: Tokenizer, seq_
     return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "contexts": used}, stats
 
 
-def fit_prompt(record: Record, template: PromptTemplate, tok: Tokenizer, contexts: list[dict], budget: int,
-                stats: dict) -> tuple[list[int], list[dict]] | None:
+def fit_prompt(record: Record, template: Prompt, tok: Tokenizer, contexts: list[dict], budget: int,
+               stats: dict) -> tuple[list[int], list[dict]] | None:
     """The prompt ids (at most `budget`) and the contexts in them: all of them when they fit, else the most
     leading contexts with the last one's text cut by tokens. None when the prompt without contexts is too long.
     Every candidate is re-encoded and checked, so tokenizers that merge across boundaries cannot overflow."""
 
     def encode(ctxs: list[dict]) -> list[int]:
-        return list(tok.encode([render_prompt(record, template, ctxs)])[0])
+        return list(tok.encode([template.render(record, ctxs, tok)])[0])
 
     contexts = [dict(c) for c in contexts]
     ids = encode(contexts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
@@ -18,8 +19,10 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 class Tokenizer(Protocol):
     vocab_size: int
-    eos_id: int
+    eos_id: int  # what ends a training sample (a document, an SFT answer)
+    eos_ids: frozenset[int]  # what ends generation: eos_id and any other end token of the model (Llama 3's <|eot_id|>)
     pad_id: int
+    chat_template: str | None  # a Hugging Face tokenizer's chat template (Jinja), when it has one
 
     def encode(self, texts: list[str]) -> list[list[int]]: ...
 
@@ -37,7 +40,9 @@ class SentencePieceTokenizer:
             raise UserError(f"cannot load the SentencePiece model {path}: {e}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
+        self.eos_ids = frozenset({self.eos_id})
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.chat_template = None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
@@ -50,6 +55,7 @@ class HFTokenizer:
     def __init__(self, path: Path):
         from transformers import AutoTokenizer
 
+        self.path = path
         try:
             # tokenizer files are data (JSON, vocabularies, SentencePiece protos); code a folder ships is not run
             self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -60,13 +66,49 @@ class HFTokenizer:
         if eos is None:
             raise UserError(f"the tokenizer in {path} has no end-of-sequence (or separator) token")
         self.eos_id = eos
+        self.eos_ids = frozenset({eos, *model_eos_ids(path)})
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos
+        chat = self.tok.chat_template  # a Jinja string, or named templates of which "default" is the chat's
+        self.chat_template: str | None = (chat.get("default") if isinstance(chat, dict) else chat) or None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        # no special tokens added: a chat template writes its own BOS text, which encodes as the BOS token
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([int(i) for i in ids])
+
+    def chat_prompt(self, messages: list[dict[str, str]], template: str) -> str:
+        """`messages` ({"role", "content"}) as the chat template `template` writes them, up to where the
+        assistant's answer begins (the generation prompt); the tokenizer gives its special tokens' text."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                add_generation_prompt=True)
+        except TemplateError as e:  # e.g. a template that takes no system message (raise_exception)
+            raise UserError(f"the chat template of the tokenizer in {self.path} cannot write the prompt: {e}. Set "
+                            f"sft.system = \"\" if it takes no system message, or sft.chat_template = \"never\" for "
+                            f"InstructRetro's prompt") from None
+
+
+def model_eos_ids(folder: Path) -> list[int]:
+    """The `eos_token_id` of a model folder's generation_config.json and config.json (an id or a list of ids:
+    Llama 3 ends a turn with <|eot_id|>, the text with <|end_of_text|>); none where the files or the key are absent."""
+    ids: list[int] = []
+    for path in (folder / "generation_config.json", folder / "config.json"):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        value = data.get("eos_token_id") if isinstance(data, dict) else None
+        values = [] if value is None else value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise UserError(f"{path}: eos_token_id must be a token id or a list of token ids, got {value!r}")
+        ids += values
+    return ids
 
 
 def load_tokenizer(kind: str, path: Path) -> Tokenizer:

@@ -22,14 +22,14 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
 
 from ..config import Config
 from ..data.corpus import data_file
-from ..data.qa import Record, context_neighbours, detect_format, fit_prompt, read_records, template_of
+from ..data.qa import ChatPrompt, Record, context_neighbours, detect_format, fit_prompt, read_records, template_of
 from ..db.database import Database, Retriever, describe_hits, open_tokenizer, workspace_of
 from ..db.store import ChunkStore
 from ..errors import UserError
@@ -130,12 +130,13 @@ class Rows:
                 step_nbrs[i] = self.chunk_nbrs[i][len(self.seqs[i]) // self.m - 1]
         return step_nbrs
 
-    def append(self, nxt: list[int], eos_id: int, d: Decoding, decode: Callable[[list[int]], str] | None) -> list[int]:
-        """Add each row's next token (EOS and a stop string end a row); the rows still writing."""
+    def append(self, nxt: list[int], eos_ids: Collection[int], d: Decoding,
+               decode: Callable[[list[int]], str] | None) -> list[int]:
+        """Add each row's next token (any of the EOS ids and a stop string end a row); the rows still writing."""
         for i, tok in enumerate(nxt):
             if self.stopped[i] is not None:
                 continue
-            if tok == eos_id:
+            if tok in eos_ids:
                 self.stopped[i] = "eos"
                 continue
             self.out[i].append(tok)
@@ -184,10 +185,13 @@ def prefill(model: RetroModel, rows: Rows, max_new_tokens: int, device: torch.de
     return torch.stack(first), DecodeCache.left_padded(model, caches, capacity)
 
 
-def generate(model: RetroModel, prompts: list[list[int]], d: Decoding, eos_id: int,
+def generate(model: RetroModel, prompts: list[list[int]], d: Decoding, eos_id: int | Collection[int],
              neighbours_of: NeighbourFn | None = None, decode: Callable[[list[int]], str] | None = None,
              seeds: list[int] | None = None, use_cache: bool = True, precision: str = "fp32") -> list[Answer]:
     """Continue each prompt (token ids, none empty) until EOS, a stop string or max_new_tokens.
+
+    eos_id: the end-of-sequence id, or the set of them where the model has several (Llama 3 ends a turn with
+    <|eot_id|> and the text with <|end_of_text|>): any of them ends a row.
 
     neighbours_of: retrieval for the model's CCA (None: CCA off). It is asked once for each chunk of a row
     as soon as the chunk is complete, prompt chunks first. `decode` turns tokens into text (needed for stop
@@ -201,6 +205,7 @@ def generate(model: RetroModel, prompts: list[list[int]], d: Decoding, eos_id: i
     model.eval()
     device = next(model.parameters()).device
     rows = Rows(model, prompts, neighbours_of)
+    eos_ids = set(eos_id) if isinstance(eos_id, Collection) else {eos_id}
     generators = [torch.Generator().manual_seed(int(s)) for s in (seeds or range(rows.b))]
     with torch.no_grad(), autocast(device, precision):
         rows.retrieve(list(range(rows.b)))
@@ -209,7 +214,7 @@ def generate(model: RetroModel, prompts: list[list[int]], d: Decoding, eos_id: i
         else:
             logits = full_logits(model, rows, device)
         for t in range(d.max_new_tokens):
-            live = rows.append(pick_next(logits, d, generators).tolist(), eos_id, d, decode)
+            live = rows.append(pick_next(logits, d, generators).tolist(), eos_ids, d, decode)
             if not live or t == d.max_new_tokens - 1:
                 break
             rows.retrieve(live)
@@ -282,8 +287,10 @@ class Prompter:
     def __init__(self, cfg: Config, ws, tok, model: RetroModel, store: ChunkStore | None,
                  retriever: Retriever | None):
         g = cfg.generate
-        template = template_of(cfg.sft)
-        self.template = dataclasses.replace(template, user=g.user_template) if g.user_template else template
+        self.template = template_of(cfg.sft, tok, g.user_template)
+        if g.user_template and isinstance(self.template, ChatPrompt):
+            log("generate.user_template is not used: the tokenizer's chat template writes the prompt "
+                "(sft.chat_template = \"never\": the templates of [sft] and [generate])")
         self.cfg, self.tok, self.store, self.retriever = cfg, tok, store, retriever
         self.budget = model.cfg.seq_length - g.max_new_tokens
         if self.budget < 1:
@@ -324,7 +331,7 @@ def neighbour_source(mode: str, contexts: list[list[dict]], tok, retriever: Retr
 
 
 def _settings_hash(cfg: Config, ws: Workspace, path: Path, mode: str, task: Path | None,
-                   database: Database | None) -> str:
+                   database: Database | None, tok, eos_ids: frozenset[int]) -> str:
     """What the answers depend on. With retrieval, that includes the database as edited: answers written
     before a `db add`/`db remove` are not resumed after it."""
     g = dataclasses.asdict(cfg.generate)
@@ -333,7 +340,9 @@ def _settings_hash(cfg: Config, ws: Workspace, path: Path, mode: str, task: Path
                                             "edits": database.manifest.to_json()}
     return hash_obj({"generate": g, "checkpoint": str(path.resolve()), "neighbors": mode,
                      "task": str(task.resolve()) if task else None, "seed": cfg.workspace.seed,
-                     "template": dataclasses.asdict(template_of(cfg.sft)), "database": edited})[:10]
+                     "template": dataclasses.asdict(template_of(cfg.sft, tok)), "database": edited,
+                     # a single end token is the checkpoint's own; more come from the model folder's files
+                     **({"eos_ids": sorted(eos_ids)} if len(eos_ids) > 1 else {})})[:10]
 
 
 def _read_partial(paths: list[Path]) -> dict[int, dict]:
@@ -390,11 +399,11 @@ class Answerer:
     neighbours, and the decoding of generate.*; each question's sampling seeded by its index."""
 
     def __init__(self, cfg: Config, ws, tok, model: RetroModel, mode: str, store: ChunkStore | None,
-                 retriever: Retriever | None, eos_id: int):
+                 retriever: Retriever | None, eos_ids: frozenset[int]):
         g = cfg.generate
         self.prompter = Prompter(cfg, ws, tok, model, store, retriever)
         self.cfg, self.tok, self.model, self.mode, self.store, self.retriever = cfg, tok, model, mode, store, retriever
-        self.eos_id = eos_id
+        self.eos_ids = eos_ids
         self.decoding = Decoding(g.max_new_tokens, g.temperature, g.top_k, g.top_p, tuple(g.stop))
 
     def __call__(self, batch: list[Question]) -> list[dict]:
@@ -405,7 +414,7 @@ class Answerer:
         live = [j for j, (ids, _) in enumerate(fitted) if ids]
         source = neighbour_source(self.mode, [fitted[j][1] for j in live], self.tok, self.retriever, self.store,
                                   self.model)
-        answers = generate(self.model, [fitted[j][0] for j in live], self.decoding, self.eos_id, source,
+        answers = generate(self.model, [fitted[j][0] for j in live], self.decoding, self.eos_ids, source,
                            self.tok.decode, seeds=[self.cfg.workspace.seed * 1_000_003 + batch[j].index for j in live],
                            use_cache=g.cache, precision=g.precision)
         seconds = time.time() - t0
@@ -477,13 +486,14 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
         ws.require("index")
         database = Database.open(cfg, model.chunk_length)
         store, retriever = database.store, database.retriever()
-    answerer = Answerer(cfg, ws, tok, model, mode, store, retriever, meta.get("eos_id", tok.eos_id))
+    eos_ids = tok.eos_ids | {meta.get("eos_id", tok.eos_id)}  # the checkpoint's, and every end token of the model
+    answerer = Answerer(cfg, ws, tok, model, mode, store, retriever, eos_ids)
 
     if out is None and task is not None:
         out = default_out(ws, task, g.contexts, path)
     partial = None
     if out is not None:  # answers go to this rank's partial file as they are made; a rerun skips them
-        partial = PartialFiles(out, _settings_hash(cfg, ws, path, mode, task, database))
+        partial = PartialFiles(out, _settings_hash(cfg, ws, path, mode, task, database, tok, eos_ids))
     done = partial.done if partial is not None else {}
     if done:
         log(f"resuming: {len(done):,} of {len(questions):,} questions were answered by an earlier run")

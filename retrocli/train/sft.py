@@ -4,7 +4,9 @@ torchrun and bf16, checkpoints in `<workspace>/checkpoints/sft/`.
 
     [[sft.blend]] files --qa.read_records--> records --split_records--> train / held-out, per dataset
       --Blend.draw(train_steps x global_batch_size)--> the training order (records too long to fit dropped)
-      --qa.encode_sample--> [prompt][answer][EOS][pad], loss on the answer and EOS only
+      --qa.encode_sample--> [prompt][answer][EOS][pad], loss on the answer and EOS only; the prompt is written
+                            by a Hugging Face tokenizer's chat template when it has one (sft.chat_template), else
+                            as InstructRetro's
       --neighbours (sft.neighbors)--> none (encoder gated off, InstructRetro's choice) | the sample's own
                                       contexts | the database's nearest chunks of each of its chunks
 
@@ -25,7 +27,8 @@ from ..config import Config, to_commented_toml
 from ..data.corpus import data_file
 from ..data.qa import (
     Blend,
-    PromptTemplate,
+    ChatPrompt,
+    Prompt,
     Record,
     context_neighbours,
     encode_sample,
@@ -77,7 +80,7 @@ class Neighbours:
 class SFTSamples:
     """len() and get(i) like pretraining's Samples: sample i is records[i] as a prompt + answer sample."""
 
-    def __init__(self, records: list[Record], template: PromptTemplate, tok, seq_length: int, num_contexts: int,
+    def __init__(self, records: list[Record], template: Prompt, tok, seq_length: int, num_contexts: int,
                  neighbours: Neighbours | None):
         self.records, self.template, self.tok = records, template, tok
         self.seq_length, self.num_contexts, self.neighbours = seq_length, num_contexts, neighbours
@@ -95,7 +98,7 @@ class SFTSamples:
         return sample
 
 
-def fitting(records: list[Record], template: PromptTemplate, tok, seq_length: int,
+def fitting(records: list[Record], template: Prompt, tok, seq_length: int,
             num_contexts: int) -> tuple[list[bool], dict[str, int]]:
     """Which records fit seq_length (their answer is never cut), and the totals of what was cut."""
     totals = {"context_tokens_cut": 0, "contexts_dropped": 0, "skipped_too_long": 0}
@@ -147,7 +150,9 @@ def build(cfg: Config) -> tuple[Job, TrainSettings, Path | None, list[dict[str, 
     full, counts = load_blend(entries, s.on_bad_record)
     splits = [split_records(recs, s.valid_fraction, cfg.workspace.seed) for recs in full.records]
     blend = Blend(entries, [train_recs or recs for (train_recs, _), recs in zip(splits, full.records)])
-    template = template_of(s)
+    template = template_of(s, tok)
+    if isinstance(template, ChatPrompt):
+        log("prompts written by the tokenizer's chat template (sft.chat_template = \"never\": InstructRetro's)")
     draws = blend.draw(settings.train_steps * s.global_batch_size, cfg.workspace.seed)
     order = [blend.records[d][r] for d, r in draws.tolist()]
     unique = {id(rec): rec for rec in order}

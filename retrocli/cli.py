@@ -12,7 +12,7 @@ from rich.markup import escape
 from typer import _click as click  # typer vendors click: its exceptions are these, not the `click` package's
 
 from .allocator import tune_allocator
-from .commands import config, db, generate, init, ppl, pretrain, reproduce, score, set_argv, sft
+from .commands import config, db, export, generate, init, ppl, pretrain, reproduce, score, set_argv, sft
 from .errors import UserError
 from .runtime import console
 
@@ -83,7 +83,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 # The registry: every verb, in the order of the data flow (tests/test_cli.py pins the list through --help).
 
 for name, verb in (("init", init.init), ("pretrain", pretrain.pretrain), ("ppl", ppl.ppl), ("sft", sft.sft),
-                   ("generate", generate.generate), ("score", score.score), ("reproduce", reproduce.reproduce)):
+                   ("generate", generate.generate), ("score", score.score), ("export", export.export),
+                   ("reproduce", reproduce.reproduce)):
     app.command(name, cls=_Command)(verb)
 for name, verb in (("build", db.db_build), ("query", db.db_query), ("info", db.db_info), ("verify", db.db_verify),
                    ("add", db.db_add), ("remove", db.db_remove)):

@@ -123,15 +123,47 @@ class ModelConfig:
     position: str = opt("rope", "'rope' or 'learned'", choices=("rope", "learned"))
     rotary_percent: float = opt(1.0, "fraction of each head's dimensions rotated by RoPE (843M recipe: 0.5)")
     norm: str = opt("layernorm", "'layernorm' or 'rmsnorm'", choices=("layernorm", "rmsnorm"))
-    mlp: str = opt("gelu", "'gelu' or 'swiglu'", choices=("gelu", "swiglu"))
+    mlp: str = opt("gelu", "'gelu', 'gelu_tanh' (GELU's tanh approximation, GPT-2) or 'swiglu'",
+                   choices=("gelu", "gelu_tanh", "swiglu"))
     dropout: float = opt(0.0, "dropout probability")
     retro_layers: typing.Optional[list[int]] = opt(
         None, "1-based decoder layers with chunked cross-attention; unset: Megatron's "
         "range(6 if layers <= 15 else 9, layers + 1, 3), at least one; [] gives a plain GPT"
     )
+    kv_heads: int = opt(0, "key/value heads of the decoder's self-attention (grouped-query attention: a divisor "
+                           "of heads); 0: as many as heads")
+    head_dim: int = opt(0, "dimensions per attention head; 0: hidden / heads")
+    rope_theta: float = opt(10000.0, "RoPE base")
+    rope_scaling: str = opt("none", "RoPE frequency scaling for long contexts: 'none', 'linear' (positions divided "
+                                    "by rope_factor) or 'llama3' (Llama 3.1's: low frequencies divided by "
+                                    "rope_factor, high ones kept, a smooth ramp between)",
+                            choices=("none", "linear", "llama3"))
+    rope_factor: float = opt(1.0, "RoPE scaling factor (rope_scaling 'linear' or 'llama3')")
+    rope_low_freq_factor: float = opt(1.0, "'llama3' scaling: wavelengths above original_length / this are scaled")
+    rope_high_freq_factor: float = opt(4.0, "'llama3' scaling: wavelengths below original_length / this are kept")
+    rope_original_length: int = opt(8192, "'llama3' scaling: the context length the model was pretrained with")
+    max_positions: int = opt(0, "rows of the learned position table (position 'learned'); 0: seq_length")
+    sliding_window: int = opt(0, "the decoder's attention window as pretrained (Mistral); 0: none. Sequences are "
+                                 "refused beyond it rather than computed with a window retro does not apply")
+    tie_embeddings: bool = opt(True, "the LM head is the token embedding matrix; false: a separate lm_head")
+    qkv_bias: bool = opt(False, "biases on the decoder's query, key and value projections (Qwen2, GPT-2)")
+    out_bias: bool = opt(False, "a bias on the decoder's attention output projection (GPT-2)")
+    mlp_bias: bool = opt(False, "biases on the decoder's MLP projections (GPT-2)")
+    qk_norm: bool = opt(False, "RMSNorm of each head's queries and keys before RoPE (Qwen3)")
+    norm_eps: float = opt(1e-5, "epsilon of every norm")
     encoder_layers: int = opt(2, "layers of the bidirectional retrieval encoder")
     num_neighbors: int = opt(2, "neighbours read per chunk (k)")
     retrieved_length: int = opt(0, "tokens per neighbour (r); 0: 2 x db.chunk_length (chunk + continuation)")
+
+
+def head_dim(m: ModelConfig) -> int:
+    """e, the dimensions of one attention head: model.head_dim, or 0 -> hidden / heads."""
+    return m.head_dim or m.hidden // max(m.heads, 1)
+
+
+def kv_heads(m: ModelConfig) -> int:
+    """The decoder's key/value heads: model.kv_heads, or 0 -> heads (multi-head attention)."""
+    return m.kv_heads or m.heads
 
 
 def retrieved_length(m: ModelConfig, chunk_length: int) -> int:
@@ -166,6 +198,10 @@ class TrainingConfig:
                          "GPUs and on CPUs with AVX-512 BF16 or AMX (1.6x faster Retro steps on a Zen 4)",
                          choices=("fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model")
+    activation_checkpointing: bool = opt(False, "recompute each decoder and encoder layer's activations in the "
+                                                "backward pass instead of keeping them: about a third more compute "
+                                                "for activation memory of one layer instead of all (large models, "
+                                                "long sequences)")
     fsdp: bool = opt(False, "with several processes ([launch]): shard parameters, gradients and optimizer state "
                             "across them (FSDP) instead of replicating them (DDP), for models that do not fit one "
                             "device; checkpoints are then written as shards, one per process, and load into any "
@@ -223,6 +259,9 @@ class SFTConfig(TrainingConfig):
     system: str = opt(INSTRUCTRETRO_SYSTEM, "the system line that opens every prompt")
     context_template: str = opt("title: {title}, source: {text}", "how each context is written in the prompt")
     user_template: str = opt("User: {question}\n\nAssistant:", "the user turn; the answer follows it")
+    chat_template: str = opt("auto", "'auto': a Hugging Face tokenizer's own chat template writes the prompt when "
+                                     "it has one (system, contexts and question as the user turn); 'never': always "
+                                     "the templates above (InstructRetro's prompt)", choices=("auto", "never"))
     init_from: str = opt("", "the checkpoint to fine-tune; empty: the latest complete checkpoint of the "
                              "pretraining run (pretrain.run)", path=True)
     run: str = opt("sft", "name of this run: checkpoints in WORKSPACE/checkpoints/RUN/")
@@ -612,15 +651,30 @@ def validate(cfg: Config) -> None:
     for key in ("vocab_size", "ffn_hidden", "retrieved_length"):
         if getattr(m, key) < 0:
             p.append(f"model.{key} must be >= 0 (0: derived), got {getattr(m, key)}")
-    if m.heads >= 1 and m.hidden % m.heads:
-        p.append(f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})")
+    for key in ("kv_heads", "head_dim", "max_positions", "sliding_window"):
+        if getattr(m, key) < 0:
+            p.append(f"model.{key} must be >= 0 (0: derived or none), got {getattr(m, key)}")
+    if m.heads >= 1 and m.head_dim == 0 and m.hidden % m.heads:
+        p.append(f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads}), or set model.head_dim")
+    if m.kv_heads > 0 and m.heads >= 1 and m.heads % m.kv_heads:
+        p.append(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
+    if m.sliding_window > 0 and m.seq_length > m.sliding_window:
+        p.append(f"model.seq_length ({m.seq_length}) exceeds the model's sliding attention window "
+                 f"(model.sliding_window {m.sliding_window}), which retro does not apply: use a seq_length of at "
+                 f"most {m.sliding_window}")
+    if m.position == "learned" and m.max_positions and m.seq_length > m.max_positions:
+        p.append(f"model.seq_length ({m.seq_length}) exceeds the learned positions (model.max_positions "
+                 f"{m.max_positions})")
+    if m.rope_theta <= 0 or m.norm_eps <= 0 or m.rope_factor <= 0:
+        p.append("model.rope_theta, model.rope_factor and model.norm_eps must be positive, got "
+                 f"{m.rope_theta}, {m.rope_factor}, {m.norm_eps}")
     if not 0.0 <= m.dropout < 1.0:
         p.append(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 < m.rotary_percent <= 1.0:
         p.append(f"model.rotary_percent must be in (0, 1], got {m.rotary_percent}")
-    elif m.position == "rope" and m.heads >= 1 and int(m.hidden // m.heads * m.rotary_percent) // 2 * 2 == 0:
+    elif m.position == "rope" and m.heads >= 1 and int(head_dim(m) * m.rotary_percent) // 2 * 2 == 0:
         p.append(f"model.rotary_percent {m.rotary_percent} rotates no dimension of a head of size "
-                 f"{m.hidden // m.heads} (model.hidden / model.heads)")
+                 f"{head_dim(m)} (model.head_dim, or model.hidden / model.heads)")
     if m.retro_layers is not None and any(not 1 <= i <= m.layers for i in m.retro_layers):
         p.append(f"model.retro_layers {m.retro_layers} must lie in 1..{m.layers} (model.layers)")
     if m.num_neighbors > d.num_neighbors_query:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
-from .config import load_config, rebase_paths, to_commented_toml
+from .config import Config, load_config, rebase_paths, to_commented_toml, validate
 from .errors import UserError
 from .workspace import write_text_atomic
 
@@ -47,9 +48,34 @@ def list_recipes() -> list[tuple[str, str]]:
     return [(p.stem, describe(p)) for p in sorted(recipes_dir().glob("*.toml"))]
 
 
-def write_workspace(directory: Path, recipe: str) -> Path:
+def megatron_retro_layers(layers: int) -> list[int]:
+    """Megatron's retro layers, range(6 if layers <= 15 else 9, layers + 1, 3); the last layer when that is
+    empty (a decoder of fewer than 6 layers)."""
+    return list(range(6 if layers <= 15 else 9, layers + 1, 3)) or [layers]
+
+
+def from_hf(cfg: Config, model: Path) -> str:
+    """Point a workspace at a Hugging Face model folder: its tokenizer, its decoder keys, Megatron's retro layers,
+    the decoder frozen; the sequence length cut to what the model computes. Returns a header line."""
+    from .train import hf
+
+    path = model.resolve()
+    folder = hf.open_folder(path)
+    cfg.tokenizer.type, cfg.tokenizer.path = "hf", str(path)
+    cfg.pretrain.init_from, cfg.pretrain.freeze_decoder = str(path), True
+    keys = dict(folder.decoder)
+    limits = [n for n in (keys.get("sliding_window"), keys.get("max_positions")) if n]
+    seq_length = min([cfg.model.seq_length, *limits])
+    cfg.model = dataclasses.replace(cfg.model, **keys, seq_length=seq_length,
+                                    retro_layers=megatron_retro_layers(keys["layers"]))
+    return (f"# the model: {path} ({folder.family}, {keys['layers']} layers, hidden {keys['hidden']}); [model] "
+            f"is its config.json, and must stay so")
+
+
+def write_workspace(directory: Path, recipe: str, model: Path | None = None) -> Path:
     """DIR/retro.toml: the recipe with every key written out and documented, and every artefact inside DIR
-    (`workspace.dir = "."`), so that two workspaces side by side share nothing. Never overwrites a file."""
+    (`workspace.dir = "."`), so that two workspaces side by side share nothing. Never overwrites a file.
+    `model`: a Hugging Face model folder to retrofit (`from_hf`)."""
     if directory.suffix == ".toml":
         raise UserError(f"retro init takes a folder, not a TOML file: {directory} (it writes FOLDER/retro.toml; "
                         f"try `retro init {directory.with_suffix('')}`)")
@@ -63,6 +89,9 @@ def write_workspace(directory: Path, recipe: str) -> Path:
     rebase_paths(cfg, cfg.base_dir)  # paths stay valid from the new location (data files, checkpoints)
     cfg.workspace.dir = "."  # every artefact inside DIR, beside its retro.toml
     header = "\n".join(line for line in src.read_text(encoding="utf-8").splitlines() if line.startswith("#"))
+    if model is not None:
+        header += "\n" + from_hf(cfg, model)
+        validate(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, to_commented_toml(cfg, header + f"\n# written by `retro init` from {src.name}; every "
                                                            "artefact of this workspace goes into this folder\n"))

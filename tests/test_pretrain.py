@@ -242,8 +242,17 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
     fresh = build(load_config(toml))[0].model.state_dict()  # same seed, no init_from
     cca = [k for k in retro_state if "cca" in k or k.startswith("encoder.")]
     assert cca
-    for name in cca:
-        assert torch.equal(retro_state[name], fresh[name]), name  # CCA and encoder start fresh
+    for name in cca:  # CCA and encoder start fresh, each CCA's output projection at zero
+        if name.endswith("cca.attn.out_proj.weight"):
+            assert not retro_state[name].any(), name
+        else:
+            assert torch.equal(retro_state[name], fresh[name]), name
+    # so at step 0 the Retro, retrieving, computes the GPT's logits exactly
+    gpt = checkpoint.load_model(ws, gpt_dir / "step-000002")[0]
+    tokens = torch.randint(1, 100, (2, 3 * job.model.chunk_length))
+    neighbours = torch.randint(1, 100, (2, 3, job.model.cfg.num_neighbors, job.model.retrieved_length))
+    with torch.no_grad():
+        assert torch.equal(job.model.eval()(tokens, neighbours), gpt(tokens))
     summary = run(load_config(toml, [f"pretrain.init_from={json.dumps(str(gpt_dir))}"]))
     assert summary["step"] == 2  # a new run from step 0: the GPT's optimizer state is not used
     with pytest.raises(UserError, match="cannot resume .*model.layers: checkpoint 2, config 3"):

@@ -13,8 +13,11 @@ from ..runtime import console
 
 
 def init(directory: Optional[Path] = typer.Argument(None, help="folder for the new workspace (made if needed)"),
-         recipe: str = typer.Option("tiny", "--recipe", help="recipe to start from: a name from --list, or a TOML "
-                                    "file"),
+         recipe: Optional[str] = typer.Option(None, "--recipe", help="recipe to start from: a name from --list, or a "
+                                              "TOML file (default: tiny; retrofit-hf with --from-hf)"),
+         from_hf: Optional[Path] = typer.Option(None, "--from-hf", help="a local Hugging Face model folder (Llama, "
+                                                "Qwen2/3, Mistral, GPT-2) to retrofit: its tokenizer and decoder "
+                                                "fill the workspace, the decoder frozen"),
          list_: bool = typer.Option(False, "--list", help="name the recipes with their descriptions, then exit")):
     """Write DIR/retro.toml, a commented workspace TOML (every key documented) for you to edit; every artefact
     of the workspace (database, checkpoints, answers) then goes into DIR.
@@ -25,6 +28,7 @@ def init(directory: Optional[Path] = typer.Argument(None, help="folder for the n
     retro init my-ws                       # the tiny recipe: the whole chain on a CPU in minutes
     retro init --list
     retro init big-ws --recipe copy-cpu
+    retro init my-retro --from-hf ~/models/SmolLM2-135M   # retrofit a pretrained model into a Retro
     ```"""
     from ..recipes import list_recipes, write_workspace
 
@@ -41,5 +45,5 @@ def init(directory: Optional[Path] = typer.Argument(None, help="folder for the n
     if directory is None:
         raise UserError("give a folder for the new workspace: retro init DIR [--recipe NAME] (`retro init --list` "
                         "names the recipes)")
-    path = write_workspace(directory, recipe)
+    path = write_workspace(directory, recipe or ("retrofit-hf" if from_hf else "tiny"), from_hf)
     console.print(f"wrote {path}; next: retro db build -c {path}", highlight=False, soft_wrap=True)

@@ -240,10 +240,7 @@ def resolve_generate_checkpoint(cfg: Config, ws, given: Path | None) -> Path:
     """--checkpoint, else generate.checkpoint, else the latest SFT checkpoint, else the latest pretraining one."""
     if given is None and cfg.generate.checkpoint:
         given = cfg.resolve(cfg.generate.checkpoint)
-    if given is None and ws.run_dir(cfg.sft.run).is_dir():
-        if checkpoint.latest(ws.run_dir(cfg.sft.run), announce=False) is not None:
-            given = ws.run_dir(cfg.sft.run)
-    return checkpoint.resolve_checkpoint(ws, given, cfg.pretrain.run, what="--checkpoint")
+    return checkpoint.latest_trained(ws, given, cfg.sft.run, cfg.pretrain.run)
 
 
 def default_out(ws, task: Path, contexts: str, checkpoint_path: Path) -> Path:

@@ -5,7 +5,7 @@ self-attention keys and values, and the retrieval state CCA needs between chunks
 over the current chunk, the encoded neighbours of the chunk whose CCA block the next position is in).
 Token ids only: no tokenizer, no sampling, no retrieval (retrocli.eval.generate does those).
 
-Axes as in retro.py: b batch, h heads, t slots (key length), e head dimension, m chunk length,
+Axes as in retro.py: b batch, g key/value heads, t slots (key length), e head dimension, m chunk length,
 k neighbours per chunk, r retrieved length, d width.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..config import head_dim, kv_heads
 from .retro import RetroModel
 
 
@@ -24,8 +25,8 @@ class LayerCache:
         self.cache, self.index = cache, index
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Store new keys and values k, v (b, h, s, e) in the open slots -> every key and value so far
-        (b, h, t, e) and the key mask (b, t) (None in a prefill, where every slot is a real token)."""
+        """Store new keys and values k, v (b, g, s, e) in the open slots -> every key and value so far
+        (b, g, t, e) and the key mask (b, t) (None in a prefill, where every slot is a real token)."""
         c = self.cache
         s, end = k.shape[-2], c.length + k.shape[-2]
         if s > 1 and c.length:
@@ -39,7 +40,7 @@ class LayerCache:
 class DecodeCache:
     """What a generator keeps between decoding steps for a batch of b rows, left-padded to a common length.
 
-    keys, values (layers, b, h, capacity, e): every decoder layer's self-attention keys and values, filled in
+    keys, values (layers, b, g, capacity, e): every decoder layer's self-attention keys and values, filled in
     slots [0, length); valid (b, capacity): the slots that hold a row's tokens (row i's tokens fill
     [length - its length, length)); positions (b,): the position the next token of each row takes.
     Retrieval: chunk_states (b, m, d) the first CCA layer's inputs at the positions of each row's current
@@ -54,7 +55,7 @@ class DecodeCache:
     def __init__(self, model: RetroModel, batch: int, capacity: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         cfg = model.cfg
-        h, e = cfg.heads, cfg.hidden // cfg.heads
+        h, e = kv_heads(cfg), head_dim(cfg)
         m, k, r = model.chunk_length, cfg.num_neighbors, model.retrieved_length
         self.capacity, self.length = capacity, 0
         self.keys = torch.zeros(cfg.layers, batch, h, capacity, e, device=device, dtype=dtype)

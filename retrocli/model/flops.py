@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ..config import head_dim, kv_heads
 from .retro import RetroModel, ffn_width
 
 
@@ -22,19 +23,21 @@ def flops_per_sequence(model: RetroModel, n: int, retrieval: bool = True, causal
     """
     cfg, m = model.cfg, model.chunk_length
     d, f, v = cfg.hidden, ffn_width(cfg), cfg.vocab_size
+    inner = cfg.heads * head_dim(cfg)  # query and output width (d unless model.head_dim says otherwise)
 
     def linear(tokens: int, d_in: int, d_out: int) -> int:
         return 2 * tokens * d_in * d_out
 
-    def attention(queries: int, keys: int, pairs: int) -> int:
+    def attention(queries: int, keys: int, pairs: int, kv_width: int = inner) -> int:
         # q and out projections, fused k/v projection, then QK^T and AV over `pairs` (query, key) pairs
-        return 2 * linear(queries, d, d) + linear(keys, d, 2 * d) + 2 * 2 * pairs * d
+        return 2 * linear(queries, d, inner) + linear(keys, d, 2 * kv_width) + 2 * 2 * pairs * inner
 
     def mlp(tokens: int) -> int:
         return (3 if cfg.mlp == "swiglu" else 2) * linear(tokens, d, f)
 
     pairs = n * n if causal_full else n * (n + 1) // 2
-    total = cfg.layers * (attention(n, n, pairs) + mlp(n)) + linear(n, d, v)
+    decoder_kv = kv_heads(cfg) * head_dim(cfg)  # grouped-query attention projects fewer keys and values
+    total = cfg.layers * (attention(n, n, pairs, decoder_kv) + mlp(n)) + linear(n, d, v)
     if retrieval and model.retro_layers:
         l, k, r = math.ceil(n / m), cfg.num_neighbors, model.retrieved_length
         t = l * k * r  # neighbour tokens per sequence

@@ -10,8 +10,9 @@ trusts the ModelConfig it is given.
 Axis legend used in every shape comment and einops pattern:
     b batch            l chunks per sequence (ceil(n / m))    k neighbours per chunk
     r retrieved length m chunk length                          n sequence length
-    d width            h heads                                 e head dimension (d / h)
-    f MLP width        v vocabulary                            s, t query / key length of one attention call
+    d width            h heads                                 e head dimension (model.head_dim, or d / h)
+    g key/value heads  f MLP width                             v vocabulary
+    s, t query / key length of one attention call
 
 Retrieval in brief (RETRO.md section 2): the neighbours (b, l, k, r) are embedded with the decoder's embedding
 table and run once through a small bidirectional encoder whose first layer lets each neighbour look at the
@@ -29,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig, retrieved_length
+from ..config import ModelConfig, head_dim, kv_heads, retrieved_length
 
 
 def resolve_retro_layers(cfg: ModelConfig) -> list[int]:
@@ -82,24 +84,41 @@ class Cache(Protocol):
 # ----------------------------------------------------------------------------------------------- norms
 
 
-def make_norm(kind: str, d: int) -> nn.Module:
-    return nn.RMSNorm(d, eps=1e-5) if kind == "rmsnorm" else nn.LayerNorm(d, eps=1e-5)
+def make_norm(kind: str, d: int, eps: float) -> nn.Module:
+    return nn.RMSNorm(d, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
 
 
 # ------------------------------------------------------------------------------------- rotary embedding
 
 
+def rope_frequencies(cfg: ModelConfig) -> Tensor:
+    """The rotation frequencies (rot/2,) of the first rot = model.rotary_percent x e dimensions of a head: base
+    model.rope_theta, with model.rope_scaling applied ('linear': all divided by rope_factor; 'llama3': those
+    whose wavelength exceeds original_length / low_freq_factor divided by it, those below original_length /
+    high_freq_factor kept, a linear ramp in between, as Llama 3.1 was trained)."""
+    rot = int(head_dim(cfg) * cfg.rotary_percent) // 2 * 2  # config.validate checks that this is not 0
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > cfg.rope_original_length / low, inv_freq / factor, inv_freq)
+        ramp = (cfg.rope_original_length / wavelength - low) / (high - low)  # 0 at the low edge, 1 at the high
+        between = (wavelength >= cfg.rope_original_length / high) & (wavelength <= cfg.rope_original_length / low)
+        return torch.where(between, (1 - ramp) * scaled / factor + ramp * scaled, scaled)
+    return inv_freq
+
+
 class Rotary(nn.Module):
-    """RoPE on the first `percent` of each head's dimensions (rotate-half layout, as in Megatron and NeoX).
+    """RoPE on the first rot dimensions of each head (rotate-half layout, as in Megatron, NeoX and Llama).
 
     It takes explicit positions, so a KV-cached generator can ask for positions [past, past + s).
     """
 
-    def __init__(self, head_dim: int, percent: float, base: float = 10000.0):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        rot = int(head_dim * percent) // 2 * 2  # config.validate checks that this is not 0
-        inv_freq = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)  # (rot/2,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # recomputed, never checkpointed
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)  # recomputed, never checkpointed
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions (s,) -> cos, sin, each (s, rot)."""
@@ -126,7 +145,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`.
+    """Multi-head attention through `scaled_dot_product_attention`: h query heads of e dimensions, and g key/value
+    heads (grouped-query attention when g < h: each serves h/g query heads). Options an imported decoder may
+    need: biases on the projections, and an RMSNorm of each head's queries and keys before RoPE (`qk_norm_eps`).
 
     Self-attention when `context` is None, else cross-attention from x to `context`. With a decoding cache
     (`kv`), new keys and values are stored after projection and rotation, and the queries attend to every
@@ -136,12 +157,16 @@ class Attention(nn.Module):
     caller never reads.
     """
 
-    def __init__(self, d: int, heads: int, dropout: float):
+    def __init__(self, d: int, heads: int, dropout: float, head_dim: int, kv_heads: int = 0, qkv_bias: bool = False,
+                 out_bias: bool = False, qk_norm_eps: float = 0.0):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.kv_proj = nn.Linear(d, 2 * d, bias=False)
-        self.out_proj = nn.Linear(d, d, bias=False)
+        self.heads, self.kv_heads, self.dropout = heads, kv_heads or heads, dropout
+        e = head_dim
+        self.q_proj = nn.Linear(d, heads * e, bias=qkv_bias)
+        self.kv_proj = nn.Linear(d, 2 * self.kv_heads * e, bias=qkv_bias)  # keys, then values
+        self.q_norm = nn.RMSNorm(e, eps=qk_norm_eps) if qk_norm_eps else None
+        self.k_norm = nn.RMSNorm(e, eps=qk_norm_eps) if qk_norm_eps else None
+        self.out_proj = nn.Linear(heads * e, d, bias=out_bias)
 
     def forward(
         self,
@@ -160,11 +185,13 @@ class Attention(nn.Module):
         `kv`: this layer's decoding cache; the new keys and values are stored and all cached ones attended."""
         context = x if context is None else context
         q = rearrange(self.q_proj(x), "b s (h e) -> b h s e", h=self.heads)
-        k, v = rearrange(self.kv_proj(context), "b t (two h e) -> two b h t e", two=2, h=self.heads)
+        k, v = rearrange(self.kv_proj(context), "b t (two g e) -> two b g t e", two=2, g=self.kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *(rope if rope_k is None else rope_k))
         if kv is not None:
-            k, v, key_mask = kv.append(k, v)  # (b, h, t, e) every key so far; key_mask (b, t) or None
+            k, v, key_mask = kv.append(k, v)  # (b, g, t, e) every key so far; key_mask (b, t) or None
             causal = causal and q.shape[-2] > 1  # one new query per row sees every cached key
         attn_mask, has_key = None, None
         if key_mask is not None:
@@ -172,7 +199,8 @@ class Attention(nn.Module):
             key_mask = key_mask | ~has_key[:, None]  # empty rows attend to everything (finite), zeroed below
             attn_mask = rearrange(key_mask, "b t -> b 1 1 t")  # broadcast over heads and queries
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
+            enable_gqa=self.kv_heads != self.heads,
         )  # (b, h, s, e)
         y = rearrange(y, "b h s e -> b s (h e)")
         if has_key is not None and zero_empty:
@@ -184,13 +212,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (up, gelu, down) or SwiGLU (up to gate and value, silu(gate) * value, down)."""
+    """GELU MLP (up, gelu, down; 'gelu_tanh': GELU's tanh approximation) or SwiGLU (up to gate and value,
+    silu(gate) * value, down)."""
 
-    def __init__(self, d: int, f: int, kind: str):
+    def __init__(self, d: int, f: int, kind: str, bias: bool = False):
         super().__init__()
         self.swiglu = kind == "swiglu"
-        self.up = nn.Linear(d, 2 * f if self.swiglu else f, bias=False)
-        self.down = nn.Linear(f, d, bias=False)
+        self.approximate = "tanh" if kind == "gelu_tanh" else "none"
+        self.up = nn.Linear(d, 2 * f if self.swiglu else f, bias=bias)
+        self.down = nn.Linear(f, d, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)  # (b, s, f) or (b, s, 2f)
@@ -198,7 +228,7 @@ class MLP(nn.Module):
             gate, value = h.chunk(2, dim=-1)  # 2 x (b, s, f)
             h = F.silu(gate) * value
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.down(h)
 
 
@@ -218,10 +248,10 @@ class ChunkedCrossAttention(nn.Module):
     mine", which a model finds early in training; without the alignment it must learn to locate it by content.
     """
 
-    def __init__(self, d: int, heads: int, dropout: float, chunk_length: int):
+    def __init__(self, cfg: ModelConfig, chunk_length: int):
         super().__init__()
         self.m = chunk_length
-        self.attn = Attention(d, heads, dropout)
+        self.attn = retrieval_attention(cfg)
 
     def forward(
         self, x: Tensor, encoded: Tensor, encoded_mask: Tensor, rope: tuple[Tensor, Tensor, Tensor, Tensor] | None
@@ -249,18 +279,25 @@ class ChunkedCrossAttention(nn.Module):
 # ------------------------------------------------------------------------------------------ decoder layer
 
 
+def retrieval_attention(cfg: ModelConfig) -> Attention:
+    """The attention of CCA and of the encoder: heads of the decoder's size, without the options of an imported
+    decoder (biases, grouped keys, q/k norms), which these layers, new in a retrofit, do not need."""
+    return Attention(cfg.hidden, cfg.heads, cfg.dropout, head_dim(cfg))
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: causal self-attention, then CCA (retro layers only), then MLP, each a residual add."""
 
     def __init__(self, cfg: ModelConfig, chunk_length: int, cca: bool):
         super().__init__()
-        d = cfg.hidden
-        self.norm_attn = make_norm(cfg.norm, d)
-        self.attn = Attention(d, cfg.heads, cfg.dropout)
-        self.norm_cca = make_norm(cfg.norm, d) if cca else None
-        self.cca = ChunkedCrossAttention(d, cfg.heads, cfg.dropout, chunk_length) if cca else None
-        self.norm_mlp = make_norm(cfg.norm, d)
-        self.mlp = MLP(d, ffn_width(cfg), cfg.mlp)
+        d, eps = cfg.hidden, cfg.norm_eps
+        self.norm_attn = make_norm(cfg.norm, d, eps)
+        self.attn = Attention(d, cfg.heads, cfg.dropout, head_dim(cfg), kv_heads(cfg), cfg.qkv_bias, cfg.out_bias,
+                              qk_norm_eps=eps if cfg.qk_norm else 0.0)
+        self.norm_cca = make_norm(cfg.norm, d, eps) if cca else None
+        self.cca = ChunkedCrossAttention(cfg, chunk_length) if cca else None
+        self.norm_mlp = make_norm(cfg.norm, d, eps)
+        self.mlp = MLP(d, ffn_width(cfg), cfg.mlp, cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -288,13 +325,13 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cross: bool):
         super().__init__()
-        d = cfg.hidden
-        self.norm_attn = make_norm(cfg.norm, d)
-        self.attn = Attention(d, cfg.heads, cfg.dropout)
-        self.norm_cross = make_norm(cfg.norm, d) if cross else None
-        self.norm_context = make_norm(cfg.norm, d) if cross else None
-        self.cross = Attention(d, cfg.heads, cfg.dropout) if cross else None
-        self.norm_mlp = make_norm(cfg.norm, d)
+        d, eps = cfg.hidden, cfg.norm_eps
+        self.norm_attn = make_norm(cfg.norm, d, eps)
+        self.attn = retrieval_attention(cfg)
+        self.norm_cross = make_norm(cfg.norm, d, eps) if cross else None
+        self.norm_context = make_norm(cfg.norm, d, eps) if cross else None
+        self.cross = retrieval_attention(cfg) if cross else None
+        self.norm_mlp = make_norm(cfg.norm, d, eps)
         self.mlp = MLP(d, ffn_width(cfg), cfg.mlp)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -319,7 +356,8 @@ class RetroEncoder(nn.Module):
         super().__init__()
         self.m = chunk_length
         self.layers = nn.ModuleList(EncoderLayer(cfg, cross=i == 0) for i in range(cfg.encoder_layers))
-        self.norm = make_norm(cfg.norm, cfg.hidden)
+        self.norm = make_norm(cfg.norm, cfg.hidden, cfg.norm_eps)
+        self.activation_checkpointing = False  # set through RetroModel.activation_checkpointing
 
     def forward(
         self, h: Tensor, mask: Tensor, decoder_states: Tensor, rope: tuple[Tensor, Tensor] | None
@@ -335,10 +373,18 @@ class RetroEncoder(nn.Module):
         h = rearrange(h, "b l k r d -> (b l k) r d")
         key_mask = rearrange(mask, "b l k r -> (b l k) r")
         for layer in self.layers:
-            h = layer(h, key_mask, context, rope, k)
+            h = recomputed(self.activation_checkpointing, layer, h, key_mask, context, rope, k)
         # normed after the unfolding, so the output is a tensor of its own, not a view: FSDP2 hooks a module's
         # output for backward, and an in-place op on a view would slip past the hook
         return self.norm(rearrange(h, "(b l k) r d -> b l k r d", b=b, l=l))
+
+
+def recomputed(enabled: bool, layer: nn.Module, *args) -> Tensor:
+    """layer(*args); with activation checkpointing in training, its activations are recomputed in the backward
+    pass instead of kept (RNG state restored, so dropout draws the same mask)."""
+    if enabled and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -352,7 +398,8 @@ class RetroModel(nn.Module):
     nothing. Retrieval is switched off (InstructRetro's encoder ablation: CCA output exactly zero, encoder not
     run) by `forward(..., retrieval=False)`, by `model.cca_gate_off = True`, or by passing `neighbours=None`.
     The decoder's parameter names are the same in both modes, so a GPT state_dict loads into a Retro model
-    with `strict=False` (only encoder and CCA weights are missing): retro-fitting.
+    with `strict=False` (only encoder and CCA weights are missing): retro-fitting, after which
+    `zero_retrieval_output` makes the new Retro compute exactly the GPT's logits until it has trained.
     """
 
     def __init__(self, cfg: ModelConfig, chunk_length: int, pad_id: int = 0):
@@ -365,27 +412,87 @@ class RetroModel(nn.Module):
         self.retro_layers = resolve_retro_layers(cfg)
         self.retrieved_length = retrieved_length(cfg, chunk_length)
         self.cca_gate_off = False  # True: encoder ablation, the model runs as the plain GPT inside it
+        self._checkpointing = False
 
         d = cfg.hidden
-        self.embed = nn.Embedding(cfg.vocab_size, d)  # shared by decoder, neighbours and the (tied) LM head
-        self.pos_embed = nn.Embedding(cfg.seq_length, d) if cfg.position == "learned" else None
-        self.rotary = Rotary(d // cfg.heads, cfg.rotary_percent) if cfg.position == "rope" else None
+        self.embed = nn.Embedding(cfg.vocab_size, d)  # shared by decoder and neighbours, and the LM head if tied
+        self.pos_embed = (nn.Embedding(cfg.max_positions or cfg.seq_length, d) if cfg.position == "learned"
+                          else None)
+        self.rotary = Rotary(cfg) if cfg.position == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, chunk_length, cca=i + 1 in self.retro_layers) for i in range(cfg.layers)
         )
-        self.norm = make_norm(cfg.norm, d)
+        self.norm = make_norm(cfg.norm, d, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.encoder = RetroEncoder(cfg, chunk_length) if self.retro_layers else None
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """normal(0, 0.02); projections that write into the residual stream get 0.02 / sqrt(2 * layers) (GPT-2)."""
-        residual_std = 0.02 / math.sqrt(2 * self.cfg.layers)
         for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "down.weight")):
-                nn.init.normal_(p, 0.0, residual_std)
-            elif p.dim() == 2:  # linear and embedding weights; norm weights and biases keep ones / zeros
-                nn.init.normal_(p, 0.0, 0.02)
+            self._init_parameter(name, p)
+
+    def _init_parameter(self, name: str, p: Tensor) -> None:
+        """normal(0, 0.02); projections that write into the residual stream get 0.02 / sqrt(2 * layers) (GPT-2);
+        linear biases zero; norm weights and biases keep the ones and zeros they are made with."""
+        if name.endswith(("out_proj.weight", "down.weight")):
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.cfg.layers))
+        elif p.dim() == 2:  # linear and embedding weights
+            nn.init.normal_(p, 0.0, 0.02)
+        elif name.endswith(("proj.bias", "up.bias", "down.bias")):  # nn.Linear starts them uniform
+            nn.init.zeros_(p)
+
+    def materialize(self) -> list[str]:
+        """After weights were assigned to a model built on the meta device: the parameters still there (those the
+        weights did not hold, e.g. a retrofit's encoder and CCA) made as a new model's, in fp32, and the
+        buffers recomputed. Returns the names of the parameters made."""
+        made = []
+        for name, p in list(self.named_parameters()):
+            if not p.is_meta:
+                continue
+            fresh = torch.ones(p.shape) if name.endswith("weight") and p.dim() == 1 else torch.zeros(p.shape)
+            self._init_parameter(name, fresh)
+            module_name, _, leaf = name.rpartition(".")
+            setattr(self.get_submodule(module_name), leaf, nn.Parameter(fresh, requires_grad=p.requires_grad))
+            made.append(name)
+        if self.rotary is not None:
+            self.rotary.register_buffer("inv_freq", rope_frequencies(self.cfg), persistent=False)
+        return made
+
+    def zero_retrieval_output(self) -> None:
+        """Zero every CCA's output projection, so that retrieval adds exactly nothing to the residual stream and
+        the model's logits are those of the decoder alone, with retrieval on or off. It still learns: the
+        projection's gradient is its input (the attention over the encoded neighbours, not zero) times the
+        gradient at the output, so the first step moves it off zero, and the gradients of the CCA's other
+        weights and the encoder's, zero while it is, flow from the second step on (as ControlNet's zero
+        convolutions and LoRA's zero B do)."""
+        for layer in self.layers:
+            if layer.cca is not None:
+                nn.init.zeros_(layer.cca.attn.out_proj.weight)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each decoder and encoder layer in the backward pass (training only) instead of keeping its
+        activations."""
+        return self._checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self._checkpointing = on
+        if self.encoder is not None:
+            self.encoder.activation_checkpointing = on
+
+    def _head(self, x: Tensor) -> Tensor:
+        """x (..., d) normed -> logits (..., v): the separate LM head, or the tied embedding matrix."""
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+
+    def _check_length(self, end: int) -> None:
+        """Refuse positions past the sliding attention window the decoder was pretrained with (full causal
+        attention would compute something else there)."""
+        window = self.cfg.sliding_window
+        if window and end > window:
+            raise ValueError(f"{end} positions exceed the model's sliding attention window of {window} "
+                             f"(model.sliding_window), which retro does not apply")
 
     def _embed(self, tokens: Tensor) -> Tensor:
         """tokens (..., s) -> (..., s, d), with learned positions 0..s-1 when configured."""
@@ -419,6 +526,7 @@ class RetroModel(nn.Module):
         for `step`.
         """
         b, n = tokens.shape
+        self._check_length(n)
         x = self._embed(tokens)  # (b, n, d)
         rope = self._rope(n, tokens.device)
 
@@ -444,12 +552,13 @@ class RetroModel(nn.Module):
                 encoded = self.encoder(neighbour_states, encoded_mask, x, rope_r)  # (b, l, k, r, d)
                 if cache is not None:
                     cache.keep_retrieval_state(x, encoded, encoded_mask)
-            x = layer(x, rope, encoded, encoded_mask, cca_rope, kv=None if cache is None else cache.layer(i))
+            if cache is None:
+                x = recomputed(self._checkpointing, layer, x, rope, encoded, encoded_mask, cca_rope)
+            else:
+                x = layer(x, rope, encoded, encoded_mask, cca_rope, kv=cache.layer(i))
         if cache is not None:
             cache.advance(n)
-
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight)  # tied LM head: (b, n, v)
+        return self._head(self.norm(x))  # (b, n, v)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, cache: Cache, neighbours: Tensor | None = None) -> Tensor:
@@ -461,6 +570,7 @@ class RetroModel(nn.Module):
         None, or a model without retrieval: no CCA.
         """
         m, pos = self.chunk_length, cache.positions  # (b,)
+        self._check_length(int(pos.max()) + 1)
         x = self.embed(tokens)[:, None]  # (b, 1, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos)[:, None]  # (b, 1, d)
@@ -479,7 +589,7 @@ class RetroModel(nn.Module):
             encoded = cache.encoded if use_retrieval and layer.cca is not None else None
             x = layer(x, rope, encoded, cache.encoded_mask, cca_rope, kv=cache.layer(i))
         cache.advance(1)
-        return F.linear(self.norm(x[:, 0]), self.embed.weight)  # (b, v)
+        return self._head(self.norm(x[:, 0]))  # (b, v)
 
     def _encode_completed_chunks(self, x: Tensor, cache: Cache, neighbours: Tensor) -> None:
         """x (b, 1, d) entering the first CCA layer, kept by the cache as its row's chunk state. Where it is the

@@ -35,7 +35,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from ..errors import UserError
 from ..model.retro import RetroModel
 from ..runtime import fault_point, warn
 from ..workspace import Workspace, sha256_file, write_failed
+from . import hf
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, TRAINER, CONFIG, META = "model.safetensors", "trainer.safetensors", "config.toml", "meta.json"
@@ -215,13 +216,52 @@ def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain",
     return found
 
 
-def load_model(ws: Workspace, path: Path) -> tuple[RetroModel, dict[str, Any]]:
-    """The model of a verified checkpoint, checked against the workspace tokenizer (in eval mode)."""
+def latest_trained(ws: Workspace, given: Path | None, sft_run: str, pretrain_run: str) -> Path:
+    """`given` (a step or run folder), else the latest complete checkpoint of the SFT run, else of the pretraining
+    run: the model a verb that uses a trained model (generate, export) takes by default."""
+    if given is None and latest(ws.run_dir(sft_run), announce=False) is not None:
+        given = ws.run_dir(sft_run)
+    return resolve_checkpoint(ws, given, pretrain_run, what="--checkpoint")
+
+
+def load_model(ws: Workspace, path: Path, given: ModelConfig | None = None) -> tuple[RetroModel, dict[str, Any]]:
+    """The model of a verified checkpoint, checked against the workspace tokenizer (in eval mode); or of a Hugging
+    Face folder (imported in fp32, its retrieval keys from the folder if `retro export` wrote it, else `given`)."""
+    if hf.is_hf_folder(path):
+        return hf_model(ws, path, given or ModelConfig(), dtype=torch.float32)
     meta = read_meta(path)
     check_tokenizer(meta, tokenizer_ref(ws), path)
     model = RetroModel(model_config_of(meta), meta["chunk_length"], meta["pad_id"])
     model.load_state_dict(load_weights(path))
     return model.eval(), meta
+
+
+def hf_model(ws: Workspace, path: Path, given: ModelConfig, set_keys: frozenset[str] = frozenset(),
+             dtype: torch.dtype | None = None, chunk_length: int | None = None, weights: bool = True,
+             check: Callable[[ModelConfig], None] | None = None) -> tuple[RetroModel, dict[str, Any]]:
+    """A Retro whose decoder is the Hugging Face model in `path` (hf.load), checked against the workspace
+    tokenizer, and the meta a checkpoint of it records. `given`: the workspace's [model], whose keys in
+    `set_keys` must agree with the folder; `chunk_length`: the database's (db.chunk_length), which a folder
+    `retro export` wrote must have been trained with; `check`: called with the model config before anything
+    is loaded. `weights=False`: the model of that config with random weights (a resumed run's)."""
+    from ..db.database import open_tokenizer
+
+    folder = hf.open_folder(path)
+    tok_ref, tok = tokenizer_ref(ws), open_tokenizer(ws)
+    cfg = hf.model_config(folder, given, set_keys)
+    hf.check_tokenizer(folder, tok_ref)
+    built = ws.require("chunks")["settings"]["chunk_length"]
+    m = chunk_length or built
+    if folder.retro is not None and folder.retro.get("chunk_length", m) != m:
+        raise UserError(f"{path / hf.RETRO_CONFIG}: the Retro was trained with chunks of "
+                        f"{folder.retro['chunk_length']} tokens, the database in {ws.db} has {m}: set "
+                        f"db.chunk_length = {folder.retro['chunk_length']} and rebuild the database")
+    if check is not None:
+        check(cfg)
+    model = hf.load(path, cfg, m, tok.pad_id, dtype)[0] if weights else RetroModel(cfg, m, tok.pad_id)
+    meta = model_meta(cfg, m, tok.pad_id, tok_ref, model.retro_layers)
+    meta.update(eos_id=tok.eos_id, hf={"path": str(path), "family": folder.family})
+    return model, meta
 
 
 def is_cca_or_encoder(name: str) -> bool:

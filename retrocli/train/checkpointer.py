@@ -4,6 +4,7 @@ waiting for it) and pruning the old ones, and what an interruption keeps."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ def find_resume(run_dir: Path, s: TrainSettings, phase: str) -> Path | None:
 
 
 def _check_same_model(meta: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    theirs, ours = meta.get("model", {}), current.get("model", {})
+    # keys a checkpoint predates take their defaults, the values it was trained with
+    theirs, ours = dataclasses.asdict(checkpoint.model_config_of(meta)), current.get("model", {})
     diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
              if theirs.get(k) != ours.get(k)]
     if meta.get("chunk_length") != current.get("chunk_length"):

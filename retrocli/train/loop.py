@@ -82,6 +82,8 @@ def wrap(model: torch.nn.Module, s: TrainSettings, device: torch.device) -> torc
     1/world of the parameters, gradients and optimizer state and gathers a layer only while it runs."""
     D = dist()
     net: torch.nn.Module = model
+    if hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = s.activation_checkpointing
     if s.fsdp and D.world > 1:
         from torch.distributed.fsdp import fully_shard
 

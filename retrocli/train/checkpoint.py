@@ -248,8 +248,8 @@ def hf_model(ws: Workspace, path: Path, given: ModelConfig, set_keys: frozenset[
 
     folder = hf.open_folder(path)
     tok_ref, tok = tokenizer_ref(ws), open_tokenizer(ws)
-    cfg = hf.model_config(folder, given, set_keys)
     hf.check_tokenizer(folder, tok_ref)
+    cfg = hf.model_config(folder, given, set_keys)
     built = ws.require("chunks")["settings"]["chunk_length"]
     m = chunk_length or built
     if folder.retro is not None and folder.retro.get("chunk_length", m) != m:

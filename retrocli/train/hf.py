@@ -82,19 +82,23 @@ def open_folder(path: Path) -> HFFolder:
 
     if not (path / CONFIG).is_file():
         raise UserError(f"{path} is not a Hugging Face model folder: it has no {CONFIG}")
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # its warnings about token ids are about generation, not weights
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path / CONFIG}: {e}") from None
-    finally:
-        transformers.logging.set_verbosity(level)
-    names = list(getattr(config, "architectures", None) or [])
+        raw = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+        names = list(raw.get("architectures") or [])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise UserError(f"{path / CONFIG} is not a model configuration ({e})") from None
     family = next((FAMILIES[a] for a in names if a in FAMILIES), None)
     if family is None:
         raise UserError(f"{path / CONFIG}: architectures {names or '(none)'} is not one retro imports; supported: "
                         f"{supported()}")
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its warnings about token ids are about generation, not weights
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # whatever transformers makes of a config it cannot take: the file is the problem
+        raise UserError(f"cannot read {path / CONFIG}: {type(e).__name__}: {e}") from None
+    finally:
+        transformers.logging.set_verbosity(level)
     retro = None
     if (path / RETRO_CONFIG).is_file():
         try:

@@ -107,7 +107,7 @@ def test_sft_samples_use_the_chat_template_and_the_loss_covers_the_answer_and_eo
     assert text.startswith("<s><|system|>\nAnswer with one word.<|end|>\n<|user|>\ntitle: ")
     assert text.endswith(f"{record.question}<|end|>\n<|assistant|>\n")
     prompt = hf(text, add_special_tokens=False)["input_ids"]
-    answer = hf(" " + record.answers[0], add_special_tokens=False)["input_ids"]
+    answer = hf(record.answers[0], add_special_tokens=False)["input_ids"]  # no space after the template's turn
     full = prompt + answer + [tok.eos_id]
     n = len(full) - 1
     assert sample["tokens"][:n].tolist() == full[:-1] and sample["targets"][:n].tolist() == full[1:]

@@ -13,7 +13,8 @@ Prompt layout (InstructRetro): the system line, the contexts as "title: {title},
 blank lines, then "User: {question}\\n\\nAssistant:"; the sections are separated by blank lines and the answer
 follows as " " + answer. With a Hugging Face tokenizer that has a chat template (and sft.chat_template =
 "auto"), the template writes the prompt instead (ChatPrompt): a system message, then one user message of the
-contexts and the question, then the template's generation prompt; the answer follows it the same way.
+contexts and the question, then the template's generation prompt; the answer follows it directly (the
+template's turn ends where the answer's first word begins: no space).
 A sample is [prompt][answer][EOS][pad]; the loss covers the answer and its EOS only. When a sample is too long,
 context text is cut (whole trailing contexts first, then the tail of the last kept one), never the answer; a
 record whose question and answer alone do not fit is skipped and counted.
@@ -36,7 +37,7 @@ import math
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 
@@ -459,6 +460,7 @@ class PromptTemplate:
     system: str = DEFAULT_SYSTEM
     context: str = "title: {title}, source: {text}"
     user: str = "User: {question}\n\nAssistant:"
+    answer_lead: ClassVar[str] = " "  # the answer follows "Assistant:" after a space
 
     def __post_init__(self) -> None:
         _check_fields("context", self.context, allowed={"title", "text"}, required=set())
@@ -477,6 +479,7 @@ class ChatPrompt:
     system: str
     context: str
     chat_template: str  # the tokenizer's (Jinja): a field, so that the prompt's settings name the template too
+    answer_lead: ClassVar[str] = ""  # the template's generation prompt ends where the answer's first word begins
 
     def __post_init__(self) -> None:
         _check_fields("context", self.context, allowed={"title", "text"}, required=set())
@@ -554,7 +557,7 @@ def encode_sample(record: Record, template: Prompt, tok: Tokenizer, seq_length: 
     if not record.answers:
         raise UserError(f"{record.source}: the record has no answer to train on")
     stats = {"context_tokens_cut": 0, "contexts_dropped": 0, "skipped_too_long": 0}
-    answer_ids = list(tok.encode([" " + record.answers[0]])[0])
+    answer_ids = list(tok.encode([template.answer_lead + record.answers[0]])[0])
     budget = seq_length - len(answer_ids)  # prompt tokens that fit: prompt + answer + EOS <= seq_length + 1
     fitted = fit_prompt(record, template, tok, record.contexts[: max(num_contexts, 0)], budget, stats)
     if fitted is None:

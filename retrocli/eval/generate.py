@@ -470,7 +470,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     ws = workspace_of(cfg)
     tok = open_tokenizer(ws)
     path = resolve_generate_checkpoint(cfg, ws, checkpoint_path)
-    model, meta = checkpoint.load_model(ws, path)
+    model, meta = checkpoint.load_model(ws, path, cfg.model)
     mode = neighbour_mode(cfg, model, meta, path)
     model.cca_gate_off = mode == "none"
     device = device_for_rank()

@@ -85,7 +85,7 @@ def run(cfg: Config, checkpoint_path: Path | None = None, retrieval: bool = True
             raise UserError(f"`retro ppl` needs the retrieval database, but its '{stage}' stage is not complete in "
                             f"{ws.db}: run `retro db build` and `retro pretrain` first")
     path = resolve_checkpoint(ws, checkpoint_path, cfg.pretrain.run)
-    model, meta = load_model(ws, path)
+    model, meta = load_model(ws, path, cfg.model)
     m = meta["chunk_length"]
     if m != cfg.db.chunk_length or ws.require("chunks")["settings"]["chunk_length"] != m:
         raise UserError(f"checkpoint {path} was trained with chunk_length {m}, the database in {ws.db} has "
@@ -141,7 +141,7 @@ def checkpoint_token_losses(cfg: Config, ws: Workspace, tok, path: Path, retriev
                             data: Path | None = None) -> tuple[np.ndarray, bool]:
     """The per-token losses of checkpoint `path` on what `retro ppl` scores (the validation documents, or
     `data`), and whether retrieval was used (never for a plain GPT)."""
-    model, meta = load_model(ws, path)
+    model, meta = load_model(ws, path, cfg.model)
     retrieval = retrieval and bool(model.retro_layers)
     samples = evaluation_samples(cfg, ws, model, meta, tok, retrieval, data)[0]
     return token_losses(model, samples, retrieval, device_for_rank()), retrieval

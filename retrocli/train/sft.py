@@ -115,7 +115,7 @@ def load_model(cfg: Config, ws) -> tuple[RetroModel, dict[str, Any], Path]:
     """The checkpoint to fine-tune (sft.init_from, else the latest pretraining checkpoint) as a model."""
     given = cfg.resolve(cfg.sft.init_from) if cfg.sft.init_from else None
     path = checkpoint.resolve_checkpoint(ws, given, cfg.pretrain.run, what="sft.init_from")
-    model, meta = checkpoint.load_model(ws, path)
+    model, meta = checkpoint.load_model(ws, path, cfg.model)
     return model.train(), meta, path
 
 

@@ -1,5 +1,6 @@
 """The workspace tokenizer: SentencePiece BPE trained on the corpus, a SentencePiece model file, or a local
-Hugging Face tokenizer folder. Every stage that needs tokens loads it through `load_tokenizer`."""
+Hugging Face tokenizer folder. Every stage that needs tokens loads it through `load_tokenizer`; `retro export`
+hands a SentencePiece one to Hugging Face through `write_hf_tokenizer`."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
-from ..errors import UserError
+from ..errors import UserError, check
 from ..workspace import write_bytes_atomic
 
 # Special ids of tokenizers trained here.
@@ -188,3 +190,140 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
             line = line.strip()
             if line:
                 yield line
+
+
+# ------------------------------------------------------------------ a SentencePiece model as a Hugging Face folder
+
+# Texts on which the written tokenizer must give SentencePiece's ids, checked before anything is written: the
+# places where the two libraries differ unless told otherwise (dummy prefix, runs of spaces, newlines, digits,
+# byte fallback, control pieces' text).
+PROBES = ("Hello, world.", " leading", "trailing ", "  two  spaces  ", "\u2581escaped \u2581", "line\n\nbreaks\n",
+          "tab\there 2024-05-17", "3.14159 x 42", "naïve café 🙂 中文", "<s> </s> <unk> <pad>", "")
+
+
+def write_hf_tokenizer(sp_model: Path, out: Path) -> list[Path]:
+    """Write the SentencePiece BPE model `sp_model` into the folder `out` as a Hugging Face tokenizer that
+    `AutoTokenizer.from_pretrained(out)` loads: tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    and the model itself as tokenizer.model (for tools that read SentencePiece, e.g. llama.cpp). Returns them.
+
+    Called with `add_special_tokens=False` (nothing is added around a text either way: no BOS, no EOS), it gives
+    SentencePieceProcessor.encode's ids for every text, "<s>" in a text staying text, and decodes those ids to
+    sp.decode's text. Two decodings differ: a control id shows as its piece ("</s>") unless skip_special_tokens,
+    where sp.decode gives ""; and a run of byte pieces that is not whole UTF-8 characters (ids cut inside one)
+    becomes one U+FFFD per byte, where sp.decode keeps the whole characters in it."""
+    import sentencepiece as spm
+
+    proto = _sp_proto(sp_model)
+    check(_unsupported(proto), f"cannot write the SentencePiece model {sp_model} as a Hugging Face tokenizer")
+    tok = _hf_backend(proto)
+    tok.encode_special_tokens = True  # what split_special_tokens below asks of the loaded tokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    for text in PROBES:  # a setting this conversion misses shows up here, not in the user's model
+        want, got = sp.encode(text), tok.encode(text, add_special_tokens=False).ids
+        if want != got:
+            raise UserError(f"cannot write the SentencePiece model {sp_model} as a Hugging Face tokenizer that "
+                            f"encodes as it does: {text!r} is {want} for SentencePiece, {got} converted")
+
+    def piece(token_id: int) -> str | None:
+        return sp.id_to_piece(token_id) if token_id >= 0 else None
+
+    pad = piece(sp.pad_id()) or piece(sp.eos_id())  # as SentencePieceTokenizer has it: without a pad piece, EOS pads
+    special = {name: value for name, value in (("bos_token", piece(sp.bos_id())), ("eos_token", piece(sp.eos_id())),
+                                               ("unk_token", piece(sp.unk_id())), ("pad_token", pad)) if value}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as written, whatever the model family
+        **special,
+        "add_bos_token": False, "add_eos_token": False,
+        "split_special_tokens": True,  # "<s>" in a text is text, as in SentencePiece, not the BOS token
+        "clean_up_tokenization_spaces": False,  # decode gives sp.decode's text: "a ." stays "a ."
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "tokenizer.json", out / "tokenizer_config.json", out / "special_tokens_map.json",
+             out / "tokenizer.model"]
+    tok.save(str(files[0]))
+    files[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    files[2].write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    shutil.copyfile(sp_model, files[3])
+    return files
+
+
+def _sp_proto(sp_model: Path):
+    """The SentencePiece model file parsed: its pieces with their types and scores, and the trainer and
+    normalizer settings, which SentencePieceProcessor does not expose."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError as e:  # the module sentencepiece ships for this needs protobuf, which it does not require
+        raise UserError(f"reading the SentencePiece model {sp_model} needs protobuf ({e}): pip install protobuf") \
+            from None
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(sp_model.read_bytes())
+    except (OSError, ValueError) as e:  # protobuf's DecodeError is a ValueError
+        raise UserError(f"cannot read the SentencePiece model {sp_model}: {e}") from None
+    return proto
+
+
+# ModelProto.SentencePiece.Type
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED = 1, 2, 3, 4
+
+
+def _unsupported(proto) -> list[str]:
+    """What in the SentencePiece model `proto` _hf_backend does not reproduce."""
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    problems = []
+    if spec.model_type != 2:
+        kind = {1: "unigram", 3: "word", 4: "char"}.get(spec.model_type, str(spec.model_type))
+        problems.append(f"it is a {kind} model, and only BPE models (what retro trains) convert")
+    if spec.treat_whitespace_as_suffix or not norm.escape_whitespaces:
+        problems.append("it does not write a space as a leading \"\u2581\" (treat_whitespace_as_suffix, "
+                        "escape_whitespaces)")
+    if any(p.type == SP_USER_DEFINED for p in proto.pieces):
+        problems.append("it has user-defined pieces, which SentencePiece matches before BPE")
+    return problems
+
+
+def _hf_backend(proto):
+    """A `tokenizers.Tokenizer` that encodes and decodes as SentencePiece does with the BPE model `proto`.
+
+    The pipeline transformers' SpmConverter builds, put together here from tokenizers' parts: before transformers
+    5 the converters start from a slow tokenizer class and assume its family's settings (Llama's, T5's) instead
+    of reading the model's. Spaces
+    become "\u2581"; the dummy "\u2581" goes in front of every non-empty text (also one that starts with a space,
+    where tokenizers' Metaspace would leave it out); the whole text is one BPE word (a piece holds "\u2581" only in
+    front or alone, so no merge crosses a word). Merges rank by the merged piece's score, the order in which
+    SentencePiece's BPE applies them; byte pieces spell characters outside the vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    pieces = list(proto.pieces)
+    # every split of a normal piece into two normal pieces is a merge, ranked by the merged piece's score (ties:
+    # its id); byte, control and unknown pieces come from no merge, so text never becomes "<s>" or "<0x41>"
+    normal = {p.piece: (-p.score, i) for i, p in enumerate(pieces) if p.type == SP_NORMAL}
+    ranked = sorted((rank, piece[:k], piece[k:]) for piece, rank in normal.items() for k in range(1, len(piece))
+                    if piece[:k] in normal and piece[k:] in normal)
+    tok = Tokenizer(models.BPE(vocab={p.piece: i for i, p in enumerate(pieces)},
+                               merges=[(left, right) for _, left, right in ranked], unk_token=spec.unk_piece,
+                               fuse_unk=False,  # SentencePiece's BPE gives one unknown per character
+                               byte_fallback=spec.byte_fallback))
+
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    if norm.remove_extra_whitespaces:  # spaces only: SentencePiece leaves newlines and tabs alone
+        steps += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    steps.append(normalizers.Replace(" ", "\u2581"))
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("\u2581"))  # skips the empty text, as SentencePiece does
+    if norm.remove_extra_whitespaces:  # SentencePiece strips the end last, a "\u2581" of the text's own included
+        steps.append(normalizers.Replace(Regex("\u2581+\\z"), ""))
+    tok.normalizer = normalizers.Sequence(steps)
+
+    steps = [decoders.Replace("\u2581", " ")]
+    if spec.byte_fallback:
+        steps.append(decoders.ByteFallback())
+    steps.append(decoders.Fuse())  # one string, so that Strip takes the dummy prefix off the text, not every piece
+    if norm.add_dummy_prefix or norm.remove_extra_whitespaces:  # sp.decode takes a leading space off then
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                            for p in pieces if p.type in (SP_UNKNOWN, SP_CONTROL)])
+    return tok

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrocli.config import ModelConfig
+from retrocli.config import ModelConfig, load_config
 from retrocli.eval.generate import Decoding, generate, pick_next
 from retrocli.model.decode import DecodeCache
 from retrocli.model.retro import RetroModel
@@ -307,3 +307,36 @@ def test_an_empty_answer_says_so_on_a_terminal_and_stays_exact_in_a_pipe(workspa
     shown = os.read(leader, 4096).decode()
     os.close(leader)
     assert proc.returncode == 0 and shown.strip() == "(empty answer)", shown
+
+
+def test_export_hands_a_model_retro_pretrained_to_transformers(workspace: Path, tmp_path: Path) -> None:
+    """A model of retro's own shape and SentencePiece tokenizer goes out as GPT-NeoX with a Hugging Face tokenizer
+    of the same ids; transformers computes its logits, and retro reads the folder back as the same Retro."""
+    import transformers
+
+    from retrocli.data.tokenizer import SentencePieceTokenizer
+    from retrocli.db.database import workspace_of
+    from retrocli.train import checkpoint
+
+    from .test_cli import retro
+
+    out = tmp_path / "exported"
+    proc = retro("export", "-c", str(workspace), "--out", str(out))
+    assert proc.returncode == 0 and "gpt_neox" in proc.stderr, proc.stdout + proc.stderr
+    ws = workspace_of(load_config(workspace))
+    step = checkpoint.latest(ws.run_dir("pretrain"))
+    model, _ = checkpoint.load_model(ws, step)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    sp = SentencePieceTokenizer(ws.tokenizer_model)
+    text = "What colour is the  sky?\nThe sky is blue, 42 times."
+    ids = sp.encode([text])[0]
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    tokens = torch.tensor([ids * 3])
+    with torch.no_grad():
+        assert (theirs(tokens).logits - model(tokens, retrieval=False)).abs().max() <= 1e-4
+    back, _ = checkpoint.load_model(ws, out)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    # an exported folder is never overwritten
+    again = retro("export", "-c", str(workspace), "--out", str(out))
+    assert again.returncode == 2 and str(out) in again.stdout + again.stderr

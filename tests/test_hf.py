@@ -230,3 +230,31 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_before_training(retrofit:
     # [model] keys that contradict config.json
     expect_refused(["pretrain", "-c", retrofit["toml"], *SETS, "--set", "model.layers=3", "--set",
                     'pretrain.run="bad3"'], "model.layers = 3", "config.json", untouched=ws_root)
+
+
+@pytest.mark.parametrize("shape", [{}, {"norm": "rmsnorm", "mlp": "swiglu", "kv_heads": 2, "tie_embeddings": False},
+                                   {"position": "learned", "mlp": "gelu_tanh"}])
+def test_a_model_retro_trained_exports_to_the_family_of_its_shape_and_back(shape: dict, tmp_path: Path) -> None:
+    """retro's default shape (RoPE on part of each head, LayerNorm, GELU, no biases) goes out as GPT-NeoX, the
+    Llama shape as Llama, learned positions as GPT-2; transformers computes its logits, and the folder comes back
+    as the same Retro."""
+    import transformers
+
+    from retrocli.model.retro import RetroModel
+
+    cfg = dataclasses.replace(ModelConfig(), layers=2, hidden=64, heads=4, vocab_size=VOCAB, seq_length=128,
+                              rotary_percent=0.5 if not shape else 1.0, retro_layers=[2], encoder_layers=1, **shape)
+    torch.manual_seed(0)
+    model = RetroModel(cfg, 16, 0).eval()
+    family = hf.family_for(cfg)
+    assert family == {0: "gpt_neox", 4: "llama", 2: "gpt2"}[len(shape)]
+    hf.export(model, tmp_path / "out", family, eos_id=1, pad_id=0, chunk_length=16, tokenizer_files=[], card="card",
+              retro_extra={})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    folder = hf.open_folder(tmp_path / "out")
+    back = hf.load(tmp_path / "out", hf.model_config(folder, cfg, frozenset(dataclasses.asdict(cfg))), 16, 0)[0]
+    assert back.cfg == cfg
+    tokens, neighbours = torch.randint(0, VOCAB, (2, 40)), torch.randint(1, VOCAB, (2, 3, 2, 32))
+    with torch.no_grad():
+        assert (theirs(tokens).logits - model(tokens, retrieval=False)).abs().max() <= 1e-4
+        assert (back(tokens, neighbours) - model(tokens, neighbours)).abs().max() <= 1e-5

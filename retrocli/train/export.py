@@ -1,37 +1,37 @@
 """`retro export`: a trained Retro handed back to the Hugging Face world.
 
 The decoder becomes a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads (the family its
-computation is: the one it was imported from, or Llama / Qwen2 / GPT-2 for a model retro pretrained in such a
-shape), with the workspace's tokenizer and a README card. InstructRetro's finding is that this decoder alone,
+computation is: the one it was imported from; GPT-NeoX for a model of retro's own default shape), with the
+workspace's tokenizer (a SentencePiece model written as a Hugging Face tokenizer with the same ids) and a
+README card. InstructRetro's finding is that this decoder alone,
 the encoder gated off, is a strong GPT. The encoder and CCA go beside it (retro.safetensors, retro_config.json),
 so that `pretrain.init_from` or `sft.init_from` = the folder brings the whole Retro back.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import Config
-from ..data.tokenizer import HF_TOKENIZER_FILES
+from ..data.tokenizer import HF_TOKENIZER_FILES, write_hf_tokenizer
 from ..db.database import tokenizer_source, workspace_of
 from ..errors import UserError
-from ..runtime import log
 from . import checkpoint, hf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def tokenizer_files(ws) -> list[Path]:
-    """The workspace tokenizer's files, to travel with the model: a Hugging Face tokenizer's folder files."""
+def tokenizer_files(ws, scratch: Path) -> list[Path]:
+    """The workspace tokenizer's files, to travel with the model: a Hugging Face tokenizer's folder files, or a
+    SentencePiece model written as one into `scratch` (the same ids for every text)."""
     meta = ws.require("tokenizer")
     source = tokenizer_source(ws, meta["settings"])
     if meta["settings"]["type"] != "hf":
-        raise UserError(f"the workspace tokenizer {source} is a SentencePiece model, which Hugging Face "
-                        f"tokenizers do not read as retro does: export needs a workspace whose tokenizer is a "
-                        f"Hugging Face folder (tokenizer.type = \"hf\"), e.g. one made with `retro init --from-hf`")
+        return write_hf_tokenizer(source, scratch)
     folder = source if source.is_dir() else source.parent
     names = sorted({f for pattern in HF_TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
     extra = [folder / "generation_config.json"] if (folder / "generation_config.json").is_file() else []
@@ -75,12 +75,11 @@ def run(cfg: Config, given: Path | None, out: Path, dtype: str = "fp32") -> dict
     path = checkpoint.latest_trained(ws, given, cfg.sft.run, cfg.pretrain.run)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder: give a new folder for the exported model")
-    files = tokenizer_files(ws)
     model, meta = checkpoint.load_model(ws, path, cfg.model)
     family = hf.family_for(model.cfg)
     model.to(DTYPES[dtype])
-    written = hf.export(model, out, family, meta.get("eos_id", model.pad_id), model.pad_id, model.chunk_length,
-                        files, card(meta, family, path, dtype),
-                        {"checkpoint": str(path), "step": meta.get("step"), "dtype": dtype})
-    log(f"exported {path} as a {family} model to {out}")
+    with tempfile.TemporaryDirectory() as scratch:
+        written = hf.export(model, out, family, meta.get("eos_id", model.pad_id), model.pad_id, model.chunk_length,
+                            tokenizer_files(ws, Path(scratch)), card(meta, family, path, dtype),
+                            {"checkpoint": str(path), "step": meta.get("step"), "dtype": dtype})
     return {"checkpoint": str(path), "out": str(out), "family": family, "files": written, "dtype": dtype}

@@ -36,13 +36,15 @@ import torch
 from ..config import ModelConfig, head_dim, kv_heads
 from ..errors import UserError
 from ..model.retro import RetroModel, ffn_width
-from ..workspace import write_text_atomic
+from ..workspace import sha256_file, write_text_atomic
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 RETRO_WEIGHTS, RETRO_CONFIG = "retro.safetensors", "retro_config.json"
 # `architectures` entry -> family
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2"}
+            "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox"}
+# the biases a family's modeling code always has (zeros where a retro model has none)
+ALWAYS_BIASED = {"gpt2": {"qkv_bias": True, "out_bias": True, "mlp_bias": True}, "gpt_neox": {"mlp_bias": True}}
 # the [model] keys that are not the decoder's, which a Hugging Face folder does not decide
 RETRIEVAL_KEYS = ("seq_length", "dropout", "retro_layers", "encoder_layers", "num_neighbors", "retrieved_length")
 
@@ -105,7 +107,11 @@ def open_folder(path: Path) -> HFFolder:
             retro = json.loads((path / RETRO_CONFIG).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path / RETRO_CONFIG} is damaged ({e}): export the model again") from None
-    return HFFolder(path, family, config, decoder_keys(family, config, path), weight_files(path), retro)
+    decoder = decoder_keys(family, config, path)
+    if retro is not None:  # retro's export: biases the family always has and the model had not are zeros
+        decoder.update({k: False for k in ("qkv_bias", "out_bias", "mlp_bias")
+                        if retro.get("model", {}).get(k) is False})
+    return HFFolder(path, family, config, decoder, weight_files(path), retro)
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -146,7 +152,8 @@ def _rope(config: Any) -> dict[str, Any]:
     keeps them."""
     params = dict(getattr(config, "rope_parameters", None) or {})
     scaling = dict(getattr(config, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None) or scaling.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None) or getattr(config, "rotary_emb_base", None)
+                       or scaling.get("rope_theta", 10000.0))
     source = params if params.get("rope_type", "default") != "default" else scaling
     kind = source.get("rope_type", source.get("type", "default")) or "default"
     out: dict[str, Any] = {"rope_theta": float(theta)}
@@ -165,6 +172,21 @@ def _rope(config: Any) -> dict[str, Any]:
 def decoder_keys(family: str, c: Any, path: Path) -> dict[str, Any]:
     """The [model] keys a family's config fixes; a UserError for what retro does not compute."""
     try:
+        if family == "gpt_neox":
+            if getattr(c, "use_parallel_residual", True):
+                raise ValueError("use_parallel_residual (attention and MLP side by side, as in Pythia)")
+            params = dict(getattr(c, "rope_parameters", None) or {})
+            act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(c.hidden_act)
+            if act is None:
+                raise ValueError(f"hidden_act {c.hidden_act!r}")
+            bias = bool(getattr(c, "attention_bias", True))
+            return {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": c.num_attention_heads,
+                    "kv_heads": c.num_attention_heads, "head_dim": c.hidden_size // c.num_attention_heads,
+                    "ffn_hidden": c.intermediate_size, "vocab_size": c.vocab_size, "position": "rope",
+                    "rotary_percent": float(params.get("partial_rotary_factor", getattr(c, "rotary_pct", 0.25))),
+                    **_rope(c), "norm": "layernorm", "norm_eps": c.layer_norm_eps, "mlp": act,
+                    "tie_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
+                    "qkv_bias": bias, "out_bias": bias, "mlp_bias": True}
         if family == "gpt2":
             act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
                 c.activation_function)
@@ -209,6 +231,9 @@ def check_tokenizer(folder: HFFolder, tok_ref: dict[str, Any]) -> None:
         raise UserError(f"the workspace tokenizer {tok_ref['path']} has {tok_ref['vocab_size']:,} tokens, but the "
                         f"embedding matrix of {folder.path} has {rows:,} rows: use the model's own tokenizer "
                         f"(tokenizer.type = \"hf\", tokenizer.path = the model folder) and rebuild the database")
+    sp_model = folder.path / "tokenizer.model"  # a SentencePiece workspace's model, as `retro export` ships it
+    if tok_ref.get("type") == "sentencepiece" and sp_model.is_file() and sha256_file(sp_model) == tok_ref["sha256"]:
+        return
     if any(f.is_file() for pattern in HF_TOKENIZER_FILES for f in folder.path.glob(pattern)):
         theirs = content_sha256("hf", folder.path)
         if theirs != tok_ref["sha256"]:
@@ -227,14 +252,26 @@ def model_config(folder: HFFolder, given: ModelConfig, set_keys: set[str]) -> Mo
     if folder.retro is not None:
         theirs.update({k: v for k, v in folder.retro.get("model", {}).items() if k in RETRIEVAL_KEYS
                        and k != "seq_length" and f"model.{k}" not in {f"model.{s}" for s in set_keys}})
-    ours = dataclasses.asdict(given)
-    clashes = [f"model.{k} = {ours[k]!r} in the workspace, {v!r} in {folder.path / CONFIG}"
-               for k, v in theirs.items() if k in set_keys and k in folder.decoder and ours[k] != v
-               and not (k == "vocab_size" and ours[k] == 0)]
+    ours, clashes = dataclasses.asdict(given), []
+    for k, v in list(theirs.items()):
+        if k not in set_keys or k not in folder.decoder or ours[k] == v:
+            continue
+        if _effective(given, k) == _effective(dataclasses.replace(given, **{k: v}), k) or \
+                (k == "vocab_size" and ours[k] == 0):
+            theirs[k] = ours[k]  # the same value, derived (0) in the workspace: kept as the workspace writes it
+        else:
+            clashes.append(f"model.{k} = {ours[k]!r} in the workspace, {v!r} in {folder.path / CONFIG}")
     if clashes:
         raise UserError("the workspace's [model] contradicts the model it starts from: " + "; ".join(clashes)
                         + ". Remove those keys from [model] (the folder decides them)")
     return dataclasses.replace(given, **theirs)
+
+
+def _effective(cfg: ModelConfig, key: str) -> Any:
+    """A [model] key's value as the model uses it (0 resolved for the keys where 0 means "derived")."""
+    derived = {"kv_heads": kv_heads, "head_dim": head_dim, "ffn_hidden": ffn_width,
+               "max_positions": lambda c: c.max_positions or c.seq_length}
+    return derived[key](cfg) if key in derived else getattr(cfg, key)
 
 
 # ------------------------------------------------------------------------------------- the name tables
@@ -243,11 +280,28 @@ def model_config(folder: HFFolder, given: ModelConfig, set_keys: set[str]) -> Mo
 @dataclass
 class Tensor:
     """retro's tensors `ours` (state-dict names) <-> the family's `theirs`, concatenated along the first
-    dimension (after transposing theirs, for GPT-2's Conv1D, which stores (in, out))."""
+    dimension. `layout`: how theirs differ beyond that: "conv1d" (GPT-2's Conv1D stores (in, out): transposed),
+    "per_head" (GPT-NeoX's fused query_key_value holds each head's query, key and value together)."""
 
     ours: list[str]
     theirs: list[str]
-    transposed: bool = False
+    layout: str = ""
+
+    def to_ours(self, parts: list[torch.Tensor], heads: int) -> torch.Tensor:
+        """The family's tensors -> retro's, concatenated."""
+        if self.layout == "conv1d":
+            parts = [_t(t) for t in parts]
+        whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.layout == "per_head":  # (h 3 e) ... -> (3 h e) ...: every query, then every key, every value
+            whole = whole.unflatten(0, (heads, 3, -1)).transpose(0, 1).flatten(0, 2)
+        return whole
+
+    def to_theirs(self, whole: torch.Tensor, heads: int) -> list[torch.Tensor]:
+        """retro's tensors, concatenated -> the family's."""
+        if self.layout == "per_head":
+            whole = whole.unflatten(0, (3, heads, -1)).transpose(0, 1).flatten(0, 2)
+        parts = whole.chunk(len(self.theirs))
+        return [(_t(t) if self.layout == "conv1d" else t).contiguous() for t in parts]
 
 
 def name_table(family: str, cfg: ModelConfig, prefix: str) -> list[Tensor]:
@@ -260,11 +314,32 @@ def name_table(family: str, cfg: ModelConfig, prefix: str) -> list[Tensor]:
         for i in range(cfg.layers):
             h, o = f"{p}h.{i}.", f"layers.{i}."
             for w in ("weight", "bias"):
-                table += [T([f"{o}norm_attn.{w}"], [f"{h}ln_1.{w}"]), T([f"{o}norm_mlp.{w}"], [f"{h}ln_2.{w}"]),
-                          T([f"{o}attn.q_proj.{w}", f"{o}attn.kv_proj.{w}"], [f"{h}attn.c_attn.{w}"], True),
-                          T([f"{o}attn.out_proj.{w}"], [f"{h}attn.c_proj.{w}"], True),
-                          T([f"{o}mlp.up.{w}"], [f"{h}mlp.c_fc.{w}"], True),
-                          T([f"{o}mlp.down.{w}"], [f"{h}mlp.c_proj.{w}"], True)]
+                table += [T([f"{o}norm_attn.{w}"], [f"{h}ln_1.{w}"]), T([f"{o}norm_mlp.{w}"], [f"{h}ln_2.{w}"])]
+            for w in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                table.append(T([f"{o}attn.q_proj.{w}", f"{o}attn.kv_proj.{w}"], [f"{h}attn.c_attn.{w}"], "conv1d"))
+            for w in ("weight", "bias") if cfg.out_bias else ("weight",):
+                table.append(T([f"{o}attn.out_proj.{w}"], [f"{h}attn.c_proj.{w}"], "conv1d"))
+            for w in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+                table += [T([f"{o}mlp.up.{w}"], [f"{h}mlp.c_fc.{w}"], "conv1d"),
+                          T([f"{o}mlp.down.{w}"], [f"{h}mlp.c_proj.{w}"], "conv1d")]
+    elif family == "gpt_neox":
+        table += [T(["embed.weight"], [f"{p}embed_in.weight"])]
+        for w in ("weight", "bias"):
+            table.append(T([f"norm.{w}"], [f"{p}final_layer_norm.{w}"]))
+        for i in range(cfg.layers):
+            h, o = f"{p}layers.{i}.", f"layers.{i}."
+            biased = ["weight", "bias"]
+            for w in biased:
+                table += [T([f"{o}norm_attn.{w}"], [f"{h}input_layernorm.{w}"]),
+                          T([f"{o}norm_mlp.{w}"], [f"{h}post_attention_layernorm.{w}"])]
+            for w in biased if cfg.mlp_bias else ["weight"]:
+                table += [T([f"{o}mlp.up.{w}"], [f"{h}mlp.dense_h_to_4h.{w}"]),
+                          T([f"{o}mlp.down.{w}"], [f"{h}mlp.dense_4h_to_h.{w}"])]
+            for w in biased if cfg.qkv_bias else ["weight"]:
+                table.append(T([f"{o}attn.q_proj.{w}", f"{o}attn.kv_proj.{w}"],
+                               [f"{h}attention.query_key_value.{w}"], "per_head"))
+            for w in biased if cfg.out_bias else ["weight"]:
+                table.append(T([f"{o}attn.out_proj.{w}"], [f"{h}attention.dense.{w}"]))
     else:  # the Llama layout: Llama, Mistral, Qwen2, Qwen3
         table += [T(["embed.weight"], [f"{p}embed_tokens.weight"]), T(["norm.weight"], [f"{p}norm.weight"])]
         for i in range(cfg.layers):
@@ -288,7 +363,7 @@ def name_table(family: str, cfg: ModelConfig, prefix: str) -> list[Tensor]:
                 table += [T([f"{o}attn.q_norm.weight"], [f"{h}self_attn.q_norm.weight"]),
                           T([f"{o}attn.k_norm.weight"], [f"{h}self_attn.k_norm.weight"])]
     if not cfg.tie_embeddings:
-        table.append(T(["lm_head.weight"], ["lm_head.weight"]))
+        table.append(T(["lm_head.weight"], ["embed_out.weight" if family == "gpt_neox" else "lm_head.weight"]))
     return table
 
 
@@ -301,7 +376,7 @@ def _prefix(family: str, names: set[str]) -> str:
     """What the folder's decoder names begin with: GPT-2 folders come with and without `transformer.`."""
     if family == "gpt2":
         return "transformer." if "transformer.wte.weight" in names else ""
-    return "model."
+    return "gpt_neox." if family == "gpt_neox" else "model."
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -332,15 +407,15 @@ def load(path: Path, cfg: ModelConfig, chunk_length: int, pad_id: int,
             return t if dtype is None else t.to(dtype)
 
         for entry in name_table(folder.family, cfg, _prefix(folder.family, set(folder.files))):
-            parts = [_t(get(n)) if entry.transposed else get(n) for n in entry.theirs]
-            whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+            parts = [get(n) for n in entry.theirs]
+            whole = entry.to_ours(parts, cfg.heads)
             sizes = [shapes[n][0] for n in entry.ours]
             if whole.shape[0] != sum(sizes) or any(whole.shape[1:] != shapes[n][1:] for n in entry.ours):
                 expected = " + ".join(str(tuple(shapes[n])) for n in entry.ours)
                 raise UserError(f"{path}: {' + '.join(entry.theirs)} has shape {tuple(whole.shape)}, its "
                                 f"{CONFIG} gives {expected}: the weights do not belong to this config")
             for name, part in zip(entry.ours, whole.split(sizes) if len(sizes) > 1 else [whole]):
-                state[name] = part.contiguous() if len(sizes) > 1 or entry.transposed else part
+                state[name] = part.contiguous()  # (no copy where it already is)
             del parts, whole
     except (OSError, RuntimeError) as e:  # a shard cut short after its header
         raise UserError(f"reading the weights in {path} failed ({e}): a file may be truncated; download it "
@@ -386,6 +461,11 @@ def family_for(cfg: ModelConfig) -> str:
     """The family whose computation is the decoder's (a model imported from one goes back to it: a Mistral
     without a sliding window computes as, and goes back as, a Llama); a UserError naming what none computes."""
     why = []
+    mha = kv_heads(cfg) == cfg.heads and head_dim(cfg) * cfg.heads == cfg.hidden
+    if cfg.position == "rope" and cfg.norm == "layernorm" and cfg.mlp in ("gelu", "gelu_tanh") and mha \
+            and cfg.qkv_bias == cfg.out_bias and not cfg.qk_norm and not cfg.sliding_window \
+            and cfg.rope_scaling == "none":
+        return "gpt_neox"  # retro's own default shape
     if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         if cfg.rotary_percent == 1.0:
             if cfg.qk_norm and cfg.qkv_bias == cfg.out_bias and not cfg.sliding_window and not cfg.mlp_bias:
@@ -398,11 +478,12 @@ def family_for(cfg: ModelConfig) -> str:
                 return "llama"
         why.append("Llama, Mistral and Qwen rotate every head dimension (model.rotary_percent = 1.0)")
     elif cfg.position == "learned" and cfg.norm == "layernorm" and cfg.mlp in ("gelu", "gelu_tanh") \
-            and cfg.tie_embeddings and kv_heads(cfg) == cfg.heads and head_dim(cfg) * cfg.heads == cfg.hidden:
+            and cfg.tie_embeddings and mha:
         return "gpt2"
     raise UserError(
         "this model has no Hugging Face family to export to: Llama and Qwen2 need position 'rope', norm "
-        "'rmsnorm', mlp 'swiglu' (rotary_percent 1.0); GPT-2 needs position 'learned', norm 'layernorm', mlp "
+        "'rmsnorm', mlp 'swiglu' (rotary_percent 1.0); GPT-NeoX position 'rope', norm 'layernorm', mlp 'gelu' "
+        "and as many key/value heads as heads; GPT-2 position 'learned', norm 'layernorm', mlp "
         f"'gelu' or 'gelu_tanh', tied embeddings; this one has position {cfg.position!r}, norm {cfg.norm!r}, mlp "
         f"{cfg.mlp!r}, rotary_percent {cfg.rotary_percent}" + (f" ({'; '.join(why)})" if why else "")
         + ". Train with one of those shapes to export")
@@ -413,6 +494,15 @@ def hf_config(family: str, cfg: ModelConfig, eos_id: int, pad_id: int,
     """config.json of the exported decoder."""
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "eos_token_id": eos_id,
               "pad_token_id": pad_id, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if family == "gpt_neox":
+        return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "num_hidden_layers": cfg.layers,
+                "hidden_size": cfg.hidden, "num_attention_heads": cfg.heads, "intermediate_size": ffn_width(cfg),
+                "hidden_act": "gelu" if cfg.mlp == "gelu" else "gelu_new", "layer_norm_eps": cfg.norm_eps,
+                "max_position_embeddings": cfg.seq_length, "use_parallel_residual": False,
+                "attention_bias": cfg.qkv_bias, "rotary_pct": cfg.rotary_percent, "rotary_emb_base": cfg.rope_theta,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                    "partial_rotary_factor": cfg.rotary_percent},
+                "hidden_dropout": 0.0, "attention_dropout": 0.0, "bos_token_id": eos_id, **common}
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.layers,
                 "n_embd": cfg.hidden, "n_head": cfg.heads, "n_inner": ffn_width(cfg),
@@ -447,12 +537,18 @@ def hf_config(family: str, cfg: ModelConfig, eos_id: int, pad_id: int,
 
 def exported_tensors(model: RetroModel, family: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the family, from the model's decoder (the inverse of `load`'s mapping)."""
-    prefix = "transformer." if family == "gpt2" else "model."
+    prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(family, "model.")
     state = model.state_dict()
-    for entry in name_table(family, model.cfg, prefix):
-        whole = torch.cat([state[n] for n in entry.ours]) if len(entry.ours) > 1 else state[entry.ours[0]]
-        for name, part in zip(entry.theirs, whole.chunk(len(entry.theirs))):
-            yield name, (_t(part) if entry.transposed else part).contiguous()
+
+    def get(name: str) -> torch.Tensor:  # a bias the family always has and the model has not: zeros
+        if name in state or not name.endswith(".bias"):
+            return state[name]
+        weight = state[name.removesuffix("bias") + "weight"]
+        return weight.new_zeros(weight.shape[0])
+
+    for entry in name_table(family, dataclasses.replace(model.cfg, **ALWAYS_BIASED.get(family, {})), prefix):
+        whole = torch.cat([get(n) for n in entry.ours]) if len(entry.ours) > 1 else get(entry.ours[0])
+        yield from zip(entry.theirs, entry.to_theirs(whole, model.cfg.heads))
 
 
 def is_decoder(model: RetroModel, family: str, name: str) -> bool:

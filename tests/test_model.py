@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from retrocli.config import ModelConfig, config_from_dict
+from retrocli.config import ModelConfig, config_from_dict, head_dim
 from retrocli.errors import UserError
 from retrocli.model.flops import flops_per_sequence
 from retrocli.model.retro import RetroModel, resolve_retro_layers
@@ -53,6 +53,10 @@ VARIANTS = [
     {},
     {"position": "learned", "norm": "rmsnorm", "mlp": "swiglu"},
     {"rotary_percent": 0.5},
+    # what imported decoders need: grouped keys, wider heads, biases, q/k norms, an untied head, scaled RoPE
+    {"kv_heads": 2, "head_dim": 16, "qkv_bias": True, "out_bias": True, "mlp_bias": True, "qk_norm": True,
+     "tie_embeddings": False, "mlp": "gelu_tanh", "rope_theta": 500000.0, "rope_scaling": "llama3",
+     "rope_factor": 8.0, "rope_original_length": 16, "norm_eps": 1e-6},
 ]
 
 
@@ -245,7 +249,24 @@ def test_training_loss_counts_only_masked_targets() -> None:
     assert losses.count_nonzero() == 1
 
 
-@pytest.mark.parametrize("changes", [{"retro_layers": []}, {}, {"mlp": "swiglu"}])
+def test_activation_checkpointing_changes_memory_not_results() -> None:
+    """Recomputed layers give the same loss and gradients (dropout included: its RNG state is replayed)."""
+    tokens, neighbours = batch(2, 16)
+    results = []
+    for on in (False, True):
+        model = build(tiny(dropout=0.1)).train()
+        model.activation_checkpointing = on
+        torch.manual_seed(3)
+        loss = training_loss(model, tokens[:, :-1], tokens[:, 1:], neighbours[:, :4]).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert model.encoder.activation_checkpointing
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-12) for n in grads_a)
+
+
+@pytest.mark.parametrize("changes", [{"retro_layers": []}, {}, {"mlp": "swiglu"}, VARIANTS[-1]])
 def test_flops_match_a_count_of_the_forward(changes: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """flops_per_sequence = torch's FLOP counter (matmuls) + attention counted from the SDPA calls' shapes
     (torch's counter does not see the CPU attention kernel)."""
@@ -265,7 +286,8 @@ def test_flops_match_a_count_of_the_forward(changes: dict, monkeypatch: pytest.M
         model(tokens, neighbours)
     assert flops_per_sequence(model, n) * b == counter.get_total_flops() + sum(attention_flops)
     # a causal kernel computes n(n+1)/2 of the n*n (query, key) pairs of each decoder layer: QK^T and AV
-    skipped = model.cfg.layers * 2 * 2 * model.cfg.hidden * (n * n - n * (n + 1) // 2)
+    inner = model.cfg.heads * head_dim(model.cfg)  # the width of queries and values
+    skipped = model.cfg.layers * 2 * 2 * inner * (n * n - n * (n + 1) // 2)
     assert flops_per_sequence(model, n, causal_full=False) == flops_per_sequence(model, n) - skipped
     if model.retro_layers:
         assert flops_per_sequence(model, n, retrieval=False) < flops_per_sequence(model, n)

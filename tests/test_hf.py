@@ -169,6 +169,42 @@ def test_export_round_trip(retrofit: dict) -> None:
     assert all(torch.allclose(again.state_dict()[k], v, atol=1e-6) for k, v in model.state_dict().items())
 
 
+def test_every_verb_takes_a_model_folder_as_its_checkpoint(retrofit: dict) -> None:
+    """ppl scores the imported model as transformers would, generate answers with an exported folder, and SFT
+    fine-tunes the imported model itself (sft.init_from = the folder)."""
+    import math
+
+    import transformers
+
+    from .test_sft import qa_files
+
+    toml, model_dir = retrofit["toml"], retrofit["model"]
+    proc = retro("ppl", "-c", toml, *SETS, "--checkpoint", str(model_dir), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    assert result["tokens"] > 0 and math.isfinite(result["perplexity"])
+    # the Retro on the folder's decoder, retrieving with its CCA at zero: the model's own loss on the same tokens
+    model, _ = checkpoint.load_model(retrofit["ws"], model_dir)
+    tokens, neighbours = inputs(model)
+    with torch.no_grad():
+        assert (model(tokens, neighbours) - reference(tokens).logits).abs().max() <= 1e-4
+    proc = retro("generate", "-c", toml, *SETS, "--checkpoint", str(retrofit["exported"]), "--prompt",
+                 "The capital of France", "--set", "generate.max_new_tokens=5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    squad, _ = qa_files(retrofit["root"])
+    blend = f'sft.blend=[{{name="squad", path={json.dumps(str(squad))}, format="squad", weight=1.0}}]'
+    proc = retro("sft", "-c", toml, *SETS, "--set", blend, "--set", f"sft.init_from={json.dumps(str(model_dir))}",
+                 "--set", "sft.train_steps=2", "--set", "sft.micro_batch_size=2", "--set", "sft.global_batch_size=2",
+                 "--set", "sft.eval_interval=2", "--set", "sft.save_interval=2", "--set", 'sft.precision="fp32"', "--set", 'sft.system=""',
+                 "--set", "sft.num_contexts=1",
+                 "--set", "sft.activation_checkpointing=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tuned, meta = checkpoint.load_model(retrofit["ws"], retrofit["ws"].run_dir("sft") / "step-000002")
+    assert meta["sft"]["init_from"] == str(model_dir.resolve()) or meta["sft"]["init_from"] == str(model_dir)
+    assert not torch.equal(tuned.state_dict()["layers.0.mlp.up.weight"], model.state_dict()["layers.0.mlp.up.weight"])
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 

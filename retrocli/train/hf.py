@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -287,11 +289,10 @@ class Tensor:
     theirs: list[str]
     layout: str = ""
 
-    def to_ours(self, parts: list[torch.Tensor], heads: int) -> torch.Tensor:
-        """The family's tensors -> retro's, concatenated."""
+    def to_ours(self, whole: torch.Tensor, heads: int) -> torch.Tensor:
+        """The family's tensors, concatenated as stored -> retro's, concatenated (a "conv1d" entry has one)."""
         if self.layout == "conv1d":
-            parts = [_t(t) for t in parts]
-        whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+            whole = _t(whole)
         if self.layout == "per_head":  # (h 3 e) ... -> (3 h e) ...: every query, then every key, every value
             whole = whole.unflatten(0, (heads, 3, -1)).transpose(0, 1).flatten(0, 2)
         return whole
@@ -381,6 +382,46 @@ def _prefix(family: str, names: set[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- import
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _layout(file: Path) -> dict[str, tuple[int, torch.dtype, list[int]]]:
+    """Tensor name -> (where its bytes begin in the file, dtype, shape), from the safetensors header: an 8-byte
+    little-endian length, then that many bytes of JSON, whose data_offsets count from its end."""
+    with open(file, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    unknown = {h["dtype"] for name, h in header.items() if name != "__metadata__"} - set(SAFETENSORS_DTYPES)
+    if unknown:
+        raise UserError(f"{file} holds tensors of dtype {', '.join(sorted(unknown))}, which retro does not import")
+    return {name: (8 + size + h["data_offsets"][0], SAFETENSORS_DTYPES[h["dtype"]], h["shape"])
+            for name, h in header.items() if name != "__metadata__"}
+
+
+def _read_rows(found: list[tuple[Path, int, torch.dtype, list[int]]]) -> torch.Tensor:
+    """The tensors `found` ((file, start, dtype, shape), `_layout`'s) concatenated along their first dimension,
+    each read by plain reads straight into its rows. Not through safetensors: it maps a file whole and keeps the
+    mapping for as long as any tensor taken from it lives (the model's), so the pages of a tensor that load only
+    copies would stay resident beside the copy (1.46x a bf16 Llama's weights, benchmarks/bench_import.py)."""
+    dtypes, rows = {f[2] for f in found}, {tuple(f[3][1:]) for f in found}
+    if len(dtypes) > 1 or len(rows) > 1:
+        raise UserError(f"{found[0][0].parent}: tensors of dtypes {sorted(map(str, dtypes))} and shapes "
+                        f"{[tuple(f[3]) for f in found]} that retro concatenates: the weights are not this family's")
+    whole = torch.empty((sum(f[3][0] for f in found), *rows.pop()), dtype=dtypes.pop())
+    buf, at = memoryview(whole.view(-1).view(torch.uint8).numpy()), 0  # bf16 has no numpy dtype; bytes do
+    for file, start, _, shape in found:
+        end = at + math.prod(shape) * whole.element_size()
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start)
+            while at < end:  # one read returns at most ~2 GiB
+                n = f.readinto(buf[at:end])
+                if not n:
+                    raise OSError(f"{file} ends inside a tensor")
+                at += n
+    return whole
+
 
 def load(path: Path, cfg: ModelConfig, chunk_length: int, pad_id: int,
          dtype: torch.dtype | None = None) -> tuple[RetroModel, HFFolder]:
@@ -395,20 +436,28 @@ def load(path: Path, cfg: ModelConfig, chunk_length: int, pad_id: int,
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     handles: dict[Path, Any] = {}
+    layouts: dict[Path, dict[str, tuple[int, torch.dtype, list[int]]]] = {}
     try:
-        def get(name: str) -> torch.Tensor:
+        def locate(name: str) -> tuple[Path, int, torch.dtype, list[int]]:
             file = folder.files.get(name)
             if file is None:
                 raise UserError(f"{path} has no tensor {name}, which a {folder.family} model of its {CONFIG} holds: "
                                 f"the weights do not belong to this config")
-            if file not in handles:
-                handles[file] = safe_open(str(file), "pt").__enter__()
-            t = handles[file].get_tensor(name)
-            return t if dtype is None else t.to(dtype)
+            if file not in layouts:
+                layouts[file] = _layout(file)
+            return (file, *layouts[file][name])
 
         for entry in name_table(folder.family, cfg, _prefix(folder.family, set(folder.files))):
-            parts = [get(n) for n in entry.theirs]
-            whole = entry.to_ours(parts, cfg.heads)
+            found = [locate(n) for n in entry.theirs]
+            file, _, stored, _ = found[0]
+            if len(found) == 1 and not entry.layout and dtype in (None, stored):
+                # kept as the file holds it: a view of safetensors' mapping, no copy
+                if file not in handles:
+                    handles[file] = safe_open(str(file), "pt").__enter__()
+                whole = handles[file].get_tensor(entry.theirs[0])
+            else:  # copied anyway (concatenated, reordered, converted): read into memory of its own
+                whole = entry.to_ours(_read_rows(found), cfg.heads)
+                whole = whole if dtype is None else whole.to(dtype)
             sizes = [shapes[n][0] for n in entry.ours]
             if whole.shape[0] != sum(sizes) or any(whole.shape[1:] != shapes[n][1:] for n in entry.ours):
                 expected = " + ".join(str(tuple(shapes[n])) for n in entry.ours)
@@ -416,7 +465,7 @@ def load(path: Path, cfg: ModelConfig, chunk_length: int, pad_id: int,
                                 f"{CONFIG} gives {expected}: the weights do not belong to this config")
             for name, part in zip(entry.ours, whole.split(sizes) if len(sizes) > 1 else [whole]):
                 state[name] = part.contiguous()  # (no copy where it already is)
-            del parts, whole
+            del whole
     except (OSError, RuntimeError) as e:  # a shard cut short after its header
         raise UserError(f"reading the weights in {path} failed ({e}): a file may be truncated; download it "
                         f"again") from None

@@ -166,7 +166,7 @@ def relaunch_under_torchrun(launch, argv: list[str]) -> None:
     share of the cores (OMP_NUM_THREADS) unless it is set already."""
     if "RANK" in os.environ or (launch.nproc_per_node == 1 and launch.nnodes == 1):
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(launch), "-m", "retrocli", *argv]
+    cmd = [sys.executable, "-m", "retrocli.torchrun", *torchrun_args(launch), "-m", "retrocli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
     env["RETRO_DIST_BACKEND"] = launch.backend

@@ -196,8 +196,8 @@ def test_every_verb_takes_a_model_folder_as_its_checkpoint(retrofit: dict) -> No
     blend = f'sft.blend=[{{name="squad", path={json.dumps(str(squad))}, format="squad", weight=1.0}}]'
     proc = retro("sft", "-c", toml, *SETS, "--set", blend, "--set", f"sft.init_from={json.dumps(str(model_dir))}",
                  "--set", "sft.train_steps=2", "--set", "sft.micro_batch_size=2", "--set", "sft.global_batch_size=2",
-                 "--set", "sft.eval_interval=2", "--set", "sft.save_interval=2", "--set", 'sft.precision="fp32"', "--set", 'sft.system=""',
-                 "--set", "sft.num_contexts=1",
+                 "--set", "sft.eval_interval=2", "--set", "sft.save_interval=2", "--set", 'sft.precision="fp32"',
+                 "--set", 'sft.system=""', "--set", "sft.num_contexts=1",
                  "--set", "sft.activation_checkpointing=false")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tuned, meta = checkpoint.load_model(retrofit["ws"], retrofit["ws"].run_dir("sft") / "step-000002")

@@ -276,6 +276,10 @@ def test_init_from_gpt_loads_the_decoder_and_starts_cca_fresh(tmp_path: Path) ->
     for name, value in frozen.items():
         assert torch.allclose(sharded[name], value, atol=1e-6), name
     shutil.rmtree(ws.run_dir())
+    # a problem the user can fix, met by the ranks: its message and exit 2, as in one process (not torchrun's 1)
+    bad = pretrain_on_two_ranks(toml, 'pretrain.init_from="missing-gpt"', "pretrain.freeze_decoder=true")
+    assert bad.returncode == 2 and "missing-gpt" in bad.stdout + bad.stderr, bad.stderr[-3000:]
+    assert "ChildFailedError" not in bad.stderr and "Traceback" not in bad.stderr
     with pytest.raises(UserError, match="freeze_decoder = true needs pretrain.init_from"):
         build(load_config(toml, ["pretrain.freeze_decoder=true"]))
     with pytest.raises(UserError, match="nothing to train in a plain GPT"):

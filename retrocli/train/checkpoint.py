@@ -1,7 +1,7 @@
 """Checkpoints: one folder per step, written atomically, verified when read.
 
     <run>/step-000500/
-        model.safetensors   the weights (fp32)
+        model.safetensors   the weights (fp32; a decoder imported in bf16 and kept frozen stays bf16)
         trainer.safetensors optimizer state, data-loader state (samples consumed), RNG states: the tensors, and the
                             rest as JSON in its header (checkpoints before it: trainer.pt, read weights-only)
         config.toml         the resolved workspace configuration (every key documented)

@@ -187,7 +187,9 @@ def test_answers_cite_what_the_database_holds_after_each_edit(tmp_path: Path) ->
 
     def resume_key() -> str:  # answers kept by a killed run are resumed only under the same key
         cfg = load_config(toml)
-        return _settings_hash(cfg, database.workspace_of(cfg), toml, "database", task, opened())
+        ws = database.workspace_of(cfg)
+        tok = database.open_tokenizer(ws)
+        return _settings_hash(cfg, ws, toml, "database", task, opened(), tok, tok.eos_ids)
 
     keys = [resume_key()]
     before, _ = cited("before")

@@ -151,6 +151,15 @@ class ModelConfig:
     mlp_bias: bool = opt(False, "biases on the decoder's MLP projections (GPT-2)")
     qk_norm: bool = opt(False, "RMSNorm of each head's queries and keys before RoPE (Qwen3)")
     norm_eps: float = opt(1e-5, "epsilon of every norm")
+    retro_gate: float = opt(1.0, "the CCA's output is multiplied by this (Megatron's retro_attention_gate; NVIDIA's "
+                                 "InstructRetro models were tuned and evaluated with 0: the decoder alone)")
+    encoder_context: str = opt("layer_input", "what the encoder's first layer cross-attends to: 'layer_input' (the "
+                                              "states entering the first CCA layer, normed by the encoder) or "
+                                              "'cca_query' (that layer's CCA query: after its self-attention and "
+                                              "norm_cca, as Megatron's Retro)", choices=("layer_input", "cca_query"))
+    retrieval_rope: bool = opt(True, "RoPE in the encoder and the CCA (in the neighbour's frame); false: retrieval "
+                                     "without positions, as Megatron's Retro")
+    encoder_norm: bool = opt(True, "a final norm after the encoder (Megatron's Retro has none)")
     encoder_layers: int = opt(2, "layers of the bidirectional retrieval encoder")
     num_neighbors: int = opt(2, "neighbours read per chunk (k)")
     retrieved_length: int = opt(0, "tokens per neighbour (r); 0: 2 x db.chunk_length (chunk + continuation)")

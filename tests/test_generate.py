@@ -24,10 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 M, K, R, V = 4, 2, 8, 61
 
 
-def tiny_model(retro: bool = True, position: str = "rope", seed: int = 0) -> RetroModel:
+MEGATRON = {"encoder_context": "cca_query", "retrieval_rope": False, "encoder_norm": False, "retro_gate": 0.5}
+
+
+def tiny_model(retro: bool = True, position: str = "rope", seed: int = 0, **keys) -> RetroModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(layers=3, hidden=32, heads=4, seq_length=128, vocab_size=V, position=position,
-                      retro_layers=[2, 3] if retro else [], encoder_layers=1, num_neighbors=K, retrieved_length=R)
+                      retro_layers=[2, 3] if retro else [], encoder_layers=1, num_neighbors=K, retrieved_length=R,
+                      **keys)
     return RetroModel(cfg, M, pad_id=0).eval()
 
 
@@ -48,9 +52,12 @@ def prompts(lengths=(5, 9, 3, 12), seed: int = 1) -> list[list[int]]:
     return [rng.integers(1, V - 1, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("retro,position", [(True, "rope"), (True, "learned"), (False, "rope")])
-def test_cached_steps_give_the_logits_of_the_full_forward(retro: bool, position: str) -> None:
-    model = tiny_model(retro, position)
+@pytest.mark.parametrize("retro,position,keys", [(True, "rope", {}), (True, "learned", {}), (False, "rope", {}),
+                                                 (True, "rope", MEGATRON)], ids=["retro", "learned", "gpt", "megatron"])
+def test_cached_steps_give_the_logits_of_the_full_forward(retro: bool, position: str, keys: dict) -> None:
+    """Megatron's retrieval (the encoder reading the first CCA layer's query, no positions in retrieval, no
+    encoder norm, a gate) decodes as its full forward computes too."""
+    model = tiny_model(retro, position, **keys)
     total, lengths = 22, [5, 8, 3, 11]  # prompts shorter than, equal to and spanning several chunks
     rng = np.random.default_rng(0)
     seqs = [torch.from_numpy(rng.integers(1, V, total)) for _ in lengths]

@@ -57,6 +57,8 @@ VARIANTS = [
     {"kv_heads": 2, "head_dim": 16, "qkv_bias": True, "out_bias": True, "mlp_bias": True, "qk_norm": True,
      "tie_embeddings": False, "mlp": "gelu_tanh", "rope_theta": 500000.0, "rope_scaling": "llama3",
      "rope_factor": 8.0, "rope_original_length": 16, "norm_eps": 1e-6},
+    # Megatron's retrieval: the encoder reads the first CCA layer's query, no positions in it, no encoder norm
+    {"encoder_context": "cca_query", "retrieval_rope": False, "encoder_norm": False, "retro_gate": 0.5},
 ]
 
 

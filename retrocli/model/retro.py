@@ -24,7 +24,7 @@ positions from the last token of chunk i onward.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -286,7 +286,8 @@ def retrieval_attention(cfg: ModelConfig) -> Attention:
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: causal self-attention, then CCA (retro layers only), then MLP, each a residual add."""
+    """Pre-norm block: causal self-attention, then CCA (retro layers only, its output times model.retro_gate), then
+    MLP, each a residual add."""
 
     def __init__(self, cfg: ModelConfig, chunk_length: int, cca: bool):
         super().__init__()
@@ -296,6 +297,8 @@ class DecoderLayer(nn.Module):
                               qk_norm_eps=eps if cfg.qk_norm else 0.0)
         self.norm_cca = make_norm(cfg.norm, d, eps) if cca else None
         self.cca = ChunkedCrossAttention(cfg, chunk_length) if cca else None
+        self.gate = cfg.retro_gate
+        self.context_is_input = cfg.encoder_context == "layer_input"
         self.norm_mlp = make_norm(cfg.norm, d, eps)
         self.mlp = MLP(d, ffn_width(cfg), cfg.mlp, cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -308,13 +311,23 @@ class DecoderLayer(nn.Module):
         encoded_mask: Tensor | None = None,
         cca_rope: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
         kv: KVCache | None = None,
-    ) -> Tensor:
+        encode: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """x (b, n, d) -> (b, n, d). Without `encoded` the CCA contributes exactly nothing (the gate is off).
-        `kv`: this layer's decoding cache (Cache.layer)."""
+        `kv`: this layer's decoding cache (Cache.layer). `encode` (the first CCA layer): the encoder, called here
+        with the retrieval context (model.encoder_context: x as it enters, or the CCA query) -> encoded, its mask;
+        the layer then returns (x, encoded, encoded_mask) for the CCA layers after it."""
+        if encode is not None and self.context_is_input:
+            encoded, encoded_mask = encode(x)
         x = x + self.drop(self.attn(self.norm_attn(x), rope=rope, causal=True, kv=kv))
-        if self.cca is not None and encoded is not None:
-            x = x + self.drop(self.cca(self.norm_cca(x), encoded, encoded_mask, cca_rope))
-        return x + self.drop(self.mlp(self.norm_mlp(x)))
+        if self.cca is not None and (encoded is not None or encode is not None):
+            q = self.norm_cca(x)
+            if encode is not None and not self.context_is_input:
+                encoded, encoded_mask = encode(q)  # Megatron: the encoder reads the CCA query of this layer
+            y = self.drop(self.cca(q, encoded, encoded_mask, cca_rope))
+            x = x + (y if self.gate == 1.0 else self.gate * y)
+        x = x + self.drop(self.mlp(self.norm_mlp(x)))
+        return x if encode is None else (x, encoded, encoded_mask)
 
 
 # ------------------------------------------------------------------------------------ retrieval encoder
@@ -329,7 +342,8 @@ class EncoderLayer(nn.Module):
         self.norm_attn = make_norm(cfg.norm, d, eps)
         self.attn = retrieval_attention(cfg)
         self.norm_cross = make_norm(cfg.norm, d, eps) if cross else None
-        self.norm_context = make_norm(cfg.norm, d, eps) if cross else None
+        # a context that is the CCA query is normed already (model.encoder_context = "cca_query")
+        self.norm_context = make_norm(cfg.norm, d, eps) if cross and cfg.encoder_context == "layer_input" else None
         self.cross = retrieval_attention(cfg) if cross else None
         self.norm_mlp = make_norm(cfg.norm, d, eps)
         self.mlp = MLP(d, ffn_width(cfg), cfg.mlp)
@@ -344,7 +358,7 @@ class EncoderLayer(nn.Module):
         if self.cross is not None:
             # the k neighbours of a chunk share its m keys, so fold them into one query sequence of k*r tokens
             q = rearrange(self.norm_cross(h), "(bl k) r d -> bl (k r) d", k=k)
-            y = self.cross(q, self.norm_context(context))  # ((b l), k*r, d)
+            y = self.cross(q, context if self.norm_context is None else self.norm_context(context))  # ((b l), k*r, d)
             h = h + self.drop(rearrange(y, "bl (k r) d -> (bl k) r d", k=k))
         return h + self.drop(self.mlp(self.norm_mlp(h)))
 
@@ -356,7 +370,7 @@ class RetroEncoder(nn.Module):
         super().__init__()
         self.m = chunk_length
         self.layers = nn.ModuleList(EncoderLayer(cfg, cross=i == 0) for i in range(cfg.encoder_layers))
-        self.norm = make_norm(cfg.norm, cfg.hidden, cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.hidden, cfg.norm_eps) if cfg.encoder_norm else None
         self.activation_checkpointing = False  # set through RetroModel.activation_checkpointing
 
     def forward(
@@ -376,7 +390,8 @@ class RetroEncoder(nn.Module):
             h = recomputed(self.activation_checkpointing, layer, h, key_mask, context, rope, k)
         # normed after the unfolding, so the output is a tensor of its own, not a view: FSDP2 hooks a module's
         # output for backward, and an in-place op on a view would slip past the hook
-        return self.norm(rearrange(h, "(b l k) r d -> b l k r d", b=b, l=l))
+        h = rearrange(h, "(b l k) r d -> b l k r d", b=b, l=l)
+        return h.clone() if self.norm is None else self.norm(h)
 
 
 def recomputed(enabled: bool, layer: nn.Module, *args) -> Tensor:
@@ -508,9 +523,18 @@ class RetroModel(nn.Module):
     def _rope(self, s: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         return None if self.rotary is None else self.rotary(torch.arange(s, device=device))
 
+    @property
+    def retrieves(self) -> bool:
+        """Whether retrieval can change the output: CCA layers, not gated off (cca_gate_off, model.retro_gate 0)."""
+        return self.encoder is not None and not self.cca_gate_off and self.cfg.retro_gate != 0.0
+
+    def _encoder_rope(self, r: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """The encoder's self-attention positions 0..r-1 within each neighbour (none: model.retrieval_rope off)."""
+        return self._rope(r, device) if self.cfg.retrieval_rope else None
+
     def _cca_rope(self, k: int, r: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """CCA positions in the neighbour's frame: queries m..2m-1, keys 0..r-1 for each of the k neighbours."""
-        if self.rotary is None:
+        if self.rotary is None or not self.cfg.retrieval_rope:
             return None
         m = self.chunk_length
         cos_q, sin_q = self.rotary(torch.arange(m, 2 * m, device=device))  # (m, rot)
@@ -530,7 +554,7 @@ class RetroModel(nn.Module):
         x = self._embed(tokens)  # (b, n, d)
         rope = self._rope(n, tokens.device)
 
-        use_retrieval = retrieval and not self.cca_gate_off and self.encoder is not None and neighbours is not None
+        use_retrieval = retrieval and self.retrieves and neighbours is not None
         encoded = encoded_mask = neighbour_states = cca_rope = None
         if use_retrieval:
             l = math.ceil(n / self.chunk_length)
@@ -543,19 +567,24 @@ class RetroModel(nn.Module):
             neighbour_states = self._embed(neighbours)  # (b, l, k, r, d)
             cca_rope = self._cca_rope(*neighbours.shape[2:], tokens.device)
 
+        def encode(context: Tensor) -> tuple[Tensor, Tensor]:
+            """The neighbours encoded once, conditioned on the first CCA layer's context (b, n, d)."""
+            out = self.encoder(neighbour_states, encoded_mask, context, self._encoder_rope(neighbours.shape[-1],
+                                                                                          tokens.device))
+            if cache is not None:
+                cache.keep_retrieval_state(context, out, encoded_mask)
+            return out, encoded_mask  # (b, l, k, r, d), (b, l, k, r)
+
         if cache is not None:
             cache.begin_prefill(n)
         for i, layer in enumerate(self.layers):
-            if use_retrieval and encoded is None and layer.cca is not None:
-                # first CCA layer: encode the neighbours once, conditioned on the decoder states entering it
-                rope_r = self._rope(neighbours.shape[-1], tokens.device)
-                encoded = self.encoder(neighbour_states, encoded_mask, x, rope_r)  # (b, l, k, r, d)
-                if cache is not None:
-                    cache.keep_retrieval_state(x, encoded, encoded_mask)
-            if cache is None:
+            kv = None if cache is None else cache.layer(i)
+            if use_retrieval and encoded is None and layer.cca is not None:  # the first CCA layer runs the encoder
+                x, encoded, encoded_mask = layer(x, rope, cca_rope=cca_rope, kv=kv, encode=encode)
+            elif cache is None:
                 x = recomputed(self._checkpointing, layer, x, rope, encoded, encoded_mask, cca_rope)
             else:
-                x = layer(x, rope, encoded, encoded_mask, cca_rope, kv=cache.layer(i))
+                x = layer(x, rope, encoded, encoded_mask, cca_rope, kv=kv)
         if cache is not None:
             cache.advance(n)
         return self._head(self.norm(x))  # (b, n, v)
@@ -575,25 +604,31 @@ class RetroModel(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos)[:, None]  # (b, 1, d)
         rope = None if self.rotary is None else tuple(t[:, None, None] for t in self.rotary(pos))  # (b, 1, 1, rot)
-        use_retrieval = not self.cca_gate_off and self.encoder is not None and neighbours is not None
+        use_retrieval = self.retrieves and neighbours is not None
         cca_rope = None
-        if use_retrieval and self.rotary is not None:
+        if use_retrieval and self.rotary is not None and self.cfg.retrieval_rope:
             # the query sits at m + j in its neighbours' frame, j its offset in the CCA block (see CCA)
             cos_q, sin_q = self.rotary(m + (pos - (m - 1)) % m)  # (b, rot)
             cos_k, sin_k = self._cca_rope(*neighbours.shape[1:], x.device)[2:]  # (k*r, rot)
             cca_rope = (cos_q[:, None, None], sin_q[:, None, None], cos_k, sin_k)  # queries (b, 1, 1, rot)
+        def encode(context: Tensor) -> tuple[Tensor, Tensor]:
+            self._encode_completed_chunks(context, cache, neighbours)
+            return cache.encoded, cache.encoded_mask
+
         cache.open_slot()
         for i, layer in enumerate(self.layers):
             if use_retrieval and i + 1 == self.retro_layers[0]:
-                self._encode_completed_chunks(x, cache, neighbours)
-            encoded = cache.encoded if use_retrieval and layer.cca is not None else None
-            x = layer(x, rope, encoded, cache.encoded_mask, cca_rope, kv=cache.layer(i))
+                x = layer(x, rope, cca_rope=cca_rope, kv=cache.layer(i), encode=encode)[0]
+            else:
+                encoded = cache.encoded if use_retrieval and layer.cca is not None else None
+                x = layer(x, rope, encoded, cache.encoded_mask, cca_rope, kv=cache.layer(i))
         cache.advance(1)
         return self._head(self.norm(x[:, 0]))  # (b, v)
 
     def _encode_completed_chunks(self, x: Tensor, cache: Cache, neighbours: Tensor) -> None:
-        """x (b, 1, d) entering the first CCA layer, kept by the cache as its row's chunk state. Where it is the
-        chunk's last position, encode that chunk's neighbours (b', k, r) against the chunk's m states."""
+        """x (b, 1, d), the first CCA layer's retrieval context (model.encoder_context), kept by the cache as its
+        row's chunk state. Where it is the chunk's last position, encode that chunk's neighbours (b', k, r) against
+        the chunk's m states."""
         done = cache.keep_chunk_state(x)  # (b',) the rows whose new token completes a chunk
         if len(done) == 0:
             return
@@ -601,5 +636,6 @@ class RetroModel(nn.Module):
         mask = chosen != self.pad_id
         h = rearrange(self._embed(chosen), "b k r d -> b 1 k r d")  # one chunk per row: l = 1
         states = cache.chunk_states[done].to(x.dtype)  # (b', m, d)
-        encoded = self.encoder(h, rearrange(mask, "b k r -> b 1 k r"), states, self._rope(chosen.shape[-1], x.device))
+        encoded = self.encoder(h, rearrange(mask, "b k r -> b 1 k r"), states,
+                               self._encoder_rope(chosen.shape[-1], x.device))
         cache.keep_encoded(done, rearrange(encoded, "b 1 k r d -> b k r d"), mask)

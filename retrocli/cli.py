@@ -12,7 +12,7 @@ from rich.markup import escape
 from typer import _click as click  # typer vendors click: its exceptions are these, not the `click` package's
 
 from .allocator import tune_allocator
-from .commands import config, db, export, generate, init, ppl, pretrain, reproduce, score, set_argv, sft
+from .commands import config, db, export, generate, imports, init, ppl, pretrain, reproduce, score, set_argv, sft
 from .errors import UserError
 from .runtime import console
 
@@ -50,6 +50,9 @@ db_app = _typer("The retrieval database: build it, query it, inspect it, edit it
 app.add_typer(db_app, name="db")
 config_app = _typer("The workspace TOML as `retro` reads it: show it with the origin of every value, or check it.")
 app.add_typer(config_app, name="config")
+import_app = _typer("Models from elsewhere, converted once into a retro workspace (Hugging Face folders need no "
+                    "import: give them as pretrain.init_from or --checkpoint).")
+app.add_typer(import_app, name="import")
 
 
 def _print_version(value: bool) -> None:
@@ -91,6 +94,7 @@ for name, verb in (("build", db.db_build), ("query", db.db_query), ("info", db.d
     db_app.command(name, cls=_Command)(verb)
 for name, verb in (("show", config.config_show), ("check", config.config_check)):
     config_app.command(name, cls=_Command)(verb)
+import_app.command("megatron", cls=_Command)(imports.import_megatron)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Callable
 
 from .config import Config, load_config, rebase_paths, to_commented_toml, validate
 from .errors import UserError
@@ -72,27 +73,34 @@ def from_hf(cfg: Config, model: Path) -> str:
             f"is its config.json, and must stay so")
 
 
-def write_workspace(directory: Path, recipe: str, model: Path | None = None) -> Path:
-    """DIR/retro.toml: the recipe with every key written out and documented, and every artefact inside DIR
-    (`workspace.dir = "."`), so that two workspaces side by side share nothing. Never overwrites a file.
-    `model`: a Hugging Face model folder to retrofit (`from_hf`)."""
+def workspace_config(directory: Path, recipe: str, fill: Callable[[Config], str] | None = None) -> tuple[Config, str]:
+    """The configuration DIR/retro.toml will hold, and its header: the recipe with every artefact inside DIR
+    (`workspace.dir = "."`), its paths valid from there; `fill` (e.g. `from_hf`) changes it further and returns a
+    header line. Refuses a folder that already has a retro.toml."""
     if directory.suffix == ".toml":
         raise UserError(f"retro init takes a folder, not a TOML file: {directory} (it writes FOLDER/retro.toml; "
                         f"try `retro init {directory.with_suffix('')}`)")
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a folder: give a new or existing folder for the workspace")
-    out = directory / "retro.toml"
-    if out.exists():
-        raise UserError(f"{out} already exists: remove it or choose another folder")
+    if (directory / "retro.toml").exists():
+        raise UserError(f"{directory / 'retro.toml'} already exists: remove it or choose another folder")
     src = recipe_path(recipe)
     cfg = load_config(src)
     rebase_paths(cfg, cfg.base_dir)  # paths stay valid from the new location (data files, checkpoints)
     cfg.workspace.dir = "."  # every artefact inside DIR, beside its retro.toml
     header = "\n".join(line for line in src.read_text(encoding="utf-8").splitlines() if line.startswith("#"))
-    if model is not None:
-        header += "\n" + from_hf(cfg, model)
+    if fill is not None:
+        header += "\n" + fill(cfg)
         validate(cfg)
+    return cfg, header + f"\n# written by `retro` from {src.name}; every artefact of this workspace goes into this " \
+                         "folder\n"
+
+
+def write_workspace(directory: Path, recipe: str, fill: Callable[[Config], str] | None = None) -> Path:
+    """DIR/retro.toml (`workspace_config`) with every key written out and documented, so that two workspaces side
+    by side share nothing. Never overwrites a file."""
+    cfg, header = workspace_config(directory, recipe, fill)
     directory.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, to_commented_toml(cfg, header + f"\n# written by `retro init` from {src.name}; every "
-                                                           "artefact of this workspace goes into this folder\n"))
+    out = directory / "retro.toml"
+    write_text_atomic(out, to_commented_toml(cfg, header))
     return out

@@ -30,6 +30,7 @@ def init(directory: Optional[Path] = typer.Argument(None, help="folder for the n
     retro init big-ws --recipe copy-cpu
     retro init my-retro --from-hf ~/models/SmolLM2-135M   # retrofit a pretrained model into a Retro
     ```"""
+    from ..recipes import from_hf as from_hf_model
     from ..recipes import list_recipes, write_workspace
 
     if list_:
@@ -45,5 +46,6 @@ def init(directory: Optional[Path] = typer.Argument(None, help="folder for the n
     if directory is None:
         raise UserError("give a folder for the new workspace: retro init DIR [--recipe NAME] (`retro init --list` "
                         "names the recipes)")
-    path = write_workspace(directory, recipe or ("retrofit-hf" if from_hf else "tiny"), from_hf)
+    fill = None if from_hf is None else (lambda cfg: from_hf_model(cfg, from_hf))
+    path = write_workspace(directory, recipe or ("retrofit-hf" if from_hf else "tiny"), fill)
     console.print(f"wrote {path}; next: retro db build -c {path}", highlight=False, soft_wrap=True)

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
 import shutil
+import struct
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -76,14 +78,15 @@ def tokenizer_ref(ws) -> dict[str, Any]:
             "fingerprint": meta["fingerprint"], "earlier_fingerprints": meta.get("earlier_fingerprints", [])}
 
 
-def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any],
+def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_state: dict[str, Any] | None,
          meta: dict[str, Any], config_toml: str, fault: str = "pretrain:checkpoint",
-         shards: dict[str, Any] | None = None) -> Path:
+         shards: dict[str, Any] | None = None, write_weights: Callable[[Path], None] | None = None) -> Path:
     """Write step-NNNNNN/ atomically; returns its path. `meta` gets step, files and format added.
 
-    One process (rank 0) writes `weights`; or, with `shards` (model and optimizer state dicts of DTensor
-    shards), every rank calls this and writes its own shard into the same temporary folder, then rank 0
-    finishes it."""
+    One process (rank 0) writes `weights` (or `write_weights` writes the file it is given: a converter that
+    streams them); or, with `shards` (model and optimizer state dicts of DTensor shards), every rank calls this
+    and writes its own shard into the same temporary folder, then rank 0 finishes it. `trainer_state` None: a
+    checkpoint that initialises runs but does not resume one (an imported model)."""
     from safetensors.torch import save_file
 
     from ..runtime import dist
@@ -111,9 +114,12 @@ def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_
         try:
             if weights is not None:
                 save_file(state, str(tmp / WEIGHTS))
-            tensors: dict[str, torch.Tensor] = {}
-            skeleton = json.dumps(_to_json(trainer_state, tensors, {}))
-            save_file(tensors, str(tmp / TRAINER), metadata={TRAINER_KEY: skeleton})
+            if write_weights is not None:
+                write_weights(tmp / WEIGHTS)
+            if trainer_state is not None:
+                tensors: dict[str, torch.Tensor] = {}
+                skeleton = json.dumps(_to_json(trainer_state, tensors, {}))
+                save_file(tensors, str(tmp / TRAINER), metadata={TRAINER_KEY: skeleton})
         except Exception as e:  # safetensors reports a full disk in its own error type
             raise write_failed(final, e) from None
         fault_point(fault)  # tests die here: what is left is a temporary folder, never a step folder
@@ -135,6 +141,31 @@ def save(run: Path, step: int, weights: dict[str, torch.Tensor] | None, trainer_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in hf.SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors'
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, torch.Size]],
+                      tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file written tensor by tensor, as `tensors` makes them (in the order of `specs`: name, dtype,
+    shape), so that a converter holds one tensor at a time, not the model. The layout is safetensors': an 8-byte
+    little-endian header length, the JSON header (padded with spaces to 8 bytes), then the tensors' bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for (name, dtype, shape), (made, t) in zip(specs, tensors, strict=True):
+            if made != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"made {made} {t.dtype} {tuple(t.shape)}, announced {name} {dtype} {tuple(shape)}")
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
 def problem(path: Path) -> str | None:

@@ -295,3 +295,26 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path: Path) -> None:
     import_into(src, tmp_path / "ws")
     expect_refused(["import", "megatron", str(src), "--out", str(tmp_path / "ws")], "already exists",
                    untouched=tmp_path / "ws")
+
+
+def test_the_imported_decoder_exports_to_transformers(tmp_path: Path) -> None:
+    """InstructRetro's decoder alone (the gate at 0), handed to transformers: LayerNorm, SwiGLU and RoPE on half of
+    each head are StableLM's computation; the Retro layers' extra norm before the MLP is the one it uses."""
+    import transformers
+
+    tensors = megatron_tensors(seed=5)
+    import_into(write_legacy(tmp_path / "src", tensors, tp=2, gate=0.0), tmp_path / "ws")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"retrieval chunk neighbour {i} " * 20}) + "\n"
+                              for i in range(20)))
+    sets = ["--set", f"corpus.train=[{json.dumps(str(corpus))}]", "--set", "corpus.valid_fraction=0.1", "--set",
+            'db.embedder="lexical"', "--set", 'db.index="Flat"']
+    proc = retro("db", "build", "-c", str(tmp_path / "ws" / "retro.toml"), *sets)  # with NVIDIA's own tokenizer
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = retro("export", "-c", str(tmp_path / "ws" / "retro.toml"), "--out", str(tmp_path / "hf"), *sets)
+    assert proc.returncode == 0 and "stablelm" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tokens = torch.randint(4, 300, (2, 5 * M), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = megatron_forward(tensors, tokens, torch.ones(2, 5, K, R, dtype=torch.long), 0.0)
+        assert (theirs(tokens).logits - expected).abs().max() <= 1e-4

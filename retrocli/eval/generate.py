@@ -236,13 +236,6 @@ class Question:
     record: Record
 
 
-def resolve_generate_checkpoint(cfg: Config, ws, given: Path | None) -> Path:
-    """--checkpoint, else generate.checkpoint, else the latest SFT checkpoint, else the latest pretraining one."""
-    if given is None and cfg.generate.checkpoint:
-        given = cfg.resolve(cfg.generate.checkpoint)
-    return checkpoint.latest_trained(ws, given, cfg.sft.run, cfg.pretrain.run)
-
-
 def default_out(ws, task: Path, contexts: str, checkpoint_path: Path) -> Path:
     """WORKSPACE/generate/TASK.CONTEXTS.RUN.STEP.jsonl: named by the checkpoint too, so that a second model's
     (or a later step's) answers to the same task never overwrite the first's."""
@@ -469,7 +462,7 @@ def run(cfg: Config, task: str | None = None, prompts: list[str] | None = None, 
     g = cfg.generate
     ws = workspace_of(cfg)
     tok = open_tokenizer(ws)
-    path = resolve_generate_checkpoint(cfg, ws, checkpoint_path)
+    path = checkpoint.latest_trained(cfg, ws, checkpoint_path)  # --checkpoint, generate.checkpoint, SFT, pretrain
     model, meta = checkpoint.load_model(ws, path, cfg.model)
     mode = neighbour_mode(cfg, model, meta, path)
     model.cca_gate_off = mode == "none"

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..errors import UserError
 from ..model.retro import RetroModel
 from ..runtime import fault_point, warn
@@ -247,12 +247,14 @@ def resolve_checkpoint(ws: Workspace, given: Path | None, run: str = "pretrain",
     return found
 
 
-def latest_trained(ws: Workspace, given: Path | None, sft_run: str, pretrain_run: str) -> Path:
-    """`given` (a step or run folder), else the latest complete checkpoint of the SFT run, else of the pretraining
-    run: the model a verb that uses a trained model (generate, export) takes by default."""
-    if given is None and latest(ws.run_dir(sft_run), announce=False) is not None:
-        given = ws.run_dir(sft_run)
-    return resolve_checkpoint(ws, given, pretrain_run, what="--checkpoint")
+def latest_trained(cfg: Config, ws: Workspace, given: Path | None) -> Path:
+    """The model a verb that uses a trained model (generate, export) takes: `given` (a step or run folder), else
+    generate.checkpoint, else the latest complete checkpoint of the SFT run, else of the pretraining run."""
+    if given is None and cfg.generate.checkpoint:
+        given = cfg.resolve(cfg.generate.checkpoint)
+    if given is None and latest(ws.run_dir(cfg.sft.run), announce=False) is not None:
+        given = ws.run_dir(cfg.sft.run)
+    return resolve_checkpoint(ws, given, cfg.pretrain.run, what="--checkpoint")
 
 
 def load_model(ws: Workspace, path: Path, given: ModelConfig | None = None) -> tuple[RetroModel, dict[str, Any]]:

@@ -67,12 +67,12 @@ def card(meta: dict[str, Any], family: str, path: Path, dtype: str) -> str:
 
 
 def run(cfg: Config, given: Path | None, out: Path, dtype: str = "fp32") -> dict[str, Any]:
-    """Export the checkpoint `given` (a step or run folder; default: the latest SFT checkpoint, else the latest
-    pretraining one) to `out`."""
+    """Export the checkpoint `given` (a step or run folder; default: generate's, checkpoint.latest_trained) to
+    `out`."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     ws = workspace_of(cfg)
-    path = checkpoint.latest_trained(ws, given, cfg.sft.run, cfg.pretrain.run)
+    path = checkpoint.latest_trained(cfg, ws, given)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder: give a new folder for the exported model")
     model, meta = checkpoint.load_model(ws, path, cfg.model)

@@ -44,7 +44,8 @@ CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.
 RETRO_WEIGHTS, RETRO_CONFIG = "retro.safetensors", "retro_config.json"
 # `architectures` entry -> family
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox"}
+            "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox",
+            "StableLmForCausalLM": "stablelm"}
 # the biases a family's modeling code always has (zeros where a retro model has none)
 ALWAYS_BIASED = {"gpt2": {"qkv_bias": True, "out_bias": True, "mlp_bias": True}, "gpt_neox": {"mlp_bias": True}}
 # the [model] keys that are not the decoder's, which a Hugging Face folder does not decide
@@ -205,6 +206,18 @@ def decoder_keys(family: str, c: Any, path: Path) -> dict[str, Any]:
         if c.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {c.hidden_act!r} (retro's SwiGLU is silu)")
         heads = c.num_attention_heads
+        if family == "stablelm":  # the Llama layout with LayerNorm (biases) and RoPE on part of each head
+            if getattr(c, "use_parallel_residual", False) or getattr(c, "qk_layernorm", False):
+                raise ValueError("use_parallel_residual or qk_layernorm")
+            params = dict(getattr(c, "rope_parameters", None) or {})
+            return {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": heads,
+                    "kv_heads": getattr(c, "num_key_value_heads", None) or heads, "head_dim": c.hidden_size // heads,
+                    "ffn_hidden": c.intermediate_size, "vocab_size": c.vocab_size, "position": "rope",
+                    "rotary_percent": float(params.get("partial_rotary_factor",
+                                                       getattr(c, "partial_rotary_factor", 0.25))),
+                    **_rope(c), "norm": "layernorm", "norm_eps": c.layer_norm_eps, "mlp": "swiglu",
+                    "tie_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
+                    "qkv_bias": bool(getattr(c, "use_qkv_bias", False)), "out_bias": False, "mlp_bias": False}
         attention_bias = bool(getattr(c, "attention_bias", False))
         window = 0
         if family == "mistral" or getattr(c, "use_sliding_window", False):
@@ -341,13 +354,16 @@ def name_table(family: str, cfg: ModelConfig, prefix: str) -> list[Tensor]:
                                [f"{h}attention.query_key_value.{w}"], "per_head"))
             for w in biased if cfg.out_bias else ["weight"]:
                 table.append(T([f"{o}attn.out_proj.{w}"], [f"{h}attention.dense.{w}"]))
-    else:  # the Llama layout: Llama, Mistral, Qwen2, Qwen3
-        table += [T(["embed.weight"], [f"{p}embed_tokens.weight"]), T(["norm.weight"], [f"{p}norm.weight"])]
+    else:  # the Llama layout: Llama, Mistral, Qwen2, Qwen3; StableLM's norms have biases
+        norm = ("weight", "bias") if family == "stablelm" else ("weight",)
+        table += [T(["embed.weight"], [f"{p}embed_tokens.weight"])]
+        table += [T([f"norm.{w}"], [f"{p}norm.{w}"]) for w in norm]
         for i in range(cfg.layers):
             h, o = f"{p}layers.{i}.", f"layers.{i}."
-            table += [T([f"{o}norm_attn.weight"], [f"{h}input_layernorm.weight"]),
-                      T([f"{o}norm_mlp.weight"], [f"{h}post_attention_layernorm.weight"]),
-                      T([f"{o}attn.q_proj.weight"], [f"{h}self_attn.q_proj.weight"]),
+            for w in norm:
+                table += [T([f"{o}norm_attn.{w}"], [f"{h}input_layernorm.{w}"]),
+                          T([f"{o}norm_mlp.{w}"], [f"{h}post_attention_layernorm.{w}"])]
+            table += [T([f"{o}attn.q_proj.weight"], [f"{h}self_attn.q_proj.weight"]),
                       T([f"{o}attn.kv_proj.weight"], [f"{h}self_attn.k_proj.weight", f"{h}self_attn.v_proj.weight"]),
                       T([f"{o}attn.out_proj.weight"], [f"{h}self_attn.o_proj.weight"]),
                       T([f"{o}mlp.up.weight"], [f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"]),
@@ -515,6 +531,10 @@ def family_for(cfg: ModelConfig) -> str:
             and cfg.qkv_bias == cfg.out_bias and not cfg.qk_norm and not cfg.sliding_window \
             and cfg.rope_scaling == "none":
         return "gpt_neox"  # retro's own default shape
+    plain = not (cfg.qk_norm or cfg.sliding_window or cfg.out_bias or cfg.mlp_bias)
+    if cfg.position == "rope" and cfg.norm == "layernorm" and cfg.mlp == "swiglu" and plain \
+            and head_dim(cfg) * cfg.heads == cfg.hidden:
+        return "stablelm"  # LayerNorm, SwiGLU, RoPE on part of each head: NVIDIA's Megatron Retro decoders too
     if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         if cfg.rotary_percent == 1.0:
             if cfg.qk_norm and cfg.qkv_bias == cfg.out_bias and not cfg.sliding_window and not cfg.mlp_bias:
@@ -551,6 +571,15 @@ def hf_config(family: str, cfg: ModelConfig, eos_id: int, pad_id: int,
                 "attention_bias": cfg.qkv_bias, "rotary_pct": cfg.rotary_percent, "rotary_emb_base": cfg.rope_theta,
                 "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
                                     "partial_rotary_factor": cfg.rotary_percent},
+                "hidden_dropout": 0.0, "attention_dropout": 0.0, "bos_token_id": eos_id, **common}
+    if family == "stablelm":
+        return {"architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "num_hidden_layers": cfg.layers,
+                "hidden_size": cfg.hidden, "num_attention_heads": cfg.heads, "num_key_value_heads": kv_heads(cfg),
+                "intermediate_size": ffn_width(cfg), "hidden_act": "silu", "layer_norm_eps": cfg.norm_eps,
+                "max_position_embeddings": cfg.seq_length, "partial_rotary_factor": cfg.rotary_percent,
+                "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                                  "partial_rotary_factor": cfg.rotary_percent},
+                "use_qkv_bias": cfg.qkv_bias, "qk_layernorm": False, "use_parallel_residual": False,
                 "hidden_dropout": 0.0, "attention_dropout": 0.0, "bos_token_id": eos_id, **common}
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.layers,

@@ -313,6 +313,16 @@ def test_the_imported_decoder_exports_to_transformers(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = retro("export", "-c", str(tmp_path / "ws" / "retro.toml"), "--out", str(tmp_path / "hf"), *sets)
     assert proc.returncode == 0 and "stablelm" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    # every verb takes the imported model: ppl, generate (retro's KV cache), and pretraining that continues from it
+    toml = str(tmp_path / "ws" / "retro.toml")
+    for args in (["ppl", "--checkpoint", str(tmp_path / "ws" / "checkpoints" / "imported"), "--json"],
+                 ["generate", "--prompt", "retrieval chunk", "--set", "generate.max_new_tokens=4", "--set",
+                  'generate.precision="fp32"', "--set", 'generate.contexts="database"'],
+                 ["pretrain", "--set", "pretrain.train_steps=1", "--set", "pretrain.micro_batch_size=1", "--set",
+                  "pretrain.global_batch_size=1", "--set", 'pretrain.precision="fp32"']):
+        proc = retro(*args[:1], "-c", toml, *sets, *args[1:])
+        assert proc.returncode == 0, (args[0], proc.stdout + proc.stderr)
+    assert "initialised from the retro checkpoint" in proc.stdout + proc.stderr
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     tokens = torch.randint(4, 300, (2, 5 * M), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

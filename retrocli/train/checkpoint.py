@@ -165,7 +165,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, torch.Size
         for (name, dtype, shape), (made, t) in zip(specs, tensors, strict=True):
             if made != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"made {made} {t.dtype} {tuple(t.shape)}, announced {name} {dtype} {tuple(shape)}")
-            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))  # the tensor's bytes, no copy
 
 
 def problem(path: Path) -> str | None:

@@ -477,8 +477,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, pro
                 hint = f" (known keys: {', '.join(sorted(known))})" if known else " (this section has no keys yet)"
             problems.append(f"unknown key '{name}.{key}' {origin}{hint}")
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float and abs(value) < 2**63:
-            value = float(value)  # (a larger integer stays one, for _bad_scalar to name: float() would overflow)
+        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float and abs(value) <= 2**53:
+            value = float(value)  # exactly: a larger integer stays one and is named (a float would round it)
         table = _table_type(hints[key])
         if table is not None:  # an array of tables ([[sft.blend]]): each one built and checked like a section
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):

@@ -89,8 +89,8 @@ for name, verb in (("init", init.init), ("pretrain", pretrain.pretrain), ("ppl",
                    ("generate", generate.generate), ("score", score.score), ("export", export.export),
                    ("reproduce", reproduce.reproduce)):
     app.command(name, cls=_Command)(verb)
-for name, verb in (("build", db.db_build), ("query", db.db_query), ("info", db.db_info), ("verify", db.db_verify),
-                   ("add", db.db_add), ("remove", db.db_remove)):
+for name, verb in (("build", db.db_build), ("query", db.db_query), ("eval", db.db_eval), ("info", db.db_info),
+                   ("verify", db.db_verify), ("add", db.db_add), ("remove", db.db_remove)):
     db_app.command(name, cls=_Command)(verb)
 for name, verb in (("show", config.config_show), ("check", config.config_check)):
     config_app.command(name, cls=_Command)(verb)

@@ -1,4 +1,4 @@
-"""`retro db build | query | info | verify | add | remove`: the retrieval database."""
+"""`retro db build | query | eval | info | verify | add | remove`: the retrieval database."""
 
 from __future__ import annotations
 
@@ -109,6 +109,58 @@ def db_query(text: Optional[List[str]] = typer.Argument(None, help="query text(s
             table.add_row(str(h["rank"]), f"{h['distance']:.3f}", str(h["chunk_id"]),
                           f"{h['title'] or ''}\n{h['doc_id']}", h["text"], h["continuation"])
         console.print(table)
+
+
+def db_eval(qa_file: Path = typer.Argument(..., help="a QA file that carries each question's gold passage: SQuAD "
+                                           "JSON, QED / NQ JSON lines with paragraph_text, InstructRetro JSON with "
+                                           "ctxs (.gz too)"),
+            config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+            k: str = typer.Option("1,5,20", "-k", help="the k of recall@k, comma-separated"),
+            match: str = typer.Option("auto", "--match", help="how a retrieved chunk counts as a hit: document "
+                                      "(its document is the gold passage), answer (a gold answer is in its text "
+                                      "and continuation), or auto (document when most gold passages are in the "
+                                      "database)"),
+            fmt: Optional[str] = typer.Option(None, "--format", help="squad, qed, nq or instructretro (default: "
+                                              "told from the file)"),
+            limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N questions only"),
+            as_json: bool = typer.Option(False, "--json", help="print one JSON object: file, format, match, "
+                                         "match_reason, k, recall (by k), mrr, questions, skipped (by reason), "
+                                         "search_seconds, queries_per_second")):
+    """Retrieval recall: search the database with each question of a QA file, as `retro db query` does, and
+    report recall@k (its gold passage among the top k), MRR and queries/s.
+
+    A hit is matched by document when the database holds the file's passages as documents (tokens equal to
+    the gold passage's), else by answer (a gold answer, SQuAD-normalised, in the chunk and its continuation);
+    `--match auto` chooses per file from a sample and says which.
+
+    **Examples**
+
+    ```
+    retro db eval -c my-ws/retro.toml squad_dev.json.gz
+    retro db eval -c my-ws/retro.toml qed.jsonl.gz -k 1,10,100 --limit 500 --json
+    ```"""
+    try:
+        ks = [int(x) for x in k.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"-k takes comma-separated whole numbers, e.g. -k 1,5,20; got {k!r}") from None
+    from ..db import recall
+
+    result = recall.evaluate(load_workspace(config, set_), qa_file, ks, match, limit, fmt)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=1) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"recall, match by {result.match}", min_width=40)
+    for col in ("k", "recall@k"):
+        table.add_column(col, justify="right")
+    for kk in result.ks:
+        table.add_row(str(kk), f"{result.recall[kk]:.4f}")
+    console.print(table)
+    skipped = ", ".join(f"{why} {n:,}" for why, n in result.skipped.items()) or "none"
+    console.print(f"{qa_file} ({result.format}): MRR@{result.ks[-1]} {result.mrr:.4f}; questions "
+                  f"{result.questions:,}; skipped: {skipped}; {result.queries_per_second:.1f} queries/s\n"
+                  f"match: {result.match} ({result.why})")
 
 
 def db_info(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,

@@ -105,6 +105,13 @@ class DBConfig:
                                    "0: chunk_length / 4")
     num_neighbors_query: int = opt(20, "neighbours stored per chunk, before sample-level exclusion")
     block_size: int = opt(10_000, "chunks per embedding / neighbour block (the unit of resume)")
+    lexical_index: str = opt("none", "'bm25': `retro db build` also builds a BM25 index of the chunks (bm25s), for "
+                                      "db.query_mode 'bm25' or 'hybrid'; 'none': no lexical index",
+                             choices=("none", "bm25"))
+    query_mode: str = opt("dense", "how `retro db query` and `retro db eval` search free texts: 'dense' (the "
+                                   "embeddings' index), 'bm25' (needs db.lexical_index 'bm25'), or 'hybrid' (both "
+                                   "rankings fused by reciprocal rank, k = 60); the neighbours for training stay "
+                                   "dense", choices=("dense", "bm25", "hybrid"))
 
 
 def min_chunk_tokens(d: DBConfig) -> int:

@@ -308,6 +308,11 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
         check("chunks")
         metas["chunks"] = stage_chunks(cfg, ws, files, metas["tokenizer"], again["chunks"])
         settle("chunks")
+        if cfg.db.lexical_index == "bm25":  # (optional, beside DB_STAGES: see db/bm25.py)
+            from .bm25 import stage_bm25
+
+            metas["bm25"] = stage_bm25(cfg.db, ws, metas["chunks"], metas["tokenizer"], open_tokenizer(ws),
+                                       again["chunks"])
         check("embed")
     D.barrier()
     metas["chunks"] = ws.require("chunks")

@@ -483,9 +483,32 @@ class Retriever:
         return self.database.embed(texts)
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The one search of free texts by db.query_mode (`db query`, `db eval`): 'dense' -> (ids, distances);
+        'bm25' -> (ids, BM25 scores); 'hybrid' -> (ids, reciprocal rank fusion scores) of the dense and BM25
+        top max(k, 50) each."""
+        mode = self.database.settings.query_mode
+        if mode == "dense":
+            return self.dense_search(texts, k)
+        if mode == "bm25":
+            return self.bm25.search(texts, k)
+        from .bm25 import FUSION_DEPTH, fuse
+
+        depth = max(k, FUSION_DEPTH)
+        return fuse([self.dense_search(texts, depth)[0], self.bm25.search(texts, depth)[0]], k)
+
+    def dense_search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = self.embed(texts)
         none = np.full(len(texts), -1, dtype=np.int64)
         return search_excluding(self.index, vectors, none, self.chunk_docs, k)
+
+    @cached_property
+    def bm25(self):
+        """The BM25 index of the chunks as built (db/bm25.py), removed chunks left out; a UserError where it is
+        not built."""
+        from .bm25 import Bm25Index
+
+        return Bm25Index(self.database.ws, self.database.ws.require("chunks"), self.database.removed_chunks,
+                         self.database.settings.query_mode)
 
     def neighbours(self, tok, chunks: list[list[int]], k: int, r: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest database chunks of each token chunk (searched by its text), as model neighbours:
@@ -494,7 +517,8 @@ class Retriever:
         ids = np.full((len(chunks), k), -1, dtype=np.int64)
         if not chunks:
             return tokens, ids
-        found, _ = self.search([tok.decode(list(c)) for c in chunks], k)
+        # dense whatever db.query_mode says: the model was trained on the neighbours the dense index found
+        found, _ = self.dense_search([tok.decode(list(c)) for c in chunks], k)
         for i, row in enumerate(found):
             for slot, cid in enumerate(row[row >= 0][:k]):
                 toks = neighbour_tokens(self.store, int(cid), r)

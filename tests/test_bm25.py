@@ -1,0 +1,123 @@
+"""The BM25 stage (db.lexical_index = "bm25") and db.query_mode "bm25" | "hybrid".
+
+A tiny database: topic filler documents and one paragraph of made-up words found nowhere else ("alpha").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import pytest
+
+from retrocli.config import load_config
+from retrocli.db import bm25
+from retrocli.db.build import build
+from retrocli.db.database import Database, open_tokenizer, workspace_of
+
+from .conftest import cli_in_process, small_sections, synthetic_documents, write_jsonl, write_toml
+from .test_cli import first_line, retro
+
+ALPHA = "zorblax quintessa vermilune oxtrapod glimmerfen"
+MISSPELT = "zorblaxes quintessas vermilunes"  # no word BM25 knows; the lexical embedder still matches its pieces
+
+
+def workspace(root: Path, **db: object) -> Path:
+    docs = synthetic_documents(20, 150) + [{"id": "alpha", "title": "alpha", "text": ALPHA}]
+    write_jsonl(root / "corpus" / "docs.jsonl", docs)
+    return write_toml(root / "retro.toml", small_sections(corpus={"valid_fraction": 0.0}, db=db))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    toml = workspace(tmp_path_factory.mktemp("bm25"), lexical_index="bm25")
+    build(load_config(toml))
+    return toml
+
+
+def query(toml: Path, mode: str, *texts: str, k: int = 3) -> list[list[dict]]:
+    proc = retro("db", "query", "-c", str(toml), "--set", f"db.query_mode={mode}", "--json", "-k", str(k), *texts)
+    assert proc.returncode == 0, proc.stderr
+    return [q["results"] for q in json.loads(proc.stdout)]
+
+
+def test_stage_scores_equal_bm25s_own(built: Path):
+    cfg = load_config(built)
+    database = Database.open(cfg)
+    tok = open_tokenizer(database.ws)
+    rows = bm25.indexed_rows(database.store, cfg.db)
+    texts = [tok.decode(database.store.chunk_ids(int(r)).tolist()) for r in rows]
+    own = bm25s.BM25(method=bm25.METHOD, k1=bm25.K1, b=bm25.B)
+    own.index(bm25s.tokenize(texts, stopwords=bm25.STOPWORDS, show_progress=False), show_progress=False)
+    queries = [ALPHA, "boat wind sail harbour", "the violin and the piano melody", "quintessa boat"]
+    want_docs, want_scores = own.retrieve(bm25s.tokenize(queries, stopwords=bm25.STOPWORDS, return_ids=False,
+                                                         show_progress=False), k=5, show_progress=False)
+    cfg.db.query_mode = "bm25"
+    ids, scores = Database.open(cfg).retriever().search(queries, 5)
+    hit = want_scores > 0
+    assert hit[:, 0].all()
+    np.testing.assert_array_equal(ids, np.where(hit, rows[want_docs], -1))
+    np.testing.assert_allclose(scores, np.where(hit, want_scores, 0), rtol=1e-6)
+
+
+def test_query_through_the_executable_bm25_and_hybrid(built: Path):
+    assert query(built, "bm25", ALPHA)[0][0]["doc_id"] == "alpha"
+    assert query(built, "bm25", MISSPELT) == [[]]  # no word in common: no hit, not a random chunk
+    hybrid = query(built, "hybrid", ALPHA)[0]
+    assert hybrid[0]["doc_id"] == "alpha" and hybrid[0]["distance"] == pytest.approx(2 / 61, rel=1e-6)
+
+
+def test_hybrid_ranks_first_a_passage_only_one_ranker_finds(built: Path):
+    cfg = load_config(built)
+    alpha_chunk = int(Database.open(cfg).store.docs["chunk_start"][-1])
+    cfg.db.query_mode = "bm25"
+    assert (Database.open(cfg).retriever().search([MISSPELT], 5)[0] == -1).all()  # BM25 finds nothing
+    cfg.db.query_mode = "hybrid"
+    ids, scores = Database.open(cfg).retriever().search([MISSPELT], 5)
+    assert ids[0, 0] == alpha_chunk and scores[0, 0] == pytest.approx(1 / 61)  # the dense ranker's first alone
+    # and in the fusion itself: a passage one ranker alone ranks first stays first over those of rank 2 and 3
+    ids, scores = bm25.fuse([np.array([[7, 1, 2]]), np.array([[-1, -1, -1]])], 3)
+    assert ids.tolist() == [[7, 1, 2]] and scores[0, 0] == pytest.approx(1 / 61)
+    ids, _ = bm25.fuse([np.array([[1, 2, 3]]), np.array([[9, 3, 2]])], 4)
+    assert ids.tolist() == [[2, 3, 1, 9]]  # found by both (1/62 + 1/63, 1/63 + 1/62) before either alone
+
+
+def test_stage_skipped_when_done_and_rebuilt_when_its_settings_change(tmp_path: Path, monkeypatch):
+    toml = workspace(tmp_path, lexical_index="bm25")
+    cfg = load_config(toml)
+    first = build(cfg)["bm25"]
+    meta = workspace_of(cfg).db / "bm25" / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    assert build(cfg)["bm25"]["finished"] == first["finished"] and meta.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(bm25, "K1", 1.2)
+    again = build(cfg)["bm25"]
+    assert again["settings"]["k1"] == 1.2 and again["finished"] > first["finished"]
+    assert again["files"]["data.csc.index.npy"]["sha256"] != first["files"]["data.csc.index.npy"]["sha256"]
+
+
+def test_default_builds_no_bm25_and_its_modes_say_how_to_build_it(tmp_path: Path, capsys):
+    toml = workspace(tmp_path)
+    metas = build(load_config(toml))
+    assert "bm25" not in metas and not (workspace_of(load_config(toml)).db / "bm25").exists()
+    for mode in ("bm25", "hybrid"):
+        code, err = cli_in_process(capsys, "db", "query", "-c", str(toml), "--set", f"db.query_mode={mode}", "x")
+        assert code == 2 and "db.lexical_index" in err and "retro db build" in err, err
+    proc = retro("db", "query", "-c", str(toml), "--set", "db.query_mode=bm25", "x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert first_line(proc.stderr).startswith("error: db.query_mode 'bm25' searches the database's BM25 index")
+
+
+def test_db_add_and_remove_with_the_bm25_stage(tmp_path: Path):
+    toml = workspace(tmp_path, lexical_index="bm25")
+    build(load_config(toml))
+    write_jsonl(tmp_path / "more.jsonl", [{"id": "new", "title": "new", "text": "plumquart " * 40}])
+    proc = retro("db", "add", "-c", str(toml), str(tmp_path / "more.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    assert query(toml, "hybrid", "plumquart")[0][0]["doc_id"] == "new"  # found by the dense ranker
+    assert query(toml, "bm25", ALPHA)[0][0]["doc_id"] == "alpha"
+    proc = retro("db", "remove", "-c", str(toml), "--doc", "alpha")
+    assert proc.returncode == 0, proc.stderr
+    for mode in ("bm25", "hybrid"):
+        assert all(h["doc_id"] != "alpha" for h in query(toml, mode, ALPHA, k=10)[0])

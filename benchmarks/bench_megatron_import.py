@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from retrocli.model.retro import megatron_retro_layers
+
 
 def legacy_shard(layers: int, h: int, heads: int, ffn: int, vocab: int, tp: int, rank: int) -> dict:
     """Rank `rank`'s tensors of a Retro with Megatron's names and per-rank shapes (random bf16)."""
@@ -43,7 +45,7 @@ def legacy_shard(layers: int, h: int, heads: int, ffn: int, vocab: int, tp: int,
                       f"{prefix}post_inter_attention_norm.bias": w(h)})
         return t
 
-    retro = list(range(6 if layers <= 15 else 9, layers + 1, 3))
+    retro = megatron_retro_layers(layers)
     encoder = {"final_norm.weight": w(h), "final_norm.bias": w(h)}
     for i in range(layers):
         encoder.update(layer(f"layers.{i}.", i + 1 in retro))

@@ -49,15 +49,10 @@ def list_recipes() -> list[tuple[str, str]]:
     return [(p.stem, describe(p)) for p in sorted(recipes_dir().glob("*.toml"))]
 
 
-def megatron_retro_layers(layers: int) -> list[int]:
-    """Megatron's retro layers, range(6 if layers <= 15 else 9, layers + 1, 3); the last layer when that is
-    empty (a decoder of fewer than 6 layers)."""
-    return list(range(6 if layers <= 15 else 9, layers + 1, 3)) or [layers]
-
-
 def from_hf(cfg: Config, model: Path) -> str:
     """Point a workspace at a Hugging Face model folder: its tokenizer, its decoder keys, Megatron's retro layers,
     the decoder frozen; the sequence length cut to what the model computes. Returns a header line."""
+    from .model.retro import megatron_retro_layers
     from .train import hf
 
     path = model.resolve()
@@ -68,7 +63,7 @@ def from_hf(cfg: Config, model: Path) -> str:
     limits = [n for n in (keys.get("sliding_window"), keys.get("max_positions")) if n]
     seq_length = min([cfg.model.seq_length, *limits])
     cfg.model = dataclasses.replace(cfg.model, **keys, seq_length=seq_length,
-                                    retro_layers=megatron_retro_layers(keys["layers"]))
+                                    retro_layers=megatron_retro_layers(keys["layers"]) or [keys["layers"]])
     return (f"# the model: {path} ({folder.family}, {keys['layers']} layers, hidden {keys['hidden']}); [model] "
             f"is its config.json, and must stay so")
 

@@ -124,6 +124,11 @@ HF_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.
                       "*.tiktoken")
 
 
+def hf_tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files of a Hugging Face folder (HF_TOKENIZER_FILES), by name."""
+    return sorted({f for pattern in HF_TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
+
+
 def content_sha256(kind: str, path: Path) -> str:
     """What identifies a tokenizer's token ids: the sha256 of a SentencePiece model file (as `sha256sum` prints
     it); for a Hugging Face folder, the sha256 of the `sha256sum`-style listing ("<sha256>  <name>" lines, by
@@ -132,7 +137,7 @@ def content_sha256(kind: str, path: Path) -> str:
 
     if kind == "sentencepiece" or path.is_file():
         return sha256_file(path)
-    names = sorted({f.name for pattern in HF_TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()})
+    names = [f.name for f in hf_tokenizer_files(path)]
     if not names:
         raise UserError(f"the Hugging Face tokenizer folder {path} has no tokenizer files "
                         f"({', '.join(HF_TOKENIZER_FILES)})")

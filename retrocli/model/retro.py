@@ -35,13 +35,17 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig, head_dim, kv_heads, retrieved_length
 
 
+def megatron_retro_layers(layers: int) -> list[int]:
+    """Megatron's Retro layers (1-based): range(6 if layers <= 15 else 9, layers + 1, 3); none below 6 layers."""
+    return list(range(6 if layers <= 15 else 9, layers + 1, 3))
+
+
 def resolve_retro_layers(cfg: ModelConfig) -> list[int]:
     """The 1-based decoder layers that carry CCA. `None`: Megatron's rule, at least one layer; `[]`: plain GPT.
     (config.validate checks that listed layers lie in 1..model.layers.)"""
     if cfg.retro_layers is not None:
         return sorted(set(cfg.retro_layers))
-    default = list(range(6 if cfg.layers <= 15 else 9, cfg.layers + 1, 3))
-    return default or [cfg.layers]  # small models: CCA in the last layer rather than nowhere
+    return megatron_retro_layers(cfg.layers) or [cfg.layers]  # small models: CCA in the last layer, not nowhere
 
 
 def ffn_width(cfg: ModelConfig) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..data.tokenizer import HF_TOKENIZER_FILES, write_hf_tokenizer
+from ..data.tokenizer import hf_tokenizer_files, write_hf_tokenizer
 from ..db.database import tokenizer_source, workspace_of
 from ..errors import UserError
 from . import checkpoint, hf
@@ -33,7 +33,7 @@ def tokenizer_files(ws, scratch: Path) -> list[Path]:
     if meta["settings"]["type"] != "hf":
         return write_hf_tokenizer(source, scratch)
     folder = source if source.is_dir() else source.parent
-    names = sorted({f for pattern in HF_TOKENIZER_FILES for f in folder.glob(pattern) if f.is_file()})
+    names = hf_tokenizer_files(folder)
     extra = [folder / "generation_config.json"] if (folder / "generation_config.json").is_file() else []
     return names + extra
 

@@ -239,7 +239,7 @@ def decoder_keys(family: str, c: Any, path: Path) -> dict[str, Any]:
 def check_tokenizer(folder: HFFolder, tok_ref: dict[str, Any]) -> None:
     """The workspace tokenizer (checkpoint.tokenizer_ref) must be the model's own: the same files as the folder's
     tokenizer (when it ships one), and no more token ids than the embedding matrix has rows."""
-    from ..data.tokenizer import HF_TOKENIZER_FILES, content_sha256
+    from ..data.tokenizer import content_sha256, hf_tokenizer_files
 
     rows = folder.decoder["vocab_size"]
     if tok_ref["vocab_size"] > rows:
@@ -249,7 +249,7 @@ def check_tokenizer(folder: HFFolder, tok_ref: dict[str, Any]) -> None:
     sp_model = folder.path / "tokenizer.model"  # a SentencePiece workspace's model, as `retro export` ships it
     if tok_ref.get("type") == "sentencepiece" and sp_model.is_file() and sha256_file(sp_model) == tok_ref["sha256"]:
         return
-    if any(f.is_file() for pattern in HF_TOKENIZER_FILES for f in folder.path.glob(pattern)):
+    if hf_tokenizer_files(folder.path):
         theirs = content_sha256("hf", folder.path)
         if theirs != tok_ref["sha256"]:
             raise UserError(f"the database was chunked with the tokenizer {tok_ref['path']} (sha256 "
@@ -488,7 +488,7 @@ def load(path: Path, cfg: ModelConfig, chunk_length: int, pad_id: int,
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
-    decoder = {n for e in name_table(folder.family, cfg, "") for n in e.ours}
+    decoder = decoder_names(folder.family, cfg)
     retro_state = _retro_weights(folder, {k: v for k, v in shapes.items() if k not in decoder})
     state.update({k: v if dtype is None else v.to(dtype) for k, v in retro_state.items()})
     model.load_state_dict(state, strict=False, assign=True)
@@ -629,8 +629,9 @@ def exported_tensors(model: RetroModel, family: str) -> Iterator[tuple[str, torc
         yield from zip(entry.theirs, entry.to_theirs(whole, model.cfg.heads))
 
 
-def is_decoder(model: RetroModel, family: str, name: str) -> bool:
-    return any(name in e.ours for e in name_table(family, model.cfg, ""))
+def decoder_names(family: str, cfg: ModelConfig) -> set[str]:
+    """retro's state-dict names that the family's folder holds (the rest: encoder and CCA)."""
+    return {n for e in name_table(family, cfg, "") for n in e.ours}
 
 
 def export(model: RetroModel, out: Path, family: str, eos_id: int, pad_id: int, chunk_length: int,
@@ -653,8 +654,8 @@ def export(model: RetroModel, out: Path, family: str, eos_id: int, pad_id: int, 
         write_text_atomic(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_text_atomic(tmp / "generation_config.json", json.dumps(
             {"eos_token_id": eos_id, "pad_token_id": pad_id, "bos_token_id": eos_id}, indent=2) + "\n")
-        retro = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                 if not is_decoder(model, family, k)}
+        decoder_state = decoder_names(family, model.cfg)
+        retro = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in decoder_state}
         if retro:
             save_file(retro, str(tmp / RETRO_WEIGHTS), metadata={"format": "pt"})
         write_text_atomic(tmp / RETRO_CONFIG, json.dumps(

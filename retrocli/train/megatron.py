@@ -42,6 +42,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..model.retro import megatron_retro_layers
 
 SHARD = "model_optim_rng.pt"
 
@@ -126,10 +127,6 @@ def open_source(src: Path) -> Source:
                         f"{tp} shards; download the missing one" + (f" (and {len(missing) - 1} more)"
                                                                    if len(missing) > 1 else ""))
     return Source(src, iteration, expected, args)
-
-
-def megatron_retro_layers(layers: int) -> list[int]:
-    return list(range(6 if layers <= 15 else 9, layers + 1, 3))
 
 
 def model_config(args: argparse.Namespace, chunk_length: int, where: Path) -> ModelConfig:

@@ -108,10 +108,15 @@ class DBConfig:
     lexical_index: str = opt("none", "'bm25': `retro db build` also builds a BM25 index of the chunks (bm25s), for "
                                       "db.query_mode 'bm25' or 'hybrid'; 'none': no lexical index",
                              choices=("none", "bm25"))
-    query_mode: str = opt("dense", "how `retro db query` and `retro db eval` search free texts: 'dense' (the "
-                                   "embeddings' index), 'bm25' (needs db.lexical_index 'bm25'), or 'hybrid' (both "
-                                   "rankings fused by reciprocal rank, k = 60); the neighbours for training stay "
-                                   "dense", choices=("dense", "bm25", "hybrid"))
+    query_mode: str = opt("dense", "how `retro db query`, `retro db eval` and generate.contexts = 'database' search "
+                                   "free texts: 'dense' (the embeddings' index), 'bm25' (needs db.lexical_index "
+                                   "'bm25'), or 'hybrid' (both rankings fused, db.fusion); the neighbours Retro "
+                                   "reads stay dense", choices=("dense", "bm25", "hybrid"))
+    fusion: str = opt("linear", "how db.query_mode 'hybrid' fuses the two rankings: 'linear' (db.hybrid_weight x "
+                                "the dense scores + the rest x the BM25 scores, each min-max normalised per "
+                                "question) or 'rrf' (reciprocal rank fusion, k = 60)", choices=("linear", "rrf"))
+    hybrid_weight: float = opt(0.6, "with db.fusion 'linear': the dense ranking's weight in [0, 1] (BM25 has the "
+                                    "rest); 0.6 was chosen on held-out questions (docs/results.md)")
 
 
 def min_chunk_tokens(d: DBConfig) -> int:
@@ -659,6 +664,8 @@ def validate(cfg: Config) -> None:
             p.append(f"db.{key} must be at most {INT32_MAX} (Faiss takes a C int), got {getattr(d, key)}")
     if not -1 <= d.rerank <= MAX_SEARCH_K:
         p.append(f"db.rerank must be -1 (auto) or in 0..{MAX_SEARCH_K} (the widest search), got {d.rerank}")
+    if not 0.0 <= d.hybrid_weight <= 1.0:
+        p.append(f"db.hybrid_weight must be in [0, 1] (the dense ranking's share), got {d.hybrid_weight}")
     if d.num_neighbors_query > MAX_SEARCH_K:
         p.append(f"db.num_neighbors_query must be at most {MAX_SEARCH_K} (the widest search), "
                  f"got {d.num_neighbors_query}")

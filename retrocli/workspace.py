@@ -7,6 +7,7 @@ Layout (one folder per database stage; each has a `meta.json` saying what made i
     <workspace>/db/embed/       block-000000.npy ...                  (float16, one file per block)
     <workspace>/db/index/       index.faiss
     <workspace>/db/neighbours/  block-000000.npy ...                  (int64 chunk ids, -1 = none)
+    <workspace>/db/bm25/        bm25s' numpy and JSON files, chunk-ids.npy  (only with db.lexical_index = "bm25")
     <workspace>/checkpoints/RUN/  step-NNNNNN/ metrics.jsonl          (a training run: pretrain.run, sft.run)
     <workspace>/ppl/            RUN-STEP-DATA-MODE.json               (`retro ppl`)
     <workspace>/generate/       TASK.CONTEXTS.RUN.STEP.jsonl          (`retro generate`)
@@ -42,7 +43,10 @@ import numpy as np
 from .errors import UserError
 
 META_VERSION = 1
-DB_STAGES = ("tokenizer", "chunks", "embed", "index", "neighbours")
+DB_STAGES = ("tokenizer", "chunks", "embed", "index", "neighbours")  # every database has them, in this order
+# Stages a database has when its settings ask for them; each is built from the chunks and nothing is built from it
+# (db/bm25.py: db.lexical_index = "bm25").
+OPTIONAL_STAGES = ("bm25",)
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
@@ -336,8 +340,12 @@ class Workspace:
         return self.root / "db"
 
     def stage_dir(self, stage: str) -> Path:
-        assert stage in DB_STAGES, stage
+        assert stage in DB_STAGES or stage in OPTIONAL_STAGES, stage
         return self.db / stage
+
+    def stages(self) -> tuple[str, ...]:
+        """The stages of this database: every one of DB_STAGES, and the optional ones it has begun."""
+        return DB_STAGES + tuple(s for s in OPTIONAL_STAGES if self.meta_path(s).is_file())
 
     def meta_path(self, stage: str) -> Path:
         return self.stage_dir(stage) / "meta.json"

@@ -65,8 +65,11 @@ def test_stage_scores_equal_bm25s_own(built: Path):
 def test_query_through_the_executable_bm25_and_hybrid(built: Path):
     assert query(built, "bm25", ALPHA)[0][0]["doc_id"] == "alpha"
     assert query(built, "bm25", MISSPELT) == [[]]  # no word in common: no hit, not a random chunk
-    hybrid = query(built, "hybrid", ALPHA)[0]
-    assert hybrid[0]["doc_id"] == "alpha" and hybrid[0]["distance"] == pytest.approx(2 / 61, rel=1e-6)
+    hybrid = query(built, "hybrid", ALPHA)[0]  # first in both rankings: 0.6 x 1 + 0.4 x 1
+    assert hybrid[0]["doc_id"] == "alpha" and hybrid[0]["distance"] == pytest.approx(1.0, rel=1e-6)
+    rrf = retro("db", "query", "-c", str(built), "--set", "db.query_mode=hybrid", "--set", "db.fusion=rrf", "--json",
+                ALPHA)
+    assert json.loads(rrf.stdout)[0]["results"][0]["distance"] == pytest.approx(2 / 61, rel=1e-6)
 
 
 def test_hybrid_ranks_first_a_passage_only_one_ranker_finds(built: Path):
@@ -75,9 +78,17 @@ def test_hybrid_ranks_first_a_passage_only_one_ranker_finds(built: Path):
     cfg.db.query_mode = "bm25"
     assert (Database.open(cfg).retriever().search([MISSPELT], 5)[0] == -1).all()  # BM25 finds nothing
     cfg.db.query_mode = "hybrid"
-    ids, scores = Database.open(cfg).retriever().search([MISSPELT], 5)
-    assert ids[0, 0] == alpha_chunk and scores[0, 0] == pytest.approx(1 / 61)  # the dense ranker's first alone
-    # and in the fusion itself: a passage one ranker alone ranks first stays first over those of rank 2 and 3
+    for fusion, first in (("linear", 0.6), ("rrf", 1 / 61)):  # the dense ranker's first, alone
+        cfg.db.fusion = fusion
+        ids, scores = Database.open(cfg).retriever().search([MISSPELT], 5)
+        assert ids[0, 0] == alpha_chunk and scores[0, 0] == pytest.approx(first)
+    # and in the fusions themselves: a passage one ranker alone ranks first stays first over those of rank 2 and 3
+    ids, scores = bm25.mix([(np.array([[7, 1, 2]]), np.array([[0.9, 0.5, 0.1]])),
+                            (np.array([[-1, -1, -1]]), np.zeros((1, 3)))], [0.6, 0.4], 3)
+    assert ids.tolist() == [[7, 1, 2]] and scores[0].tolist() == pytest.approx([0.6, 0.3, 0.0])
+    ids, _ = bm25.mix([(np.array([[1, 2, 3]]), np.array([[0.9, 0.8, 0.1]])),
+                       (np.array([[9, 3, 2]]), np.array([[12.0, 11.0, 2.0]]))], [0.6, 0.4], 4)
+    assert ids.tolist() == [[1, 2, 9, 3]]  # 0.6 x 1, 0.6 x 7/8 + 0.4 x 0, 0.4 x 1, 0.6 x 0 + 0.4 x 9/10
     ids, scores = bm25.fuse([np.array([[7, 1, 2]]), np.array([[-1, -1, -1]])], 3)
     assert ids.tolist() == [[7, 1, 2]] and scores[0, 0] == pytest.approx(1 / 61)
     ids, _ = bm25.fuse([np.array([[1, 2, 3]]), np.array([[9, 3, 2]])], 4)
@@ -109,15 +120,74 @@ def test_default_builds_no_bm25_and_its_modes_say_how_to_build_it(tmp_path: Path
     assert first_line(proc.stderr).startswith("error: db.query_mode 'bm25' searches the database's BM25 index")
 
 
-def test_db_add_and_remove_with_the_bm25_stage(tmp_path: Path):
+def test_db_add_makes_a_passage_findable_by_bm25_and_db_remove_unfindable(tmp_path: Path):
     toml = workspace(tmp_path, lexical_index="bm25")
     build(load_config(toml))
-    write_jsonl(tmp_path / "more.jsonl", [{"id": "new", "title": "new", "text": "plumquart " * 40}])
+    write_jsonl(tmp_path / "more.jsonl", [{"id": "new", "title": "new", "text": "plumquart marrowind " * 20}])
+    assert query(toml, "bm25", "plumquart") == [[]]
     proc = retro("db", "add", "-c", str(toml), str(tmp_path / "more.jsonl"))
     assert proc.returncode == 0, proc.stderr
-    assert query(toml, "hybrid", "plumquart")[0][0]["doc_id"] == "new"  # found by the dense ranker
-    assert query(toml, "bm25", ALPHA)[0][0]["doc_id"] == "alpha"
-    proc = retro("db", "remove", "-c", str(toml), "--doc", "alpha")
+    edits = workspace_of(load_config(toml)).db / "edits"
+    lexical = json.loads((edits / "manifest.json").read_text())["bm25"]
+    assert lexical["segments"] == ["add-000001"] and (edits / lexical["name"] / bm25.CHUNK_IDS).is_file()
+    assert query(toml, "bm25", "plumquart")[0][0]["doc_id"] == "new"  # by BM25 alone
+    assert query(toml, "bm25", ALPHA)[0][0]["doc_id"] == "alpha"  # the base's chunks are in it too
+    proc = retro("db", "remove", "-c", str(toml), "--doc", "new", "--doc", "alpha")
     assert proc.returncode == 0, proc.stderr
     for mode in ("bm25", "hybrid"):
-        assert all(h["doc_id"] != "alpha" for h in query(toml, mode, ALPHA, k=10)[0])
+        for text in ("plumquart", ALPHA):
+            assert all(h["doc_id"] not in ("new", "alpha") for h in query(toml, mode, text, k=10)[0])
+
+
+def test_documents_added_before_the_stage_are_indexed_by_db_build(tmp_path: Path, capsys):
+    toml = workspace(tmp_path)
+    build(load_config(toml))
+    write_jsonl(tmp_path / "more.jsonl", [{"id": "new", "title": "new", "text": "plumquart marrowind " * 20}])
+    assert retro("db", "add", "-c", str(toml), str(tmp_path / "more.jsonl")).returncode == 0
+    cfg = load_config(toml)
+    cfg.db.lexical_index = "bm25"
+    build(cfg)
+    assert query(toml, "bm25", "plumquart")[0][0]["doc_id"] == "new"
+    # an index the edits lack is refused, not silently partial
+    manifest = workspace_of(cfg).db / "edits" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["bm25"]
+    manifest.write_text(json.dumps(m))
+    code, err = cli_in_process(capsys, "db", "query", "-c", str(toml), "--set", "db.query_mode=bm25", "x")
+    assert code == 2 and "out of date" in err and "retro db build" in err, err
+
+
+def test_a_build_killed_in_the_stage_resumes_to_the_same_files(tmp_path: Path):
+    toml = workspace(tmp_path, lexical_index="bm25")
+    proc = retro("db", "build", "-c", str(toml), env={"RETRO_FAULT": "bm25:write"})
+    assert proc.returncode == 137, proc.stderr
+    meta = json.loads((tmp_path / "ws" / "db" / "bm25" / "meta.json").read_text())
+    assert meta["complete"] is False
+    assert retro("db", "build", "-c", str(toml)).returncode == 0
+    resumed = json.loads((tmp_path / "ws" / "db" / "bm25" / "meta.json").read_text())
+    assert resumed["complete"] and not (tmp_path / "ws" / "db" / "bm25" / ".building").exists()
+    cfg = load_config(toml)
+    again = build(cfg, rebuild="bm25")["bm25"]  # an uninterrupted build of the same chunks
+    assert again["files"] == resumed["files"] and again["finished"] > resumed["finished"]
+    assert query(toml, "bm25", ALPHA)[0][0]["doc_id"] == "alpha"
+
+
+def test_info_verify_and_repair_know_the_stage(built: Path, tmp_path: Path):
+    proc = retro("db", "info", "-c", str(built), "--json")
+    assert proc.returncode == 0, proc.stderr
+    stage = json.loads(proc.stdout)["stages"]["bm25"]
+    assert stage["state"] == "complete" and stage["counts"]["chunks"] > 0
+    ws = workspace_of(load_config(built)).db / "bm25"
+    victim = ws / "params.index.json"
+    good = victim.read_bytes()
+    victim.write_bytes(good.replace(b"1.5", b"2.5"))  # same size: only the sha256 tells
+    proc = retro("db", "verify", "-c", str(built), "--json")
+    assert proc.returncode != 0 or json.loads(proc.stdout)["damaged"].get("bm25"), proc.stdout
+    assert "params.index.json" in proc.stdout + proc.stderr
+    proc = retro("db", "verify", "-c", str(built), "--repair")
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_bytes() == good
+    assert retro("db", "build", "-c", str(built), "--rebuild", "bm25").returncode == 0
+    plain = workspace(tmp_path)
+    proc = retro("db", "build", "-c", str(plain), "--rebuild", "bm25")
+    assert proc.returncode == 2 and "db.lexical_index" in proc.stderr, proc.stderr

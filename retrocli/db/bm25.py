@@ -3,13 +3,18 @@ dense one (db.query_mode = "hybrid").
 
     chunk store --bm25--> db/bm25/ (bm25s' own numpy and JSON files, chunk-ids.npy, meta.json)
 
-The stage is optional and nothing is built from it, so it sits beside DB_STAGES (which every database has)
-rather than among them: `db info`, `db verify` and `--rebuild STAGE` do not list it. It records its settings in
-its meta.json as the other stages do, is skipped when complete with the same settings, and is made again when
-they change (it is cheap, and no later stage would have to follow) or when its files were damaged.
+`bm25` is an optional stage (workspace.OPTIONAL_STAGES): built after the chunks when db.lexical_index asks for
+it, checksummed, checked by `db verify` and listed by `db info` like every stage; nothing is built from it, so
+when its settings change (or bm25s' version) it is made again rather than refused, and a killed build makes
+it again from the start (1.3 s per 35,000 chunks on one core: there is nothing worth resuming).
 
-Only the chunks of the store as built are indexed: documents `retro db add` added are not found by BM25 (dense
-search finds them); chunks `retro db remove` removed are left out of every BM25 search.
+Edits: BM25 scores carry the whole index's word statistics (each word's document frequency, the mean chunk
+length), so the new documents of a `db add` cannot go into an index of their own, as their dense vectors do:
+scored by the statistics of a handful of documents (a word in 1 of 1 documents weighs 0.29, in 1 of 35,000
+9.9), a new passage would rank below weaker matches of the base. Each `db add` therefore indexes every live
+chunk again, into db/edits/bm25-NNNNNN/ (`database.Lexical`), which BM25 searches then use (~40 s per million
+chunks on one core); `db build` makes one where the edits lack it (documents added before the stage existed).
+Chunks `retro db remove` removed are left out of every BM25 search, as of the dense ones.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 
 from ..config import DBConfig, min_chunk_tokens
 from ..errors import UserError
-from ..runtime import log
+from ..runtime import fault_point, log
 from ..workspace import Workspace, load_npy, save_npy_atomic
 from .store import ChunkStore
 
@@ -34,14 +39,7 @@ METHOD, K1, B = "lucene", 1.5, 0.75
 STOPWORDS = "en"  # bm25s' English list; no stemmer (it would add PyStemmer for little on chunk text)
 RRF_K = 60  # reciprocal rank fusion: score = sum over rankers of 1 / (RRF_K + rank), rank from 1
 FUSION_DEPTH = 50  # each ranker contributes its top max(k, FUSION_DEPTH)
-
-
-class LexicalWorkspace(Workspace):
-    """The workspace with the optional bm25 stage's folder, so that `begin`, `finish`, `damaged` and
-    `read_meta` serve it as they serve every stage (workspace.py names only the stages every database has)."""
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.db / STAGE if stage == STAGE else super().stage_dir(stage)
+CHUNK_IDS = "chunk-ids.npy"  # BM25 document i is chunk CHUNK_IDS[i]
 
 
 def tokenize(texts: list[str]) -> list[list[str]]:
@@ -59,62 +57,117 @@ def settings_of(d: DBConfig, chunk_meta: dict, tok_meta: dict) -> dict:
 
 
 def indexed_rows(store: ChunkStore, d: DBConfig) -> np.ndarray:
-    """The chunk rows the dense index holds (training chunks of db.min_chunk_tokens or more): the same here."""
-    return np.flatnonzero(store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(d))).astype(np.int64)
+    """The chunk rows the dense index holds (training chunks of db.min_chunk_tokens or more, not removed): the
+    same here."""
+    rows = np.flatnonzero(store.train_mask() & (np.asarray(store.chunks["length"]) >= min_chunk_tokens(d)))
+    if len(store.removed_docs):
+        docs = np.asarray(store.chunks["doc"])[rows]
+        rows = rows[~np.isin(docs, store.removed_docs)]
+    return rows.astype(np.int64)
 
 
-def stage_bm25(d: DBConfig, base: Workspace, chunk_meta: dict, tok_meta: dict, tok, rebuild: bool) -> dict:
+def write_index(folder: Path, store: ChunkStore, rows: np.ndarray, tok) -> int:
+    """Index the texts of chunks `rows` of `store` into `folder`; returns the vocabulary's size. bm25s writes its
+    files one by one: into a scratch folder first, then each renamed into place, so a killed write never leaves
+    a file that looks finished (the caller marks the index complete afterwards)."""
+    if len(rows) == 0:
+        raise UserError("no chunk to index for BM25: the database is empty")
+    texts = [tok.decode(store.chunk_ids(int(r)).tolist()) for r in rows]
+    index = bm25s.BM25(method=METHOD, k1=K1, b=B)
+    index.index(bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False), show_progress=False)
+    scratch = folder / ".building"
+    shutil.rmtree(scratch, ignore_errors=True)
+    index.save(scratch, corpus=None, allow_pickle=False, show_progress=False)  # numpy (no pickle) and JSON
+    fault_point("bm25:write")
+    for f in sorted(scratch.iterdir()):
+        os.replace(f, folder / f.name)
+    scratch.rmdir()
+    save_npy_atomic(folder / CHUNK_IDS, rows)
+    return len(index.vocab_dict)
+
+
+def stage_bm25(d: DBConfig, ws: Workspace, chunk_meta: dict, tok_meta: dict, tok, rebuild: bool) -> dict:
     """Build (or skip) the BM25 index of the chunk store's chunks; returns the stage's metadata."""
-    ws = LexicalWorkspace(base.root)
     settings = settings_of(d, chunk_meta, tok_meta)
     meta = ws.read_meta(STAGE)
-    if meta is not None and (meta["settings"] != settings or (meta.get("complete") and ws.damaged(STAGE))):
-        rebuild = True  # other settings (or damaged files): made again, not refused; nothing is built from it
+    if meta is not None and meta["settings"] != settings:
+        rebuild = True  # other settings: made again, not refused (nothing is built from it)
     done = ws.begin(STAGE, settings, rebuild)
     if done:
         return done
     started = time.time()
     store = ChunkStore.open(ws, d.chunk_length)
     rows = indexed_rows(store, d)
-    if len(rows) == 0:
-        raise UserError("no chunk to index for BM25: the database is empty")
-    texts = [tok.decode(store.chunk_ids(int(r)).tolist()) for r in rows]
-    index = bm25s.BM25(method=METHOD, k1=K1, b=B)
-    index.index(bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False), show_progress=False)
-    # bm25s writes its files one by one: into a scratch folder first, then each renamed into place, so a killed
-    # build never leaves a file that looks finished (the stage is complete only once `finish` says so)
-    scratch = ws.stage_dir(STAGE) / ".building"
-    shutil.rmtree(scratch, ignore_errors=True)
-    index.save(scratch, corpus=None, allow_pickle=False, show_progress=False)  # numpy (no pickle) and JSON
-    for f in scratch.iterdir():
-        os.replace(f, ws.stage_dir(STAGE) / f.name)
-    scratch.rmdir()
-    save_npy_atomic(ws.stage_dir(STAGE) / "chunk-ids.npy", rows)  # BM25 document i is chunk rows[i]
+    vocabulary = write_index(ws.stage_dir(STAGE), store, rows, tok)
     seconds = round(time.time() - started, 2)
-    log(f"bm25: {len(rows):,} chunks indexed, {len(index.vocab_dict):,} words, {seconds}s")
-    return ws.finish(STAGE, {"chunks": int(len(rows)), "vocabulary": len(index.vocab_dict), "seconds": seconds})
+    log(f"bm25: {len(rows):,} chunks indexed, {vocabulary:,} words, {seconds}s")
+    return ws.finish(STAGE, {"chunks": int(len(rows)), "vocabulary": vocabulary, "seconds": seconds})
+
+
+def same_words(a: dict, b: dict) -> bool:
+    """Whether two BM25 indexes' settings agree on everything but the chunks they hold."""
+    return {k: v for k, v in a.items() if k != "chunks"} == {k: v for k, v in b.items() if k != "chunks"}
+
+
+def edits_index(database, folder: Path, d: DBConfig) -> dict:
+    """Index every live chunk of `database` (as it will be once the caller's manifest is written) into `folder`,
+    which must not exist yet (written under a temporary name, then renamed). Returns the `database.Lexical`
+    fields but its name."""
+    started = time.time()
+    rows = indexed_rows(database.store, d)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_index(tmp, database.store, rows, database.tokenizer)
+    tmp.rename(folder)
+    log(f"bm25: every live chunk indexed again ({len(rows):,}, {time.time() - started:.1f}s)")
+    return {"chunks": int(len(rows)), "segments": [s.segment.name for s in database.segments],
+            "settings": database.ws.require(STAGE)["settings"], "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def in_force(database) -> tuple[Path | None, str]:
+    """(the folder of the BM25 index searches use, or None where the edits lack an up-to-date one; why not)."""
+    ws, manifest = database.ws, database.manifest
+    meta = ws.read_meta(STAGE)
+    if meta is None or not meta.get("complete"):
+        return None, "not built"
+    edit = manifest.bm25
+    if not manifest.segments and edit is None:
+        return ws.stage_dir(STAGE), ""
+    if edit is None:
+        return None, "the documents `retro db add` added are not in it"
+    if edit.segments != [s.name for s in manifest.segments]:
+        return None, "documents added since it was made are not in it"
+    if not same_words(edit.settings, meta["settings"]):
+        return None, "it was made with other BM25 settings than db/bm25/ has now"
+    return database.ws.db / "edits" / edit.name, ""
 
 
 class Bm25Index:
-    """The finished BM25 stage, for searching free texts: `search(texts, k)` -> (chunk ids, scores), (n, k),
-    -1 and 0 where fewer chunks share a word with the text."""
+    """The BM25 index searches use (the stage's, or the edits' after `db add`), for searching free texts:
+    `search(texts, k)` -> (chunk ids, scores), (n, k), -1 and 0 where fewer chunks share a word with the text."""
 
-    def __init__(self, ws: Workspace, chunk_meta: dict, removed_chunks: np.ndarray, mode: str):
-        ws = LexicalWorkspace(ws.root)
+    def __init__(self, database, mode: str):
+        ws = database.ws
         meta = ws.read_meta(STAGE)
         if meta is None or not meta.get("complete"):
             raise UserError(f"db.query_mode {mode!r} searches the database's BM25 index, which is not built in "
                             f"{ws.stage_dir(STAGE)}: set db.lexical_index = \"bm25\" (in [db], or --set "
                             f"db.lexical_index=bm25) and run `retro db build`, or use db.query_mode \"dense\"")
-        if meta["settings"]["chunks"] != chunk_meta["fingerprint"]:
+        if meta["settings"]["chunks"] != ws.require("chunks")["fingerprint"]:
             raise UserError(f"the BM25 index in {ws.stage_dir(STAGE)} was built from another chunk store: run "
                             f"`retro db build` (with db.lexical_index = \"bm25\") to make it again")
+        folder, why = in_force(database)
+        if folder is None:
+            raise UserError(f"the BM25 index of {ws.db} is out of date ({why}): run `retro db build` (with "
+                            f"db.lexical_index = \"bm25\") to index the added documents")
         # memory-mapped: one copy per machine, however many processes search it
-        self.index = bm25s.BM25.load(ws.stage_dir(STAGE), mmap=True, allow_pickle=False)
-        self.chunk_ids = load_npy(ws.stage_dir(STAGE) / "chunk-ids.npy")
+        self.index = bm25s.BM25.load(folder, mmap=True, allow_pickle=False)
+        self.chunk_ids = load_npy(folder / CHUNK_IDS)
         self.mask = None
-        if len(removed_chunks):  # removed chunks score 0, and a score of 0 is no hit
-            self.mask = (~np.isin(self.chunk_ids, removed_chunks)).astype(np.float32)
+        removed = database.removed_chunks
+        if len(removed):  # removed chunks score 0, and a score of 0 is no hit
+            self.mask = (~np.isin(self.chunk_ids, removed)).astype(np.float32)
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full((len(texts), k), -1, dtype=np.int64)
@@ -128,6 +181,32 @@ class Bm25Index:
         ids[:, :width] = np.where(hit, self.chunk_ids[docs], -1)
         scores[:, :width] = np.where(hit, found, 0.0)
         return ids, scores
+
+
+def mix(rankings: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: int
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """The linear mix of several rankings of the same queries, each (ids, scores) of shape (n, depth), -1 for
+    none and higher scores better: each ranking's scores are min-max normalised per query over its hits (all
+    equal: 1), and a chunk scores the weighted sum over the rankings that found it. Returns (ids, scores),
+    (n, k), the best first; ties keep the order of first meeting, ranking by ranking."""
+    n = len(rankings[0][0])
+    ids = np.full((n, k), -1, dtype=np.int64)
+    out = np.zeros((n, k), dtype=np.float32)
+    for q in range(n):
+        fused: dict[int, float] = {}
+        for (found, scores), weight in zip(rankings, weights):
+            hit = found[q] >= 0
+            if not hit.any():
+                continue
+            s = scores[q][hit].astype(np.float64)
+            span = s.max() - s.min()
+            norm = (s - s.min()) / span if span > 0 else np.ones_like(s)
+            for cid, v in zip(found[q][hit].tolist(), norm.tolist()):
+                fused[cid] = fused.get(cid, 0.0) + weight * v
+        best = sorted(fused.items(), key=lambda item: -item[1])[:k]  # (a stable sort)
+        for slot, (cid, score) in enumerate(best):
+            ids[q, slot], out[q, slot] = cid, score
+    return ids, out
 
 
 def fuse(rankings: list[np.ndarray], k: int, rrf_k: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ blocks across ranks; rank 0 alone does everything else and writes every shared f
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from typing import Any
@@ -22,7 +23,7 @@ from ..data.corpus import CorpusStats, corpus_files, fingerprint, iter_documents
 from ..data.tokenizer import content_sha256, train_sentencepiece
 from ..errors import UserError
 from ..runtime import dist, fault_point, log, progress, set_kept_note, warn
-from ..workspace import DB_STAGES, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
+from ..workspace import DB_STAGES, OPTIONAL_STAGES, Workspace, blocks, load_npy, missing_blocks, save_npy_atomic
 from . import index as faiss_index
 from .database import (
     Database,
@@ -272,10 +273,14 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
     """Run every stage in order; returns each stage's metadata. A finished stage whose files were damaged
     since (missing, or of another size than recorded) is made again with the same settings; when the remade
     files equal the recorded ones nothing after it changes, else the stages after it are rebuilt."""
-    if rebuild is not None and rebuild not in DB_STAGES:
-        raise UserError(f"--rebuild {rebuild!r}: expected one of {', '.join(DB_STAGES)}")
-    first = DB_STAGES.index(rebuild) if rebuild else len(DB_STAGES)
+    if rebuild is not None and rebuild not in DB_STAGES + OPTIONAL_STAGES:
+        raise UserError(f"--rebuild {rebuild!r}: expected one of {', '.join(DB_STAGES + OPTIONAL_STAGES)}")
+    if rebuild == "bm25" and cfg.db.lexical_index != "bm25":
+        raise UserError("--rebuild bm25: this database has no BM25 index to rebuild (db.lexical_index is "
+                        f"{cfg.db.lexical_index!r}); set db.lexical_index = \"bm25\" to build one")
+    first = DB_STAGES.index(rebuild) if rebuild in DB_STAGES else len(DB_STAGES)
     again = {s: i >= first for i, s in enumerate(DB_STAGES)}
+    again["bm25"] = rebuild == "bm25" or again["chunks"]  # (built from the chunks, and nothing from it)
     ws = workspace_of(cfg)
     D = dist()
     files = corpus_files(cfg.corpus, cfg.base_dir)
@@ -295,7 +300,7 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
     def settle(stage: str) -> None:  # rank 0, after the stage
         if stage in repairs:
             old, names = repairs.pop(stage)
-            if not ws.end_repair(stage, old, names):
+            if not ws.end_repair(stage, old, names) and stage in DB_STAGES:
                 for later in DB_STAGES[DB_STAGES.index(stage) + 1 :]:
                     again[later] = True
             metas[stage] = ws.require(stage)
@@ -308,11 +313,13 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
         check("chunks")
         metas["chunks"] = stage_chunks(cfg, ws, files, metas["tokenizer"], again["chunks"])
         settle("chunks")
-        if cfg.db.lexical_index == "bm25":  # (optional, beside DB_STAGES: see db/bm25.py)
+        if cfg.db.lexical_index == "bm25":  # (an optional stage: see db/bm25.py)
             from .bm25 import stage_bm25
 
+            check("bm25")
             metas["bm25"] = stage_bm25(cfg.db, ws, metas["chunks"], metas["tokenizer"], open_tokenizer(ws),
-                                       again["chunks"])
+                                       again["bm25"])
+            settle("bm25")
         check("embed")
     D.barrier()
     metas["chunks"] = ws.require("chunks")
@@ -334,6 +341,10 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
         set_kept_note("db build: every stage finished and kept; the neighbour refresh after `db remove` is made "
                       "again by the rerun")
         refresh_neighbours(cfg, ws)  # after `db remove`: the neighbour rows that named a removed chunk
+        if cfg.db.lexical_index == "bm25":
+            from .edit import refresh_bm25
+
+            refresh_bm25(cfg, ws)  # documents added before the BM25 stage existed
     return metas
 
 
@@ -351,11 +362,11 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     if not 0 < fraction <= 1:
         raise UserError(f"--fraction {fraction}: expected a number in (0, 1]")
     ws = workspace_of(cfg)
-    require_built(ws)
+    require_built(ws, ws.stages())
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"stages": {}, "recomputed": {}, "damaged": {}}
     sampled: dict[str, list[int]] = {}
-    for stage in DB_STAGES:
+    for stage in ws.stages():
         recorded = ws.read_meta(stage)["files"]
         block_names = sorted(n for n in recorded if n.startswith("block-"))
         picked = sorted(rng.choice(len(block_names), size=max(1, round(fraction * len(block_names))),
@@ -369,6 +380,8 @@ def verify(cfg: Config, fraction: float, repair: bool = False, seed: int | None 
     if out["damaged"] and repair:
         for stage, problems in out["damaged"].items():
             ws.start_repair(stage, problems)
+        if "bm25" in out["damaged"]:  # (made again whatever db.lexical_index says now)
+            cfg = dataclasses.replace(cfg, db=dataclasses.replace(cfg.db, lexical_index="bm25"))
         build(cfg)
         out["repaired"] = True
         return out
@@ -420,7 +433,8 @@ def info(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"workspace": str(ws.root), "stages": {}}
     if all((ws.read_meta(stage) or {}).get("complete") for stage in ("chunks", "embed", "index")):
         as_built(cfg, ws)  # (for its warning)
-    for stage in DB_STAGES:
+    optional = tuple(s for s in OPTIONAL_STAGES if s not in ws.stages() and cfg.db.lexical_index == s)
+    for stage in ws.stages() + optional:  # (an optional stage the settings ask for shows as missing)
         meta = ws.read_meta(stage)
         size = sum(f.stat().st_size for f in ws.stage_dir(stage).rglob("*") if f.is_file()) \
             if ws.stage_dir(stage).exists() else 0

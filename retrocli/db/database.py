@@ -19,6 +19,8 @@ The edits, beside the stages `retro db build` writes:
                              all (base and segments so far); searches use it instead of the base index
     db/edits/refresh-000003/ `db build` after removals: the precomputed neighbour rows that named a removed
                              chunk, searched again (rows.npy, ids.npy); pretraining reads them over the blocks
+    db/edits/bm25-000004/    with a BM25 index (db.lexical_index = "bm25"): each `db add` indexes every live
+                             chunk again here (bm25.py says why); BM25 searches use it instead of db/bm25/
 
 Rows continue the base store's: segment i's first document row is the base's document count plus those
 of the segments before it; the same for chunks and tokens (`PlacedSegment`), so every id in the base index
@@ -118,6 +120,19 @@ class Retrained:
 
 
 @dataclass(frozen=True)
+class Lexical:
+    """The BM25 index in edits/<name>/ that BM25 searches use instead of the `bm25` stage's: made by `db add`
+    (and by `db build` where one is missing) over every live chunk, base and segments, so that added documents
+    are found and the words' statistics are those of the whole database."""
+
+    name: str
+    chunks: int  # the chunks it holds
+    segments: list[str]  # the segments it holds: a later one it lacks makes it out of date
+    settings: dict[str, Any]  # the bm25 stage's settings it was made with (the same words, the same BM25)
+    built: str
+
+
+@dataclass(frozen=True)
 class Refresh:
     """`db build` after removals: the neighbour rows in edits/<name>/ searched again."""
 
@@ -139,6 +154,7 @@ class Manifest:
     sources: tuple[Source, ...] = ()
     index: Retrained | None = None
     refresh: Refresh | None = None
+    bm25: Lexical | None = None
 
     @classmethod
     def empty(cls, ws: Workspace) -> Manifest:
@@ -166,22 +182,24 @@ class Manifest:
         return cls(m["base"]["chunks_fingerprint"], tuple(Segment(**s) for s in m["segments"]),
                    tuple(Removal(**r) for r in m["removed"]), tuple(Source(**s) for s in m["sources"]),
                    Retrained(**m["index"]) if m.get("index") else None,
-                   Refresh(**m["refresh"]) if m.get("refresh") else None)
+                   Refresh(**m["refresh"]) if m.get("refresh") else None,
+                   Lexical(**m["bm25"]) if m.get("bm25") else None)
 
     def to_json(self) -> dict[str, Any]:
         out = {"version": MANIFEST_VERSION, "base": {"chunks_fingerprint": self.chunks_fingerprint},
                "segments": [dataclasses.asdict(s) for s in self.segments],
                "removed": [dataclasses.asdict(r) for r in self.removed],
                "sources": [dataclasses.asdict(s) for s in self.sources]}
-        for key in ("index", "refresh"):
+        for key in ("index", "refresh", "bm25"):
             if getattr(self, key) is not None:
                 out[key] = dataclasses.asdict(getattr(self, key))
         return out
 
     @property
     def folders(self) -> set[str]:
-        """The edit folders it lists (segments, retrained index, refresh); any other is not live."""
-        return {s.name for s in self.segments} | {x.name for x in (self.index, self.refresh) if x is not None}
+        """The edit folders it lists (segments, retrained index, refresh, BM25 index); any other is not live."""
+        return {s.name for s in self.segments} | {x.name for x in (self.index, self.refresh, self.bm25)
+                                                  if x is not None}
 
     @property
     def removed_docs(self) -> np.ndarray:
@@ -483,18 +501,23 @@ class Retriever:
         return self.database.embed(texts)
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The one search of free texts by db.query_mode (`db query`, `db eval`): 'dense' -> (ids, distances);
-        'bm25' -> (ids, BM25 scores); 'hybrid' -> (ids, reciprocal rank fusion scores) of the dense and BM25
-        top max(k, 50) each."""
-        mode = self.database.settings.query_mode
-        if mode == "dense":
+        """The one search of free texts by db.query_mode (`db query`, `db eval`, generate's contexts): 'dense'
+        -> (ids, distances); 'bm25' -> (ids, BM25 scores); 'hybrid' -> (ids, fused scores, higher better) of the
+        dense and BM25 top max(k, 50) each, fused as db.fusion says (db/bm25.py)."""
+        d = self.database.settings
+        if d.query_mode == "dense":
             return self.dense_search(texts, k)
-        if mode == "bm25":
+        if d.query_mode == "bm25":
             return self.bm25.search(texts, k)
-        from .bm25 import FUSION_DEPTH, fuse
+        from .bm25 import FUSION_DEPTH, fuse, mix
 
         depth = max(k, FUSION_DEPTH)
-        return fuse([self.dense_search(texts, depth)[0], self.bm25.search(texts, depth)[0]], k)
+        dense, distances = self.dense_search(texts, depth)
+        lexical, scores = self.bm25.search(texts, depth)
+        if d.fusion == "rrf":
+            return fuse([dense, lexical], k)
+        # (the index compares normalised vectors by inner product: distance = 1 - cosine, similarity = 1 - it)
+        return mix([(dense, 1.0 - distances), (lexical, scores)], [d.hybrid_weight, 1.0 - d.hybrid_weight], k)
 
     def dense_search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = self.embed(texts)
@@ -503,12 +526,11 @@ class Retriever:
 
     @cached_property
     def bm25(self):
-        """The BM25 index of the chunks as built (db/bm25.py), removed chunks left out; a UserError where it is
-        not built."""
+        """The BM25 index of the live chunks (db/bm25.py), removed chunks left out; a UserError where it is not
+        built or out of date."""
         from .bm25 import Bm25Index
 
-        return Bm25Index(self.database.ws, self.database.ws.require("chunks"), self.database.removed_chunks,
-                         self.database.settings.query_mode)
+        return Bm25Index(self.database, self.database.settings.query_mode)
 
     def neighbours(self, tok, chunks: list[list[int]], k: int, r: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest database chunks of each token chunk (searched by its text), as model neighbours:

@@ -35,9 +35,11 @@ from ..workspace import (
     sha256_file,
     write_json_atomic,
 )
+from . import bm25
 from . import index as faiss_index
 from .database import (
     Database,
+    Lexical,
     Manifest,
     Refresh,
     Removal,
@@ -254,19 +256,44 @@ def add(cfg: Config, files: list[str], retrain: bool = False) -> dict[str, Any]:
         path = next((p for p in paths if p == source or os.path.relpath(p, Path.cwd()) == source), None)
         added.append(Source(source, name, ids_, now, sha256_file(path) if path and os.path.isfile(path) else None))
     pending = dataclasses.replace(pending, sources=(*pending.sources, *added))
+    t_bm25 = time.time()
+    pending = _with_bm25(database.edited(pending), pending)
+    t_bm25 = time.time() - t_bm25
     fault_point("add:manifest")
     write_json_atomic(folder / "manifest.json", pending.to_json())
     _keep_keys(made_keys)
     summary.update(segment=name, chunks=counts["chunks"], tokens=counts["tokens"], indexed=int(len(eligible)),
                    seconds=round(time.time() - started, 2), seconds_embed=round(t_embed, 2),
-                   seconds_neighbours=round(t_search, 2),
+                   seconds_neighbours=round(t_search, 2), seconds_bm25=round(t_bm25, 2),
                    retrained=dataclasses.asdict(pending.index) if retrain else None,
                    seconds_retrain=round(t_retrain, 2))
     return summary
 
 
+def _with_bm25(database: Database, pending: Manifest) -> Manifest:
+    """`pending` with a BM25 index of every live chunk (db/bm25.py says why not of the new ones alone), where the
+    database has a BM25 stage; as it was otherwise."""
+    if not (database.ws.read_meta(bm25.STAGE) or {}).get("complete"):
+        return pending
+    name = f"bm25-{_next_number(pending):06d}"
+    made = bm25.edits_index(database, edits_dir(database.ws) / name, database.settings)
+    return dataclasses.replace(pending, bm25=Lexical(name, **made))
+
+
+def refresh_bm25(cfg: Config, ws: Workspace) -> None:
+    """`db build` with a BM25 stage, on an edited database whose BM25 index lacks added documents (added before
+    the stage was built, or under other BM25 settings): index every live chunk again (`_with_bm25`)."""
+    database = Database.open(cfg)
+    if bm25.in_force(database)[0] is not None:
+        return
+    _clear_unlisted(edits_dir(ws), database.manifest)
+    pending = _with_bm25(database, database.manifest)
+    fault_point("bm25:manifest")
+    write_json_atomic(edits_dir(ws) / "manifest.json", pending.to_json())
+
+
 def _next_number(manifest: Manifest) -> int:
-    """Edit folders are numbered in one sequence (add-, index-, refresh-): the next number."""
+    """Edit folders are numbered in one sequence (add-, index-, refresh-, bm25-): the next number."""
     return max([int(n.rsplit("-", 1)[1]) for n in manifest.folders], default=0) + 1
 
 
@@ -276,7 +303,7 @@ def _clear_unlisted(folder: Path, manifest: Manifest) -> None:
     listed = manifest.folders
     for path in folder.iterdir() if folder.is_dir() else []:
         if path.is_dir() and path.name not in listed and (
-                path.name.startswith(".tmp-") or path.name.split("-")[0] in ("add", "index", "refresh")):
+                path.name.startswith(".tmp-") or path.name.split("-")[0] in ("add", "index", "refresh", "bm25")):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -99,7 +99,14 @@ class DBConfig:
                           "N x dim x 2 bytes read per query; for PQ32 codes of 1-10M chunks recall@10 rises from "
                           "0.34-0.49 to 0.90-0.97 at N = 200 (docs/benchmarks.md); 0: the index's order; "
                           "-1: 200 for PQ indexes, else 0")
-    index_train_samples: int = opt(200_000, "embeddings drawn at random (not a prefix) to train the index")
+    index_train_samples: int = opt(200_000, "embeddings drawn at random (not a prefix) to train the index; -1: 39 "
+                                            "per k-means centroid (IVF list, or 256 per PQ sub-quantizer), as "
+                                            "Faiss advises, capped by the database's training chunks")
+    index_storage: str = opt("memory", "where an IVF index keeps its inverted lists: 'memory' (read whole by every "
+                                       "process), 'ondisk' (added block by block, merged into one .ivfdata file "
+                                       "that searches map: for databases bigger than memory), or 'auto' (ondisk "
+                                       "where the lists would take more than half the available memory; "
+                                       "docs/scaling.md)", choices=("memory", "ondisk", "auto"))
     min_chunk_tokens: int = opt(0, "chunks shorter than this (a document's short tail) stay out of the index: a "
                                    "fragment of a few words matches too many queries and carries nothing; "
                                    "0: chunk_length / 4")
@@ -654,9 +661,16 @@ def validate(cfg: Config) -> None:
         p.append(f"tokenizer.train_bytes must be positive, got {t.train_bytes}")
     if d.chunk_length < 1:
         p.append(f"db.chunk_length must be positive, got {d.chunk_length}")
-    for key in ("embed_batch_size", "nprobe", "ef_search", "index_train_samples", "block_size"):
+    for key in ("embed_batch_size", "nprobe", "ef_search", "block_size"):
         if getattr(d, key) < 1:
             p.append(f"db.{key} must be positive, got {getattr(d, key)}")
+    if d.index_storage == "ondisk" and d.index != "auto" and not any(
+            part.strip().startswith(("IVF", "IMI")) for part in d.index.split(",")):
+        p.append(f"db.index_storage = 'ondisk' keeps an IVF index's inverted lists on disk, but db.index {d.index!r} "
+                 "has none: use an IVF index (e.g. 'IVF4096,SQ8', 'IVF65536_HNSW32,PQ32') or db.index_storage "
+                 "'memory' or 'auto'")
+    if d.index_train_samples < 1 and d.index_train_samples != -1:
+        p.append(f"db.index_train_samples must be positive, or -1 (39 per centroid), got {d.index_train_samples}")
     if d.chunk_length >= 1 and not 0 <= d.min_chunk_tokens <= d.chunk_length:
         p.append(f"db.min_chunk_tokens must be in 0..db.chunk_length ({d.chunk_length}), got {d.min_chunk_tokens}")
     for key in ("nprobe", "ef_search"):

@@ -5,7 +5,7 @@ Layout (one folder per database stage; each has a `meta.json` saying what made i
     <workspace>/db/tokenizer/   tokenizer.model                       (or a reference to a loaded one)
     <workspace>/db/chunks/      tokens.npy docs.npy chunks.npy docs.jsonl
     <workspace>/db/embed/       block-000000.npy ...                  (float16, one file per block)
-    <workspace>/db/index/       index.faiss
+    <workspace>/db/index/       index.faiss                           (ondisk: + index.ivfdata, trained.faiss)
     <workspace>/db/neighbours/  block-000000.npy ...                  (int64 chunk ids, -1 = none)
     <workspace>/db/bm25/        bm25s' numpy and JSON files, chunk-ids.npy  (only with db.lexical_index = "bm25")
     <workspace>/checkpoints/RUN/  step-NNNNNN/ metrics.jsonl          (a training run: pretrain.run, sft.run)
@@ -380,6 +380,18 @@ class Workspace:
     @property
     def index_file(self) -> Path:
         return self.stage_dir("index") / "index.faiss"
+
+    # db.index_storage "ondisk": the index file names its inverted lists, merged from one file per block
+    @property
+    def index_data(self) -> Path:
+        return self.stage_dir("index") / "index.ivfdata"
+
+    @property
+    def index_trained(self) -> Path:
+        return self.stage_dir("index") / "trained.faiss"
+
+    def index_block(self, i: int) -> Path:
+        return self.stage_dir("index") / f"block-{i:06d}.ivflists"
 
     def neighbour_block(self, i: int) -> Path:
         return self.stage_dir("neighbours") / f"block-{i:06d}.npy"

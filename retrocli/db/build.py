@@ -197,27 +197,48 @@ def stage_embed(cfg: Config, ws: Workspace, chunk_meta: dict, rebuild: bool) -> 
 
 
 def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> dict:
+    """Train the index on a random sample of the database's chunks and add them all. In memory (the default),
+    rank 0 alone does both. With the lists on disk (`db.index_storage`), rank 0 trains and writes the trained
+    empty index once; then every rank adds its share of the embedding blocks, each into its own file of
+    inverted lists (a killed build resumes at the first missing one); then rank 0 merges them into one
+    `.ivfdata` file and deletes them (they would double the disk the index takes; a repair adds them again
+    from the trained index kept in the stage)."""
     d = cfg.db
+    D = dist()
     settings = {"index": d.index, "index_train_samples": d.index_train_samples, "seed": cfg.workspace.seed,
                 "min_chunk_tokens": min_chunk_tokens(d), "embeddings": embed_meta["fingerprint"]}
-    done = ws.begin("index", settings, rebuild)
-    if done:
-        return done
-    _note_kept("index")
-    started = time.time()
+    if d.index_storage != "memory":
+        settings["index_storage"] = d.index_storage  # (only when not in memory: older databases keep their settings)
     store = ChunkStore.open(ws, d.chunk_length)
-    emb = EmbeddingStore(ws, store.num_chunks)
     train_rows = np.flatnonzero(store.train_mask() & (store.chunks["length"] >= min_chunk_tokens(d)))
     if len(train_rows) == 0:
         raise UserError(f"no training chunk has db.min_chunk_tokens ({min_chunk_tokens(d)}) tokens or more: the "
                         "database would be empty; lower db.min_chunk_tokens or add longer documents")
-    rng = np.random.default_rng(cfg.workspace.seed)
-    n_sample = min(d.index_train_samples, len(train_rows))
-    sample_rows = np.sort(rng.choice(train_rows, size=n_sample, replace=False))
     spec = faiss_index.auto_spec(len(train_rows)) if d.index == "auto" else d.index
-    log(f"training index {spec!r} on {n_sample:,} random training chunks")
-    index = faiss_index.train(spec, emb.take(sample_rows), cfg.workspace.seed)
-    fault_point("index:trained")
+    dim = int(embed_meta["counts"]["dim"])
+    if d.index_storage == "ondisk":  # refused on every rank alike, before anything is written
+        faiss_index.resolve_storage("ondisk", spec, dim, len(train_rows))
+    done = begin_shared(ws, "index", settings, rebuild)
+    if done:
+        return done
+    _note_kept("index")
+    started = time.time()
+    emb = EmbeddingStore(ws, store.num_chunks)
+    n_sample = faiss_index.train_sample_size(d.index_train_samples, spec, dim, len(train_rows))
+    train_seconds = 0.0
+    if D.main and not ws.index_trained.is_file():  # (once there, an interrupted build with lists on disk)
+        was_ondisk = ws.index_data.exists() or any(ws.stage_dir("index").glob("block-*"))
+        storage = "ondisk" if was_ondisk else faiss_index.resolve_storage(d.index_storage, spec, dim, len(train_rows))
+        if storage == "ondisk":
+            index = _trained(cfg, emb, train_rows, spec, n_sample)
+            train_seconds = time.time() - started
+            faiss_index.save(index, ws.index_trained)
+    D.barrier()
+    if ws.index_trained.is_file():
+        return _index_ondisk(ws, emb, train_rows, spec, n_sample, started, train_seconds)
+    if not D.main:
+        return {}
+    index = _trained(cfg, emb, train_rows, spec, n_sample)
     train_seconds = time.time() - started
     with progress("index add", len(train_rows), "chunks") as bar:
         for _, s, e in blocks(store.num_chunks, emb.block_size):
@@ -230,6 +251,76 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
                                "train_seconds": round(train_seconds, 2),
                                "seconds": round(time.time() - started, 2),
                                "bytes": ws.index_file.stat().st_size})
+
+
+def _trained(cfg: Config, emb: EmbeddingStore, train_rows: np.ndarray, spec: str, n_sample: int):
+    """The trained empty index, on a seeded random sample of the training chunks (only those rows are read)."""
+    rng = np.random.default_rng(cfg.workspace.seed)
+    sample_rows = np.sort(rng.choice(train_rows, size=n_sample, replace=False))
+    log(f"training index {spec!r} on {n_sample:,} random training chunks")
+    index = faiss_index.train(spec, emb.take(sample_rows), cfg.workspace.seed)
+    fault_point("index:trained")
+    return index
+
+
+def _index_ondisk(ws: Workspace, emb: EmbeddingStore, train_rows: np.ndarray, spec: str, n_sample: int,
+                  started: float, train_seconds: float) -> dict:
+    """The block adds (every rank its share, as the neighbours stage shares its blocks) and rank 0's merge of
+    the lists on disk; see `stage_index`."""
+    D = dist()
+    spans = blocks(emb.n, emb.block_size)
+    rows_of = {i: train_rows[(train_rows >= s) & (train_rows < e)] for i, s, e in spans}
+    merged = _merged_ok(ws, len(train_rows))  # killed after the merge: only the clean-up was left
+    mine = [] if merged else D.shard(spans)
+    # each rank checks only its own blocks (a block another rank finishes meanwhile cannot shift the assignment)
+    todo = [(i, s, e) for i, s, e in mine if faiss_index.read_lists(ws.index_block(i), len(rows_of[i])) is None]
+    kept = len(mine) - len(todo)
+    _note_blocks("index", kept, len(mine))
+    index = faiss_index.load(ws.index_trained) if todo else None
+    with progress("index add", sum(len(rows_of[i]) for i, _, _ in todo), "chunks") as bar:
+        for i, s, e in todo:
+            rows = rows_of[i]
+            if len(rows):
+                index.add_with_ids(emb.rows(s, e)[rows - s], rows.astype(np.int64))
+            faiss_index.save_lists(index, ws.index_block(i))
+            index.reset()  # the lists only: the trained quantizer stays
+            kept += 1
+            _note_blocks("index", kept, len(mine))
+            fault_point("index:block")
+            bar.advance(len(rows))
+    D.barrier()
+    if not D.main:
+        return {}
+    if not merged:
+        _note_kept("index", "every block's lists are kept; the merge of them is made again by the rerun")
+        lists = [faiss_index.read_lists(ws.index_block(i), len(rows_of[i])) for i, _, _ in spans]
+        if missing := [ws.index_block(i) for (i, _, _), b in zip(spans, lists) if b is None]:
+            # a rank's share that is not there after every rank finished its adds: something removed it
+            raise UserError(f"the inverted lists {missing[0]} (of {len(missing)} block(s)) are missing or torn "
+                            "after the adds: rerun `retro db build` to add them again")
+        log(f"merging the inverted lists of {len(spans)} blocks into {ws.index_data}")
+        index = faiss_index.merge_lists(faiss_index.load(ws.index_trained), lists, ws.index_data)
+        faiss_index.save(index, ws.index_file)
+        ntotal = int(index.ntotal)
+        del index, lists  # (unmapped)
+    else:
+        ntotal = len(train_rows)
+    for i, _, _ in spans:
+        ws.index_block(i).unlink(missing_ok=True)
+    return ws.finish("index", {"spec": spec, "ntotal": ntotal, "train_samples": int(n_sample), "storage": "ondisk",
+                               "train_seconds": round(train_seconds, 2), "seconds": round(time.time() - started, 2),
+                               "bytes": ws.index_file.stat().st_size + ws.index_data.stat().st_size})
+
+
+def _merged_ok(ws: Workspace, ntotal: int) -> bool:
+    """Whether the merged index and its lists are there, whole and with every chunk (a build killed after the
+    merge, or a repair of the trained index alone)."""
+    if not (ws.index_file.is_file() and ws.index_data.is_file()):
+        return False
+    try:
+        return faiss_index.load(ws.index_file).ntotal == ntotal
+    except UserError:
+        return False
 
 
 def stage_neighbours(cfg: Config, ws: Workspace, index_meta: dict, rebuild: bool) -> dict:
@@ -327,7 +418,10 @@ def build(cfg: Config, rebuild: str | None = None) -> dict[str, dict]:
     if D.main:
         settle("embed")
         check("index")
-        metas["index"] = stage_index(cfg, ws, metas["embed"], again["index"])
+    D.barrier()
+    metas["embed"] = ws.require("embed")
+    metas["index"] = stage_index(cfg, ws, metas["embed"], again["index"])  # (every rank: lists on disk share blocks)
+    if D.main:
         settle("index")
         check("neighbours")
     D.barrier()

@@ -155,9 +155,13 @@ def _present(tables: list[dict[str, np.ndarray]], store: ChunkStore, doc_id: str
 
 def _trained_empty(ws: Workspace, manifest: Manifest) -> faiss.Index:
     """The index in force (the base, or the one `--retrain` trained), trained and empty (written once, so later
-    adds do not read the whole index)."""
+    adds do not read the whole index). A base whose lists are on disk (db.index_storage) is never emptied: its
+    lists are the shared .ivfdata file; the trained empty index its build wrote before the block adds is the
+    one copied, so a new segment stays a small index in memory."""
     if manifest.index is not None:
         return faiss_index.load(edits_dir(ws) / manifest.index.name / "trained.faiss")
+    if ws.index_trained.is_file():
+        return faiss_index.load(ws.index_trained)
     path = edits_dir(ws) / "trained.faiss"
     if not path.is_file():
         index = faiss_index.load(ws.index_file)
@@ -340,7 +344,9 @@ def _retrain(cfg: Config, database: Database, name: str) -> Retrained:
     parts = list(_live_rows(database, d))
     every = np.concatenate([rows for rows, _ in parts])
     rng = np.random.default_rng(cfg.workspace.seed)
-    chosen = np.sort(rng.choice(every, size=min(d.index_train_samples, len(every)), replace=False))
+    n_sample = faiss_index.train_sample_size(d.index_train_samples, spec,
+                                              int(ws.require("embed")["counts"]["dim"]), len(every))
+    chosen = np.sort(rng.choice(every, size=n_sample, replace=False))
     sample = np.concatenate([vecs()[np.isin(rows, chosen)] for rows, vecs in parts if np.isin(rows, chosen).any()])
     log(f"retraining index {spec!r} on {len(sample):,} of the {len(every):,} chunks now in the database")
     index = faiss_index.train(spec, sample, cfg.workspace.seed)

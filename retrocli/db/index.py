@@ -6,18 +6,31 @@ prefix: the first chunks of a corpus are rarely representative), then filled blo
 normalised and compared by inner product (cosine similarity), so a chunk with an all-zero embedding (no
 words, for the lexical embedder) is never closer than a related one. Training runs on the GPU when faiss
 has one.
+
+An IVF index may keep its inverted lists on disk (`db.index_storage`), the path Faiss documents for
+billion-scale indexes: each block of embeddings is added into a copy of the trained empty index and only its
+lists are written (`save_lists`), then the blocks' lists are merged into one `.ivfdata` file beside the index
+file (`merge_lists`), which searches map instead of reading (`load`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import math
+import os
+import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
 
 from ..errors import UserError
-from ..workspace import atomic_path
+from ..runtime import fault_point
+from ..workspace import atomic_path, write_bytes_atomic, write_failed
 
 
 def auto_spec(num_vectors: int) -> str:
@@ -70,6 +83,138 @@ def min_train_samples(spec: str, dim: int) -> int:
     index = new_index(spec, dim)
     ivf = ivf_of(index)
     return max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in spec else 1)
+
+
+POINTS_PER_CENTROID = 39  # the fewest training vectors per centroid that Faiss' k-means accepts without a warning
+
+
+def train_sample_size(samples: int, spec: str, dim: int, available: int) -> int:
+    """db.index_train_samples resolved: -1 gives 39 training vectors per centroid of the index's largest k-means
+    (IVF lists, or 256 per PQ sub-quantizer), as Faiss advises; both capped by the `available` training chunks."""
+    wanted = POINTS_PER_CENTROID * min_train_samples(spec, dim) if samples == -1 else samples
+    return min(wanted, available)
+
+
+# ---------------------------------------------------------------------------------- inverted lists on disk
+
+STORAGES = ("memory", "ondisk", "auto")
+LIST_ID_BYTES = 8  # each vector of an inverted list is stored with its 64-bit id
+
+
+def list_bytes(spec: str, dim: int, num_vectors: int) -> int | None:
+    """The bytes of an IVF index's inverted lists holding `num_vectors` (codes and ids), or None for an index
+    without inverted lists (which cannot be on disk)."""
+    ivf = ivf_of(new_index(spec, dim))
+    return None if ivf is None else num_vectors * (ivf.code_size + LIST_ID_BYTES)
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping (Linux: MemAvailable), else its free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_storage(storage: str, spec: str, dim: int, num_vectors: int, memory: int | None = None) -> str:
+    """"memory" or "ondisk" for db.index_storage = `storage`. "auto" puts the lists on disk where an IVF index's
+    lists (codes and ids of every vector) would take more than half the available `memory`: the add holds them
+    all, and a list grows by doubling its capacity. "ondisk" with an index that has no inverted lists is a
+    UserError naming both keys."""
+    size = list_bytes(spec, dim, num_vectors)
+    if storage == "ondisk" and size is None:
+        raise UserError(f"db.index_storage = \"ondisk\" needs an IVF index (inverted lists to keep on disk), but "
+                        f"db.index is {spec!r}: use an IVF index such as \"IVF4096,SQ8\" or \"IVF65536_HNSW32,PQ32\", "
+                        "or db.index_storage = \"memory\" (or \"auto\")")
+    if storage == "auto":
+        memory = available_memory() if memory is None else memory
+        return "ondisk" if size is not None and size > memory // 2 else "memory"
+    return storage
+
+
+@contextmanager
+def _faiss_quiet() -> Iterator[None]:
+    """Faiss prints what it does with on-disk lists ("resizing ...", the folder it maps them from) on the C
+    stdout: sent to /dev/null, it would otherwise land in the middle of `retro db query --json`'s output."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def _faiss_error(e: RuntimeError) -> str:
+    """The line of a Faiss exception that says what failed (it starts with where in Faiss' source)."""
+    text = str(e).strip()
+    return text.splitlines()[-1].split("Error: ", 1)[-1] if text else repr(e)
+
+
+def save_lists(index: faiss.Index, path: Path) -> None:
+    """Write the inverted lists of an IVF `index` alone (not its quantizer, which every block shares: at
+    billions of vectors the quantizer of each block would outweigh its lists), in Faiss' own format."""
+    writer = faiss.VectorIOWriter()
+    faiss.write_InvertedLists(ivf_of(index).invlists, writer)
+    write_bytes_atomic(path, faiss.vector_to_array(writer.data).tobytes())
+
+
+def read_lists(path: Path, num_vectors: int) -> faiss.InvertedLists | None:
+    """The inverted lists `save_lists` wrote, mapped (not read: a merge of every block holds none in memory),
+    or None when the file is missing, torn (Faiss checks each list against the file's size) or holds another
+    number of vectors than `num_vectors`."""
+    if not path.is_file():
+        return None
+    try:
+        lists = faiss.read_InvertedLists(faiss.FileIOReader(str(path)), faiss.IO_FLAG_MMAP)
+    except RuntimeError:
+        return None
+    return lists if sum(lists.list_size(j) for j in range(lists.nlist)) == num_vectors else None
+
+
+def merge_lists(trained: faiss.Index, blocks: list[faiss.InvertedLists], data: Path) -> faiss.Index:
+    """`trained` (the trained empty index) holding the lists of every block, in order, merged into the file
+    `data` (Faiss' OnDiskInvertedLists): written under a temporary name, synced and renamed, and named in the
+    index by its file name alone, which `load` looks for beside the index file. Returns the index to `save`
+    (the lists stay mapped). A disk without room for the merged lists is a UserError naming `data`, before
+    anything is written: a write into a mapped file that finds the disk full kills the process (SIGBUS)
+    instead of failing."""
+    ivf = ivf_of(trained)
+    assert trained.ntotal == 0 and ivf is not None
+    need = sum(b.list_size(j) for b in blocks for j in range(b.nlist)) * (ivf.code_size + LIST_ID_BYTES)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(data.parent).free
+    if need > free:
+        raise write_failed(data, OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the merged lists need "
+                                                       f"{need:,} bytes and {free:,} are free"))
+    sources = faiss.InvertedListsPtrVector()
+    for b in blocks:
+        sources.push_back(b)
+    with atomic_path(data) as tmp:
+        merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(tmp))
+        try:
+            with _faiss_quiet():
+                ntotal = merged.merge_from_multiple(sources.data(), sources.size(), False)
+        except RuntimeError as e:  # the file could not be made or sized (a file size limit, a read-only folder)
+            raise write_failed(data, RuntimeError(_faiss_error(e))) from None
+        fault_point("index:merge")
+    merged.filename = data.name  # the final name, found beside the index file when read (IO_FLAG_ONDISK_SAME_DIR)
+    trained.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(merged, True)
+    merged.this.disown()  # the index owns its lists now
+    return trained
+
+
+def lists_file(path: Path) -> Path:
+    """Where the on-disk inverted lists of the index file `path` are: beside it, `<stem>.ivfdata`."""
+    return path.with_suffix(".ivfdata")
 
 
 def train(spec: str, sample: np.ndarray, seed: int) -> faiss.Index:
@@ -144,20 +289,40 @@ def save(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
+# Inverted lists on disk are looked for beside the index file whatever folder they were merged in (the
+# workspace may have moved), and mapped read-only: searches never write them.
+_ONDISK_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+
+
 def load(path: Path, mmap: bool = False) -> faiss.Index:
     """The index in `path`. `mmap`: for searching only, map the file instead of reading it, so the processes
     of one machine (torchrun ranks, concurrent queries) share one copy in the page cache rather than each
-    holding its own (flat codes and IVF lists both; measured in docs/benchmarks.md). Faiss reads its own binary
-    format (no pickle: nothing in the file runs), and only files `retro db build` / `db add` wrote."""
+    holding its own (flat codes and IVF lists both; measured in docs/benchmarks.md). Lists on disk (an
+    `.ivfdata` file beside `path`) are always mapped, whatever `mmap` says; their file is checked against the
+    size the index expects first, as a torn one would kill the search that reads past its end (SIGBUS). Faiss
+    reads its own binary format (no pickle: nothing in the file runs), and only files `retro db build` /
+    `db add` wrote."""
     if not path.exists():
         raise UserError(f"the index {path} is missing: run `retro db build`")
-    if mmap:
+    data = lists_file(path)
+    if mmap and not data.exists():
         try:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | _ONDISK_FLAGS)
         except RuntimeError:
             pass  # an index type Faiss cannot map: read it (a damaged file fails below with its message)
     try:
-        return faiss.read_index(str(path))
+        with _faiss_quiet():
+            index = faiss.read_index(str(path), _ONDISK_FLAGS)
     except RuntimeError as e:
+        if data.name in str(e):
+            raise UserError(f"{data}, the inverted lists of the index {path}, is missing or unreadable "
+                            f"({_faiss_error(e)}); rerun `retro db build` to make it again") from None
         raise UserError(f"the index {path} is damaged ({str(e).strip().splitlines()[-1]}); "
                         "rebuild it with `retro db build --rebuild index`") from None
+    ivf = ivf_of(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if isinstance(lists, faiss.OnDiskInvertedLists) and os.path.getsize(lists.filename) != lists.totsize:
+        raise UserError(f"{data}, the inverted lists of the index {path}, is torn: "
+                        f"{os.path.getsize(lists.filename):,} bytes where {lists.totsize:,} were written. Rerun "
+                        "`retro db build`, which finds it and makes it again")
+    return index

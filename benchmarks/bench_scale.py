@@ -53,8 +53,21 @@ output names the index, the lists and why.
     python benchmarks/bench_scale.py                                # 1M, 3M, 10M: ~10 min on 2 cores
     python benchmarks/bench_scale.py --sizes 20000,50000 --train 20000 --spec IVF64_HNSW32,SQ8  # seconds
     python benchmarks/bench_scale.py --compare runs/books-qa/db/embed  # the data against real embeddings
+    python benchmarks/bench_scale.py --storage 1000000,3000000      # lists in memory vs on disk: ~4 min
 
 (OPQ's training takes minutes at any size, so a quick check names a spec without it.)
+
+Storage (`--storage SIZES`): the index stage of `retro db build` with `db.index_storage` "memory" and
+"ondisk", each size and storage in a process of its own (peak RSS only grows within a process), with the
+product's own functions: in memory, every block added into one index, written at the end; on disk, each
+block added into the trained empty index and its lists written (`index.save_lists`), then every block's
+lists merged into one .ivfdata (`index.merge_lists`). Vectors of `--storage-dim` (64) dimensions in
+`--storage-spec` (IVF1024,Flat: exact codes, so recall depends on nprobe alone), trained on 39 per list
+(db.index_train_samples = -1). Reported: peak RSS (ru_maxrss, which counts the pages of a mapped file the
+process touched: the merge writes the whole .ivfdata through a mapping, pages the kernel may write back and
+drop) and the peak of anonymous memory (RssAnon, sampled every 20 ms: what must fit in memory); then the
+index opened as searches open it (`index.load(mmap=True)`) and searched at db.nprobe, queries/s of a batch
+of 1,000 and recall@10 against exact search, with the files in the page cache (just written).
 """
 
 from __future__ import annotations
@@ -66,8 +79,10 @@ import math
 import os
 import re
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -388,6 +403,109 @@ def run(sizes: list[int], train_n: int | None, nlist: int | None, spec: str | No
     return result
 
 
+def _rss_anon_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakAnon:
+    """The largest anonymous resident memory (RssAnon) seen while it runs, sampled every `every` seconds."""
+
+    def __init__(self, every: float = 0.02):
+        self.peak, self.every, self.stop = _rss_anon_bytes(), every, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every):
+            self.peak = max(self.peak, _rss_anon_bytes())
+
+    def end(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, _rss_anon_bytes()) / 2**30
+
+
+def storage_child(storage: str, size: int, spec: str, dim: int, block_size: int, seed: int, n_queries: int,
+                  n_recall: int, k: int, nprobe: int, folder: Path) -> dict:
+    """One index stage, lists in memory or on disk, then a search of what it wrote (see the docstring)."""
+    anon = PeakAnon()
+    gen = ClusteredVectors(seed, rank=min(192, dim // 2), dim=dim, block_size=block_size)
+    n_train = faiss_index.train_sample_size(-1, spec, dim, size)
+    trained = faiss_index.train(spec, np.concatenate([x for _, x in gen.rows(0, n_train)]), seed=seed)
+    queries = gen.queries(n_queries)
+    exact = RunningTopK(queries[:n_recall], k)
+    path = folder / "index.faiss"
+    anon_before = _rss_anon_bytes() / 2**30
+    t = time.perf_counter()
+    blocks_written = []
+    if storage == "memory":
+        index = trained
+    else:
+        faiss_index.save(trained, folder / "trained.faiss")
+        index = faiss_index.load(folder / "trained.faiss")
+    for first, x in gen.rows(0, size):
+        index.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
+        exact.update(first, x)
+        if storage == "ondisk":
+            blocks_written.append((folder / f"block-{first // block_size:06d}.ivflists", len(x)))
+            faiss_index.save_lists(index, blocks_written[-1][0])
+            index.reset()
+    merge_s = 0.0
+    if storage == "ondisk":
+        merge_s = time.perf_counter()
+        lists = [faiss_index.read_lists(p, n) for p, n in blocks_written]
+        index = faiss_index.merge_lists(faiss_index.load(folder / "trained.faiss"), lists, folder / "index.ivfdata")
+        faiss_index.save(index, path)
+        merge_s = time.perf_counter() - merge_s
+        del lists
+        for p, _ in blocks_written:
+            p.unlink()
+    else:
+        faiss_index.save(index, path)
+    del index
+    add_s = time.perf_counter() - t
+    row = {"storage": storage, "vectors": size, "spec": spec, "dim": dim, "train_vectors": n_train,
+           "add_s": add_s, "merge_s": merge_s, "peak_rss_gib": peak_rss_gib(), "peak_anon_gib": anon.end(),
+           "anon_before_add_gib": anon_before,
+           "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("index."))}
+    searcher = faiss_index.load(path, mmap=True)
+    faiss_index.set_search_params(searcher, nprobe, 0)
+    row["queries_per_s"], row["latency_ms"] = measure_search(searcher, queries, k)
+    row["recall_at_10"] = recall_at(searcher.search(queries[:n_recall], k)[1], exact.ids)
+    row["nprobe"] = nprobe
+    return row
+
+
+def compare_storage(sizes: list[int], spec: str, dim: int, block_size: int, seed: int, n_queries: int,
+                    n_recall: int, k: int, nprobe: int, store_dir: Path) -> list[dict]:
+    """`--storage`: every size in memory and on disk, each in its own process; prints the table."""
+    print(f"index stage, lists in memory vs on disk: {spec}, dim {dim}, blocks of {block_size:,}; faiss "
+          f"{faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
+    print(f"{'vectors':>12}{'storage':>9}{'add s':>8}{'merge s':>9}{'peak RSS GiB':>14}{'peak anon GiB':>15}"
+          f"{'anon before':>13}{'GB on disk':>12}{'queries/s':>11}{'recall@10':>11}", flush=True)
+    rows = []
+    for size in sizes:
+        for storage in ("memory", "ondisk"):
+            with tempfile.TemporaryDirectory(prefix="bench-storage-", dir=store_dir) as tmp:
+                args = json.dumps({"storage": storage, "size": size, "spec": spec, "dim": dim,
+                                   "block_size": block_size, "seed": seed, "n_queries": n_queries,
+                                   "n_recall": n_recall, "k": k, "nprobe": nprobe, "folder": tmp})
+                proc = subprocess.run([sys.executable, __file__, "--storage-child", args], capture_output=True,
+                                      text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"the {storage} run at {size:,} failed:\n{proc.stderr[-3000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{size:>12,}{storage:>9}{row['add_s']:>8.1f}{row['merge_s']:>9.1f}{row['peak_rss_gib']:>14.2f}"
+                  f"{row['peak_anon_gib']:>15.2f}{row['anon_before_add_gib']:>13.2f}{row['bytes'] / 1e9:>12.2f}"
+                  f"{row['queries_per_s']:>11,.0f}"
+                  f"{row['recall_at_10']:>11.3f}", flush=True)
+    return rows
+
+
 def main() -> None:
     d = DBConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,9 +533,26 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--compare", default=None, metavar="EMBED_DIR",
                     help="only compare the synthetic vectors with a workspace's embeddings (db/embed), 60k of each")
+    ap.add_argument("--storage", default=None, metavar="SIZES",
+                    help="only compare the index stage with its lists in memory and on disk at these sizes")
+    ap.add_argument("--storage-spec", default="IVF1024,Flat", help="the index of --storage")
+    ap.add_argument("--storage-dim", type=int, default=64, help="the vectors' dimensions in --storage")
+    ap.add_argument("--storage-child", default=None, help=argparse.SUPPRESS)  # one run of --storage, as JSON
     args = ap.parse_args()
     if args.compare:
         compare(Path(args.compare))
+        return
+    if args.storage_child:
+        kw = json.loads(args.storage_child)
+        print(json.dumps(storage_child(**{**kw, "folder": Path(kw["folder"])})))
+        return
+    if args.storage:
+        sizes = [int(s.replace("_", "")) for s in args.storage.split(",")]
+        Path(args.store_dir).mkdir(parents=True, exist_ok=True)
+        rows = compare_storage(sizes, args.storage_spec, args.storage_dim, args.block_size, args.seed, args.queries,
+                               args.recall_queries, args.k, args.nprobe, Path(args.store_dir))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"storage": rows}, indent=1) + "\n")
         return
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",")]
     if sizes != sorted(set(sizes)) or sizes[0] <= 0:

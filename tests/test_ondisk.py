@@ -21,7 +21,15 @@ import pytest
 from retrocli.db import index as faiss_index
 from retrocli.errors import UserError
 
-from .conftest import cli_in_process, run_cli, small_sections, synthetic_documents, write_jsonl, write_toml
+from .conftest import (
+    cli_in_process,
+    load_benchmark,
+    run_cli,
+    small_sections,
+    synthetic_documents,
+    write_jsonl,
+    write_toml,
+)
 
 ONDISK = {"index": "IVF4,Flat", "nprobe": 4, "index_storage": "ondisk"}  # 4 lists, all visited: exact
 QUERIES = ["sail boat wind harbour", "flour butter oven", "star planet orbit telescope"]
@@ -184,3 +192,15 @@ def test_a_merge_without_room_on_disk_writes_nothing(tmp_path: Path, monkeypatch
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
     assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists),
                       faiss.OnDiskInvertedLists)
+
+
+def test_the_storage_benchmark_measures_both_storages_alike(tmp_path: Path) -> None:
+    """benchmarks/bench_scale.py --storage at a tiny size: the same recall (same codes) in memory and on disk."""
+    bench = load_benchmark("bench_scale")
+    rows = {}
+    for storage in ("memory", "ondisk"):
+        (tmp_path / storage).mkdir()
+        rows[storage] = bench.storage_child(storage, 6000, "IVF8,Flat", 16, 2000, 0, 50, 20, 10, 8, tmp_path / storage)
+    assert rows["memory"]["recall_at_10"] == rows["ondisk"]["recall_at_10"] == 1.0  # every list probed: exact
+    assert sorted(p.name for p in (tmp_path / "ondisk").iterdir()) == ["index.faiss", "index.ivfdata", "trained.faiss"]
+    assert rows["ondisk"]["merge_s"] > 0 and rows["memory"]["merge_s"] == 0

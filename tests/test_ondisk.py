@@ -162,6 +162,11 @@ def test_storage_and_training_sample_rules() -> None:
     assert faiss_index.resolve_storage("memory", "IVF16,Flat", 64, 10**9, memory=1) == "memory"
     with pytest.raises(UserError, match="db.index_storage.*db.index is 'HNSW32'"):
         faiss_index.resolve_storage("ondisk", "HNSW32", 64, 10)
+    with pytest.raises(UserError, match="db.index is \"auto\", which chose 'Flat' for 5,000 chunks"):
+        faiss_index.resolve_storage("ondisk", "Flat", 64, 5000, chosen=True)
+    with pytest.raises(UserError, match="all in its inverted lists"):  # a refinement's codes live beside them
+        faiss_index.resolve_storage("ondisk", "IVF16,Flat,Refine(Flat)", 64, 10)
+    assert faiss_index.resolve_storage("ondisk", "OPQ8_32,IVF16_HNSW32,PQ8", 64, 10) == "ondisk"
     # -1: 39 training vectors per centroid, capped by the training chunks; a number is taken as it is
     assert faiss_index.train_sample_size(-1, "IVF16,Flat", 64, 10**6) == 39 * 16
     assert faiss_index.train_sample_size(-1, "IVF16,PQ8", 64, 10**6) == 39 * 256

@@ -217,7 +217,7 @@ def stage_index(cfg: Config, ws: Workspace, embed_meta: dict, rebuild: bool) -> 
     spec = faiss_index.auto_spec(len(train_rows)) if d.index == "auto" else d.index
     dim = int(embed_meta["counts"]["dim"])
     if d.index_storage == "ondisk":  # refused on every rank alike, before anything is written
-        faiss_index.resolve_storage("ondisk", spec, dim, len(train_rows))
+        faiss_index.resolve_storage("ondisk", spec, dim, len(train_rows), chosen=d.index == "auto")
     done = begin_shared(ws, "index", settings, rebuild)
     if done:
         return done
@@ -269,7 +269,8 @@ def _index_ondisk(ws: Workspace, emb: EmbeddingStore, train_rows: np.ndarray, sp
     the lists on disk; see `stage_index`."""
     D = dist()
     spans = blocks(emb.n, emb.block_size)
-    rows_of = {i: train_rows[(train_rows >= s) & (train_rows < e)] for i, s, e in spans}
+    ends = np.searchsorted(train_rows, [s for _, s, _ in spans] + [emb.n])
+    rows_of = {i: train_rows[ends[i] : ends[i + 1]] for i, _, _ in spans}  # (views: train_rows is sorted)
     merged = _merged_ok(ws, len(train_rows))  # killed after the merge: only the clean-up was left
     mine = [] if merged else D.shard(spans)
     # each rank checks only its own blocks (a block another rank finishes meanwhile cannot shift the assignment)

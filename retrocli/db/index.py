@@ -103,9 +103,15 @@ LIST_ID_BYTES = 8  # each vector of an inverted list is stored with its 64-bit i
 
 def list_bytes(spec: str, dim: int, num_vectors: int) -> int | None:
     """The bytes of an IVF index's inverted lists holding `num_vectors` (codes and ids), or None for an index
-    without inverted lists (which cannot be on disk)."""
-    ivf = ivf_of(new_index(spec, dim))
-    return None if ivf is None else num_vectors * (ivf.code_size + LIST_ID_BYTES)
+    whose vectors are not all in inverted lists, which cannot be on disk: no IVF, or codes kept beside the
+    lists (a refinement: `IVF…,PQ…+…`, `…,Refine(…)`)."""
+    root = new_index(spec, dim)  # (held: the indexes inside it live as long as it does)
+    index = faiss.downcast_index(root)
+    while isinstance(index, faiss.IndexPreTransform):  # (OPQ, PCA: applied before the IVF, nothing stored)
+        index = faiss.downcast_index(index.index)
+    if not isinstance(index, faiss.IndexIVF) or isinstance(index, faiss.IndexIVFPQR):
+        return None
+    return num_vectors * (index.code_size + LIST_ID_BYTES)
 
 
 def available_memory() -> int:
@@ -119,16 +125,18 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_storage(storage: str, spec: str, dim: int, num_vectors: int, memory: int | None = None) -> str:
+def resolve_storage(storage: str, spec: str, dim: int, num_vectors: int, memory: int | None = None,
+                    chosen: bool = False) -> str:
     """"memory" or "ondisk" for db.index_storage = `storage`. "auto" puts the lists on disk where an IVF index's
     lists (codes and ids of every vector) would take more than half the available `memory`: the add holds them
-    all, and a list grows by doubling its capacity. "ondisk" with an index that has no inverted lists is a
-    UserError naming both keys."""
+    all, and a list grows by doubling its capacity. "ondisk" with an index whose vectors are not all in
+    inverted lists is a UserError naming both keys (`chosen`: `spec` is what db.index = "auto" chose)."""
     size = list_bytes(spec, dim, num_vectors)
     if storage == "ondisk" and size is None:
-        raise UserError(f"db.index_storage = \"ondisk\" needs an IVF index (inverted lists to keep on disk), but "
-                        f"db.index is {spec!r}: use an IVF index such as \"IVF4096,SQ8\" or \"IVF65536_HNSW32,PQ32\", "
-                        "or db.index_storage = \"memory\" (or \"auto\")")
+        named = (f"\"auto\", which chose {spec!r} for {num_vectors:,} chunks" if chosen else repr(spec))
+        raise UserError(f"db.index_storage = \"ondisk\" needs an IVF index whose vectors are all in its inverted "
+                        f"lists (what goes on disk), but db.index is {named}: use an IVF index such as "
+                        "\"IVF4096,SQ8\" or \"IVF65536_HNSW32,PQ32\", or db.index_storage = \"memory\" (or \"auto\")")
     if storage == "auto":
         memory = available_memory() if memory is None else memory
         return "ondisk" if size is not None and size > memory // 2 else "memory"

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -323,7 +323,7 @@ def load(path: Path, mmap: bool = False) -> faiss.Index:
         except RuntimeError:
             pass  # an index type Faiss cannot map: read it (a damaged file fails below with its message)
     try:
-        with _faiss_quiet():
+        with _faiss_quiet() if data.exists() else nullcontext():  # (only lists on disk print)
             index = faiss.read_index(str(path), _ONDISK_FLAGS)
     except RuntimeError as e:
         if data.name in str(e):

@@ -85,9 +85,19 @@ def test_an_exhaustive_ondisk_index_finds_what_exact_search_finds(built: Path) -
 def test_two_torchrun_ranks_build_the_same_files_as_one_process(built: Path, tmp_path: Path) -> None:
     shutil.copytree(built / "corpus", tmp_path / "corpus")
     two = write_toml(tmp_path / "two.toml", small_sections(db=ONDISK))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "retrocli", "db", "build", "-c", str(two)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+    def torchrun(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m", "retrocli", "db", "build", "-c", str(two)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+
+    # rank 1 dies after adding its second block: the ranks share the blocks (rank 1 has the odd ones)
+    killed = torchrun(RETRO_FAULT="index:block:2", RETRO_FAULT_RANK="1")
+    assert killed.returncode != 0
+    folder = tmp_path / "ws" / "db" / "index"
+    assert (folder / "block-000001.ivflists").is_file() and (folder / "block-000003.ivflists").is_file()
+    assert not (folder / "block-000005.ivflists").exists() and not (folder / "index.ivfdata").exists()
+    proc = torchrun()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert index_files(tmp_path / "ws") == index_files(built / "ws-ondisk")
     assert query(two) == query(built / "ondisk.toml")

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -97,7 +97,6 @@ def train_sample_size(samples: int, spec: str, dim: int, available: int) -> int:
 
 # ---------------------------------------------------------------------------------- inverted lists on disk
 
-STORAGES = ("memory", "ondisk", "auto")
 LIST_ID_BYTES = 8  # each vector of an inverted list is stored with its 64-bit id
 
 
@@ -323,7 +322,7 @@ def load(path: Path, mmap: bool = False) -> faiss.Index:
         except RuntimeError:
             pass  # an index type Faiss cannot map: read it (a damaged file fails below with its message)
     try:
-        with _faiss_quiet() if data.exists() else nullcontext():  # (only lists on disk print)
+        with _faiss_quiet():  # (lists on disk print where they are found, also when they are missing)
             index = faiss.read_index(str(path), _ONDISK_FLAGS)
     except RuntimeError as e:
         if data.name in str(e):

@@ -131,7 +131,12 @@ def test_a_build_killed_in_the_block_adds_and_in_the_merge_ends_with_the_same_fi
     assert not list(folder.glob(".*.tmp-*")) and not (folder / "index.ivfdata").exists()
     assert len(list(folder.glob("block-*"))) == 62  # what was finished is kept
 
+    # killed after the merged index is written, before the blocks are deleted: the rerun only tidies up
+    proc = run_cli("db", "build", "-c", str(toml), env={"RETRO_FAULT": "index:merged"})
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    merged = (folder / "index.ivfdata").stat().st_mtime_ns
     run_cli("db", "build", "-c", str(toml), check=True)
+    assert (folder / "index.ivfdata").stat().st_mtime_ns == merged
     assert index_files(ws) == index_files(built / "ws-ondisk")
 
 

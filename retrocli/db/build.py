@@ -304,6 +304,7 @@ def _index_ondisk(ws: Workspace, emb: EmbeddingStore, train_rows: np.ndarray, sp
         faiss_index.save(index, ws.index_file)
         ntotal = int(index.ntotal)
         del index, lists  # (unmapped)
+        fault_point("index:merged")
     else:
         ntotal = len(train_rows)
     for i, _, _ in spans:

@@ -54,6 +54,7 @@ output names the index, the lists and why.
     python benchmarks/bench_scale.py --sizes 20000,50000 --train 20000 --spec IVF64_HNSW32,SQ8  # seconds
     python benchmarks/bench_scale.py --compare runs/books-qa/db/embed  # the data against real embeddings
     python benchmarks/bench_scale.py --storage 1000000,3000000      # lists in memory vs on disk: ~4 min
+    python benchmarks/bench_scale.py --storage 10000000 --cold      # and searched from a cold page cache
 
 (OPQ's training takes minutes at any size, so a quick check names a spec without it.)
 
@@ -68,14 +69,26 @@ process touched: the merge writes the whole .ivfdata through a mapping, pages th
 drop) and the peak of anonymous memory (RssAnon, sampled every 20 ms: what must fit in memory); then the
 index opened as searches open it (`index.load(mmap=True)`) and searched at db.nprobe, queries/s of a batch
 of 1,000 and recall@10 against exact search, with the files in the page cache (just written).
+
+Cold page cache (`--storage SIZES --cold`): after the warm search, the files the search maps (index.faiss,
+and index.ivfdata on disk) are synced and dropped from the page cache with
+`posix_fadvise(POSIX_FADV_DONTNEED)` (no root needed; pages a process still maps are not dropped, so the
+searcher is closed first), and the share of their pages still cached is printed before and after (mincore
+over a fresh mapping, which touches nothing). Then, reopened: one batch of 1,000 queries, timed from the
+first touch (with 1,000 x nprobe lists probed it reads nearly every list once), the bytes this process read
+from the disk (/proc/self/io), and the median ms of 10 single queries each searched after dropping the files
+again and reopening the index (every list it scans comes from the disk). The disk is whatever the machine
+has; the figures say nothing of another.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import resource
@@ -428,8 +441,86 @@ class PeakAnon:
         return max(self.peak, _rss_anon_bytes()) / 2**30
 
 
+def _read_bytes() -> int:
+    """Bytes this process caused to be read from the storage layer (page faults of mapped files included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to drop `path`'s pages from the page cache (synced first: dirty pages are not dropped,
+    nor pages some process still maps). No root needed, unlike /proc/sys/vm/drop_caches."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_share(path: Path) -> float:
+    """The share of `path`'s pages in the page cache: mincore(2) over a fresh read-only mapping, which maps
+    without touching a page (Python's mmap gives no address to pass to mincore, hence libc directly)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+    try:
+        vec = ctypes.create_string_buffer((size + page - 1) // page)
+        if libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+        return float((np.frombuffer(vec.raw, dtype=np.uint8) & 1).mean())
+    finally:
+        libc.munmap(addr, size)
+
+
+def search_cold(path: Path, queries: np.ndarray, truth: np.ndarray, k: int, nprobe: int,
+                singles: int = 10) -> dict:
+    """`--cold`: the index at `path` searched with its files dropped from the page cache (see the docstring).
+    Nothing may hold the index open: mapped pages are not dropped."""
+    files = [f for f in (path, faiss_index.lists_file(path)) if f.exists()]
+    row = {"cold_files": [f.name for f in files],
+           "cached_before_drop": min(cached_share(f) for f in files)}
+    for f in files:
+        drop_from_page_cache(f)
+    row["cached_after_drop"] = max(cached_share(f) for f in files)
+    read = _read_bytes()
+    searcher = faiss_index.load(path, mmap=True)
+    faiss_index.set_search_params(searcher, nprobe, 0)
+    t = time.perf_counter()
+    _, got = searcher.search(queries, k)
+    row["cold_batch_s"] = time.perf_counter() - t
+    row["cold_queries_per_s"] = len(queries) / row["cold_batch_s"]
+    row["cold_read_gb"] = (_read_bytes() - read) / 1e9
+    row["cold_recall_at_10"] = recall_at(got[:len(truth)], truth)
+    latencies = []
+    for q in queries[:singles]:
+        del searcher
+        for f in files:
+            drop_from_page_cache(f)
+        searcher = faiss_index.load(path, mmap=True)
+        faiss_index.set_search_params(searcher, nprobe, 0)
+        t = time.perf_counter()
+        searcher.search(q[None], k)
+        latencies.append(time.perf_counter() - t)
+    row["cold_latency_ms"] = float(np.median(latencies)) * 1000
+    row["cold_single_queries"] = singles
+    return row
+
+
 def storage_child(storage: str, size: int, spec: str, dim: int, block_size: int, seed: int, n_queries: int,
-                  n_recall: int, k: int, nprobe: int, folder: Path) -> dict:
+                  n_recall: int, k: int, nprobe: int, folder: Path, cold: bool = False) -> dict:
     """One index stage, lists in memory or on disk, then a search of what it wrote (see the docstring)."""
     anon = PeakAnon()
     gen = ClusteredVectors(seed, rank=min(192, dim // 2), dim=dim, block_size=block_size)
@@ -476,23 +567,27 @@ def storage_child(storage: str, size: int, spec: str, dim: int, block_size: int,
     row["queries_per_s"], row["latency_ms"] = measure_search(searcher, queries, k)
     row["recall_at_10"] = recall_at(searcher.search(queries[:n_recall], k)[1], exact.ids)
     row["nprobe"] = nprobe
+    if cold:
+        del searcher  # its mapped pages would stay in the page cache
+        row.update(search_cold(path, queries, exact.ids, k, nprobe))
     return row
 
 
 def compare_storage(sizes: list[int], spec: str, dim: int, block_size: int, seed: int, n_queries: int,
-                    n_recall: int, k: int, nprobe: int, store_dir: Path) -> list[dict]:
+                    n_recall: int, k: int, nprobe: int, store_dir: Path, cold: bool = False) -> list[dict]:
     """`--storage`: every size in memory and on disk, each in its own process; prints the table."""
     print(f"index stage, lists in memory vs on disk: {spec}, dim {dim}, blocks of {block_size:,}; faiss "
           f"{faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
     print(f"{'vectors':>12}{'storage':>9}{'add s':>8}{'merge s':>9}{'peak RSS GiB':>14}{'peak anon GiB':>15}"
-          f"{'anon before':>13}{'GB on disk':>12}{'queries/s':>11}{'recall@10':>11}", flush=True)
+          f"{'anon before':>13}{'GB on disk':>12}{'queries/s':>11}{'ms alone':>10}{'recall@10':>11}{'load':>6}",
+          flush=True)
     rows = []
     for size in sizes:
         for storage in ("memory", "ondisk"):
             with tempfile.TemporaryDirectory(prefix="bench-storage-", dir=store_dir) as tmp:
                 args = json.dumps({"storage": storage, "size": size, "spec": spec, "dim": dim,
                                    "block_size": block_size, "seed": seed, "n_queries": n_queries,
-                                   "n_recall": n_recall, "k": k, "nprobe": nprobe, "folder": tmp})
+                                   "n_recall": n_recall, "k": k, "nprobe": nprobe, "folder": tmp, "cold": cold})
                 proc = subprocess.run([sys.executable, __file__, "--storage-child", args], capture_output=True,
                                       text=True)
                 if proc.returncode != 0:
@@ -501,8 +596,15 @@ def compare_storage(sizes: list[int], spec: str, dim: int, block_size: int, seed
             rows.append(row)
             print(f"{size:>12,}{storage:>9}{row['add_s']:>8.1f}{row['merge_s']:>9.1f}{row['peak_rss_gib']:>14.2f}"
                   f"{row['peak_anon_gib']:>15.2f}{row['anon_before_add_gib']:>13.2f}{row['bytes'] / 1e9:>12.2f}"
-                  f"{row['queries_per_s']:>11,.0f}"
-                  f"{row['recall_at_10']:>11.3f}", flush=True)
+                  f"{row['queries_per_s']:>11,.0f}{row['latency_ms']:>10.2f}{row['recall_at_10']:>11.3f}"
+                  f"{os.getloadavg()[0]:>6.1f}", flush=True)
+            if cold:
+                print(f"{'':>12}  cold ({' + '.join(row['cold_files'])} cached {row['cached_before_drop']:.0%} -> "
+                      f"{row['cached_after_drop']:.1%} after POSIX_FADV_DONTNEED): batch "
+                      f"{row['cold_queries_per_s']:,.0f} queries/s ({row['cold_batch_s']:.1f} s, "
+                      f"{row['cold_read_gb']:.2f} GB read from disk), "
+                      f"{row['cold_latency_ms']:.1f} ms alone (median of {row['cold_single_queries']}, dropped before "
+                      f"each), recall@10 {row['cold_recall_at_10']:.3f}", flush=True)
     return rows
 
 
@@ -537,6 +639,8 @@ def main() -> None:
                     help="only compare the index stage with its lists in memory and on disk at these sizes")
     ap.add_argument("--storage-spec", default="IVF1024,Flat", help="the index of --storage")
     ap.add_argument("--storage-dim", type=int, default=64, help="the vectors' dimensions in --storage")
+    ap.add_argument("--cold", action="store_true",
+                    help="with --storage: also search after dropping the index's files from the page cache")
     ap.add_argument("--storage-child", default=None, help=argparse.SUPPRESS)  # one run of --storage, as JSON
     args = ap.parse_args()
     if args.compare:
@@ -550,7 +654,7 @@ def main() -> None:
         sizes = [int(s.replace("_", "")) for s in args.storage.split(",")]
         Path(args.store_dir).mkdir(parents=True, exist_ok=True)
         rows = compare_storage(sizes, args.storage_spec, args.storage_dim, args.block_size, args.seed, args.queries,
-                               args.recall_queries, args.k, args.nprobe, Path(args.store_dir))
+                               args.recall_queries, args.k, args.nprobe, Path(args.store_dir), args.cold)
         if args.json:
             Path(args.json).write_text(json.dumps({"storage": rows}, indent=1) + "\n")
         return

@@ -50,7 +50,8 @@ def _file_samples(cfg: Config, ws: Workspace, data: Path, tok, model_cfg, m: int
     table = None
     if retrieval:
         chunk_texts = [tok.decode(ids[s : s + n]) for ids in docs for s, n in chunk_spans(len(ids), m)]
-        table, _ = database.search(chunk_texts, model_cfg.num_neighbors)
+        # dense, whatever db.query_mode says: the model was trained on the neighbours the dense index found
+        table, _ = database.retriever().dense_search(chunk_texts, model_cfg.num_neighbors)
     samples = Samples(StreamDocs.from_token_lists(docs, m), store, table, model_cfg.seq_length, m,
                       model_cfg.num_neighbors, retrieved_length(model_cfg, m), pad_id, eos_id, drop_last=False)
     return samples, nbytes

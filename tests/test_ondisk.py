@@ -230,3 +230,22 @@ def test_the_storage_benchmark_measures_both_storages_alike(tmp_path: Path) -> N
     assert rows["memory"]["recall_at_10"] == rows["ondisk"]["recall_at_10"] == 1.0  # every list probed: exact
     assert sorted(p.name for p in (tmp_path / "ondisk").iterdir()) == ["index.faiss", "index.ivfdata", "trained.faiss"]
     assert rows["ondisk"]["merge_s"] > 0 and rows["memory"]["merge_s"] == 0
+
+
+def test_blocks_beyond_the_mapping_budget_share_files_and_merge_to_the_same_index(built: Path, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """The merge maps every file of lists at once, so past MAX_LIST_FILES blocks each file holds several
+    consecutive blocks' lists (Linux allows 65,530 mappings a process by default): the same merged index."""
+    from retrocli.config import load_config
+    from retrocli.db import build as build_module
+
+    toml = copy_of(built, tmp_path, "grouped")
+    blocks = json.loads((built / "ws-ondisk" / "db" / "embed" / "meta.json").read_text())["counts"]["blocks"]
+    assert blocks > 2
+    monkeypatch.setattr(build_module, "MAX_LIST_FILES", 2)
+    written = []
+    save = faiss_index.save_lists
+    monkeypatch.setattr(faiss_index, "save_lists", lambda index, path: (written.append(path.name), save(index, path)))
+    build_module.build(load_config(toml), rebuild="index")
+    assert written == ["block-000000.ivflists", "block-000001.ivflists"]
+    assert index_files(tmp_path / "grouped") == index_files(built / "ws-ondisk")

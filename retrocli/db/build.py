@@ -263,12 +263,26 @@ def _trained(cfg: Config, emb: EmbeddingStore, train_rows: np.ndarray, spec: str
     return index
 
 
+# Files of inverted lists the merge maps at once, at most: far below Linux's default vm.max_map_count (65,530
+# mappings a process). Up to this many embedding blocks each has its own file; beyond, each file holds the
+# lists of several consecutive blocks (at 100B tokens, 1.56B chunks in blocks of 10,000: 39 blocks a file).
+MAX_LIST_FILES = 4096
+
+
+def _list_parts(emb: EmbeddingStore) -> list[tuple[int, int, int]]:
+    """(file number, first row, end row) of each file of inverted lists: consecutive embedding blocks, as
+    few to a file as MAX_LIST_FILES allows (one, below it)."""
+    spans = blocks(emb.n, emb.block_size)
+    per = -(-len(spans) // MAX_LIST_FILES)
+    return [(p, spans[g][1], spans[min(g + per, len(spans)) - 1][2]) for p, g in enumerate(range(0, len(spans), per))]
+
+
 def _index_ondisk(ws: Workspace, emb: EmbeddingStore, train_rows: np.ndarray, spec: str, n_sample: int,
                   started: float, train_seconds: float) -> dict:
     """The block adds (every rank its share, as the neighbours stage shares its blocks) and rank 0's merge of
     the lists on disk; see `stage_index`."""
     D = dist()
-    spans = blocks(emb.n, emb.block_size)
+    spans = _list_parts(emb)
     ends = np.searchsorted(train_rows, [s for _, s, _ in spans] + [emb.n])
     rows_of = {i: train_rows[ends[i] : ends[i + 1]] for i, _, _ in spans}  # (views: train_rows is sorted)
     merged = _merged_ok(ws, len(train_rows))  # killed after the merge: only the clean-up was left
@@ -280,15 +294,16 @@ def _index_ondisk(ws: Workspace, emb: EmbeddingStore, train_rows: np.ndarray, sp
     index = faiss_index.load(ws.index_trained) if todo else None
     with progress("index add", sum(len(rows_of[i]) for i, _, _ in todo), "chunks") as bar:
         for i, s, e in todo:
-            rows = rows_of[i]
-            if len(rows):
-                index.add_with_ids(emb.rows(s, e)[rows - s], rows.astype(np.int64))
+            for b in range(s, e, emb.block_size):  # one embedding block at a time
+                rows = rows_of[i][(rows_of[i] >= b) & (rows_of[i] < b + emb.block_size)]
+                if len(rows):
+                    index.add_with_ids(emb.rows(b, min(b + emb.block_size, e))[rows - b], rows.astype(np.int64))
+                    bar.advance(len(rows))
             faiss_index.save_lists(index, ws.index_block(i))
             index.reset()  # the lists only: the trained quantizer stays
             kept += 1
             _note_blocks("index", kept, len(mine))
             fault_point("index:block")
-            bar.advance(len(rows))
     D.barrier()
     if not D.main:
         return {}

@@ -91,6 +91,16 @@ def test_document_file_forced_to_answer_matching(built: Path):
     assert out["recall"] == {"1": 0.5}  # alpha's and beta's answers are in the chunks found at rank 1
 
 
+def test_questions_with_answers_alone_are_matched_by_answer(built: Path):
+    """NQ-open's JSON lines carry answers but no passage: recall is by answer, as DPR's top-k accuracy."""
+    write_jsonl(built.parent / "open.jsonl", [{"question": PARAGRAPHS["alpha"] + "?", "answer": ["Quintessa!"]},
+                                              {"question": PARAGRAPHS["beta"] + "?", "answer": ["nowhereword"]}])
+    out = evaluate(built, "open.jsonl", "-k", "1")
+    assert out["format"] == "qa" and out["match"] == "answer" and out["recall"] == {"1": 0.5}
+    proc = retro("db", "eval", "-c", str(built), str(built.parent / "open.jsonl"), "--match", "document")
+    assert proc.returncode == 2 and "--match answer" in first_line(proc.stderr), proc.stderr
+
+
 def test_mistakes_are_one_message_with_exit_2(built: Path, tmp_path: Path):
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "hello"}]}])

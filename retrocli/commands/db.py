@@ -113,15 +113,16 @@ def db_query(text: Optional[List[str]] = typer.Argument(None, help="query text(s
 
 def db_eval(qa_file: Path = typer.Argument(..., help="a QA file that carries each question's gold passage: SQuAD "
                                            "JSON, QED / NQ JSON lines with paragraph_text, InstructRetro JSON with "
-                                           "ctxs (.gz too)"),
+                                           "ctxs; or question + answer JSON lines (NQ-open), matched by "
+                                           "answer (.gz too)"),
             config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
             k: str = typer.Option("1,5,20", "-k", help="the k of recall@k, comma-separated"),
             match: str = typer.Option("auto", "--match", help="how a retrieved chunk counts as a hit: document "
                                       "(its document is the gold passage), answer (a gold answer is in its text "
                                       "and continuation), or auto (document when most gold passages are in the "
                                       "database)"),
-            fmt: Optional[str] = typer.Option(None, "--format", help="squad, qed, nq or instructretro (default: "
-                                              "told from the file)"),
+            fmt: Optional[str] = typer.Option(None, "--format", help="squad, qed, nq, instructretro or qa "
+                                              "(default: told from the file)"),
             limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N questions only"),
             as_json: bool = typer.Option(False, "--json", help="print one JSON object: file, format, match, "
                                          "match_reason, k, recall (by k), mrr, questions, skipped (by reason), "

@@ -12,6 +12,7 @@ and a retrieved chunk is a hit in one of two ways, chosen per file:
     answer    a gold answer appears in the chunk's text + continuation, both normalised as SQuAD scores answers
               (lower case, no punctuation or articles, white space collapsed), as DPR's top-k accuracy.
 
+A file of questions and answers without passages (`qa`: NQ-open's JSON lines) is matched by answer.
 `auto` looks up a sample of the gold passages (evenly spread over the file) and takes `document` when at least
 half are in the database, else `answer`. recall@k: the share of questions with a hit among their top k; MRR:
 the mean of 1 / rank of the first hit among the top max(k) (0 without one).
@@ -34,6 +35,7 @@ from .database import Database
 from .store import ChunkStore
 
 PASSAGE_FORMATS = ("squad", "qed", "nq", "instructretro")  # the formats whose records carry their gold passage
+ANSWER_FORMATS = ("qa",)  # answers without a passage (NQ-open's JSON lines): matched by answer only
 MATCHES = ("auto", "document", "answer")
 AUTO_SAMPLE = 100  # gold passages looked up to choose the match in `auto`
 AUTO_SHARE = 0.5  # ... of which at least this share in the database: `document`
@@ -80,9 +82,9 @@ def read_questions(path: Path, fmt: str | None) -> tuple[str, list[Record]]:
     if not path.is_file():
         raise UserError(f"QA file {path} not found")
     fmt = fmt or detect_format(path)
-    if fmt not in PASSAGE_FORMATS:
-        raise UserError(f"{path}: the {fmt} format carries no gold passage to find; `retro db eval` reads "
-                        f"{', '.join(PASSAGE_FORMATS)} files")
+    if fmt not in PASSAGE_FORMATS + ANSWER_FORMATS:
+        raise UserError(f"{path}: the {fmt} format carries no gold passage to find nor answer to look for; "
+                        f"`retro db eval` reads {', '.join(PASSAGE_FORMATS + ANSWER_FORMATS)} files")
     got = read_file(path, fmt)
     # in file order (a SQuAD v2 file interleaves answered and unanswerable questions)
     return fmt, sorted(got.records + got.unanswerable, key=_position)
@@ -173,12 +175,19 @@ def evaluate(cfg: Config, path: Path, ks: Sequence[int], match: str = "auto", li
     records = records[:limit] if limit is not None else records
     db = Database.open(cfg, require=("index",))
     gold = GoldDocuments(db.store, db.tokenizer, min_chunk_tokens(db.settings))
-    match, why = choose_match(records, gold, match)
+    if fmt in ANSWER_FORMATS:
+        if match == "document":
+            raise UserError(f"{path}: the {fmt} format carries answers but no gold passage to match by document: "
+                            "use --match answer (or auto)")
+        match, why = "answer", (f"the {fmt} format carries answers, no passage" if match == "auto"
+                                else "--match answer")
+    else:
+        match, why = choose_match(records, gold, match)
 
-    skipped = {"no gold passage": sum(not r.contexts for r in records)}
+    skipped = {"no gold passage": sum(not r.contexts for r in records)} if fmt in PASSAGE_FORMATS else {}
     todo: list[tuple[Record, Any]] = []  # (record, its gold: document rows or normalised answers)
     for r in records:
-        if not r.contexts:
+        if not r.contexts and fmt in PASSAGE_FORMATS:
             continue
         if match == "document":
             rows = gold.rows(r.contexts[0]["text"])

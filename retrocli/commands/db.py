@@ -17,7 +17,8 @@ from . import ConfigOpt, SetOpt, argv, load_workspace, writing
 def db_build(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
              rebuild: Optional[str] = typer.Option(None, "--rebuild", metavar="STAGE",
                                                    help="discard STAGE (tokenizer, chunks, embed, index, "
-                                                        "neighbours) and everything after it, then build")):
+                                                        "neighbours) and everything after it, then build; "
+                                                        "bm25: the BM25 index alone")):
     """Corpus -> tokenizer -> 64-token chunks -> embeddings -> Faiss index -> neighbours of every chunk.
 
     Each stage is skipped when it is complete with the same settings and resumes block by block after a

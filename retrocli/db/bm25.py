@@ -31,6 +31,7 @@ from ..config import DBConfig, min_chunk_tokens
 from ..errors import UserError
 from ..runtime import fault_point, log
 from ..workspace import Workspace, load_npy, save_npy_atomic
+from .database import edits_dir
 from .store import ChunkStore
 
 STAGE = "bm25"
@@ -109,12 +110,12 @@ def same_words(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k != "chunks"} == {k: v for k, v in b.items() if k != "chunks"}
 
 
-def edits_index(database, folder: Path, d: DBConfig) -> dict:
+def edits_index(database, folder: Path) -> dict:
     """Index every live chunk of `database` (as it will be once the caller's manifest is written) into `folder`,
     which must not exist yet (written under a temporary name, then renamed). Returns the `database.Lexical`
     fields but its name."""
     started = time.time()
-    rows = indexed_rows(database.store, d)
+    rows = indexed_rows(database.store, database.settings)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -140,7 +141,7 @@ def in_force(database) -> tuple[Path | None, str]:
         return None, "documents added since it was made are not in it"
     if not same_words(edit.settings, meta["settings"]):
         return None, "it was made with other BM25 settings than db/bm25/ has now"
-    return database.ws.db / "edits" / edit.name, ""
+    return edits_dir(ws) / edit.name, ""
 
 
 class Bm25Index:
@@ -203,9 +204,7 @@ def mix(rankings: list[tuple[np.ndarray, np.ndarray]], weights: list[float], k: 
             norm = (s - s.min()) / span if span > 0 else np.ones_like(s)
             for cid, v in zip(found[q][hit].tolist(), norm.tolist()):
                 fused[cid] = fused.get(cid, 0.0) + weight * v
-        best = sorted(fused.items(), key=lambda item: -item[1])[:k]  # (a stable sort)
-        for slot, (cid, score) in enumerate(best):
-            ids[q, slot], out[q, slot] = cid, score
+        _place(fused, ids[q], out[q])
     return ids, out
 
 
@@ -224,7 +223,13 @@ def fuse(rankings: list[np.ndarray], k: int, rrf_k: int = RRF_K) -> tuple[np.nda
             for ranking in rankings:
                 if rank < ranking.shape[1] and (cid := int(ranking[q, rank])) >= 0:
                     fused[cid] = fused.get(cid, 0.0) + 1.0 / (rrf_k + rank + 1)
-        best = sorted(fused.items(), key=lambda item: -item[1])[:k]  # (a stable sort)
-        for slot, (cid, score) in enumerate(best):
-            ids[q, slot], scores[q, slot] = cid, score
+        _place(fused, ids[q], scores[q])
     return ids, scores
+
+
+def _place(fused: dict[int, float], ids: np.ndarray, scores: np.ndarray) -> None:
+    """Write a query's fused chunks, the best first, into its rows `ids` and `scores` (as many as they hold);
+    equal scores keep the dict's order (of first meeting: the sort is stable)."""
+    best = sorted(fused.items(), key=lambda item: -item[1])[: len(ids)]
+    for slot, (cid, score) in enumerate(best):
+        ids[slot], scores[slot] = cid, score

@@ -280,7 +280,7 @@ def _with_bm25(database: Database, pending: Manifest) -> Manifest:
     if not (database.ws.read_meta(bm25.STAGE) or {}).get("complete"):
         return pending
     name = f"bm25-{_next_number(pending):06d}"
-    made = bm25.edits_index(database, edits_dir(database.ws) / name, database.settings)
+    made = bm25.edits_index(database, edits_dir(database.ws) / name)
     return dataclasses.replace(pending, bm25=Lexical(name, **made))
 
 

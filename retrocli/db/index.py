@@ -105,9 +105,7 @@ def list_bytes(spec: str, dim: int, num_vectors: int) -> int | None:
     whose vectors are not all in inverted lists, which cannot be on disk: no IVF, or codes kept beside the
     lists (a refinement: `IVF…,PQ…+…`, `…,Refine(…)`)."""
     root = new_index(spec, dim)  # (held: the indexes inside it live as long as it does)
-    index = faiss.downcast_index(root)
-    while isinstance(index, faiss.IndexPreTransform):  # (OPQ, PCA: applied before the IVF, nothing stored)
-        index = faiss.downcast_index(index.index)
+    index = _innermost(root)  # (under OPQ, PCA: applied before the IVF, nothing stored)
     if not isinstance(index, faiss.IndexIVF) or isinstance(index, faiss.IndexIVFPQR):
         return None
     return num_vectors * (index.code_size + LIST_ID_BYTES)

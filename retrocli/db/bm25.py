@@ -31,7 +31,6 @@ from ..config import DBConfig, min_chunk_tokens
 from ..errors import UserError
 from ..runtime import fault_point, log
 from ..workspace import Workspace, load_npy, save_npy_atomic
-from .database import edits_dir
 from .store import ChunkStore
 
 STAGE = "bm25"
@@ -141,7 +140,7 @@ def in_force(database) -> tuple[Path | None, str]:
         return None, "documents added since it was made are not in it"
     if not same_words(edit.settings, meta["settings"]):
         return None, "it was made with other BM25 settings than db/bm25/ has now"
-    return edits_dir(ws) / edit.name, ""
+    return ws.db / "edits" / edit.name, ""  # (database.edits_dir: bm25 is imported by database, not the reverse)
 
 
 class Bm25Index:

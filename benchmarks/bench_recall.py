@@ -12,9 +12,10 @@ Each file is split into tuning questions, on which the fusion and weight are cho
 recall@5 over the files), and test questions, on which the choice is then measured once: the first
 --test questions are the test set (what `retro db eval --limit` evaluates), the next --tune the tuning set.
 
-BM25 over chunk + continuation and over whole documents are built here in memory with the stage's settings
-(bm25s, Lucene, k1 1.5, b 0.75, English stop words), and compared in distinct documents (a ranking of chunks is
-reduced to the documents in the order they first appear).
+Every ranking of chunks is shown as the product shows it (`database.distinct_passages`: a chunk that is the
+continuation of a better hit is left out). BM25 over title + chunk + continuation and over whole documents (with
+their titles) are built here in memory with the stage's settings (bm25s, Lucene, stemmed, bm25.K1, bm25.B), and
+compared in distinct documents (a ranking of chunks is reduced to the documents in the order they first appear).
 
     python benchmarks/bench_recall.py -c ws.toml --qa squad_dev_shared.json.gz:2000:2000 \\
         --qa qed_nq_train.jsonl.gz:1000:1000 [--json out.json]
@@ -30,16 +31,18 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-from retrocli.config import load_config, min_chunk_tokens
+from retrocli.config import DBConfig, load_config, min_chunk_tokens
 from retrocli.db import bm25
 from retrocli.db import recall as R
-from retrocli.db.database import Database
+from retrocli.db.database import Database, distinct_passages
 
 DEPTH = 100
 FUSE_DEPTH = bm25.FUSION_DEPTH
+DEPTHS = (20, 50, 100)  # fusion depths compared at each weight
 KS = (1, 5, 20)
 WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 RRF_KS = (10, 30, 60)
+W = DBConfig().hybrid_weight  # the default weight, for the comparisons of BM25's unit
 
 
 def questions(db: Database, path: Path, n: int) -> tuple[list[str], list[np.ndarray]]:
@@ -80,7 +83,7 @@ def distinct_docs(ids: np.ndarray, to_doc: np.ndarray) -> np.ndarray:
 
 def index_texts(texts: list[str]) -> bm25s.BM25:
     index = bm25s.BM25(method=bm25.METHOD, k1=bm25.K1, b=bm25.B)
-    index.index(bm25s.tokenize(texts, stopwords=bm25.STOPWORDS, show_progress=False), show_progress=False)
+    index.index(bm25.word_ids(bm25.tokenize(texts)), show_progress=False)
     return index
 
 
@@ -104,10 +107,12 @@ def main() -> None:
 
     started = time.time()
     cont = [store.continuation(int(r)) for r in chunk_rows]
-    with_cont = index_texts([tok.decode(store.chunk_ids(int(r)).tolist() + ([] if c is None else
-                                         store.chunk_ids(c).tolist())) for r, c in zip(chunk_rows, cont)])
+    title = {row: info.get("title") or "" for row, info in store.iter_doc_info()}
+    with_cont = index_texts([title[int(to_doc[r])] + "\n" + tok.decode(
+        store.chunk_ids(int(r)).tolist() + ([] if c is None else store.chunk_ids(c).tolist()))
+        for r, c in zip(chunk_rows, cont)])
     doc_rows = np.arange(len(store.docs), dtype=np.int64)
-    whole = index_texts([tok.decode(store.doc_ids(int(r)).tolist()) for r in doc_rows])
+    whole = index_texts([title[int(r)] + "\n" + tok.decode(store.doc_ids(int(r)).tolist()) for r in doc_rows])
     print(f"BM25 over chunk + continuation and over documents: {time.time() - started:.1f}s", flush=True)
 
     report: dict = {}
@@ -126,21 +131,27 @@ def main() -> None:
         report[name] = {"questions/s": {"dense": round(len(qs) / (t1 - t0), 1), "bm25": round(len(qs) / (t2 - t1), 1)}}
         for part, sl in (("test", slice(0, int(n_test))), ("tune", slice(int(n_test), None))):
             g, d, ds, b, bs = gold[sl], dense[sl], sim[sl], lexical[sl], scores[sl]
-            rows: dict[str, dict] = {"dense": recall(d, g, to_doc), "bm25": recall(b, g, to_doc)}
+
+            def shown(ids: np.ndarray) -> np.ndarray:
+                return distinct_passages(store, ids, np.zeros(ids.shape, np.float32), DEPTH // 2)[0]
+
+            rows: dict[str, dict] = {"dense": recall(shown(d), g, to_doc), "bm25": recall(shown(b), g, to_doc)}
             for k in RRF_KS:
-                rows[f"rrf k={k}"] = recall(bm25.fuse([d[:, :FUSE_DEPTH], b[:, :FUSE_DEPTH]], DEPTH, k)[0], g, to_doc)
+                fused = bm25.fuse([d[:, :FUSE_DEPTH], b[:, :FUSE_DEPTH]], DEPTH, k)[0]
+                rows[f"rrf k={k}"] = recall(shown(fused), g, to_doc)
             for w in WEIGHTS:
-                mixed = bm25.mix([(d[:, :FUSE_DEPTH], ds[:, :FUSE_DEPTH]), (b[:, :FUSE_DEPTH], bs[:, :FUSE_DEPTH])],
-                                 [w, 1 - w], DEPTH)[0]
-                rows[f"linear {w}"] = recall(mixed, g, to_doc)
-            # in distinct documents: BM25 over chunks, chunk + continuation, documents; each fused at 0.6
+                for depth in DEPTHS:
+                    mixed = bm25.mix([(d[:, :depth], ds[:, :depth]), (b[:, :depth], bs[:, :depth])], [w, 1 - w],
+                                     DEPTH)[0]
+                    rows[f"linear {w} depth {depth}"] = recall(shown(mixed), g, to_doc)
+            # in distinct documents: BM25 over chunks, chunk + continuation, documents; each fused at db's weight
             units = {"chunks": (b, bs), "chunk+continuation": (cc[sl], cc_scores[sl])}
             dense_docs = distinct_docs(d, to_doc)
             for unit, (ids, sc) in units.items():
                 rows[f"docs: bm25 {unit}"] = recall(distinct_docs(ids, to_doc), g, None)
                 mixed = bm25.mix([(d[:, :FUSE_DEPTH], ds[:, :FUSE_DEPTH]), (ids[:, :FUSE_DEPTH], sc[:, :FUSE_DEPTH])],
-                                 [0.6, 0.4], DEPTH)[0]
-                rows[f"docs: linear 0.6 + bm25 {unit}"] = recall(distinct_docs(mixed, to_doc), g, None)
+                                 [W, 1 - W], DEPTH)[0]
+                rows[f"docs: linear {W} + bm25 {unit}"] = recall(distinct_docs(mixed, to_doc), g, None)
             rows["docs: dense"] = recall(dense_docs, g, None)
             rows["docs: bm25 documents"] = recall(dd[sl], g, None)
             # documents fused with the dense ranking reduced to documents (each with its best chunk's score)
@@ -152,8 +163,8 @@ def main() -> None:
                         seen.setdefault(int(to_doc[cid]), s)
                 best[q, : len(seen)] = list(seen.values())
             mixed = bm25.mix([(dense_docs[:, :FUSE_DEPTH], best[:, :FUSE_DEPTH]),
-                              (dd[sl][:, :FUSE_DEPTH], dd_scores[sl][:, :FUSE_DEPTH])], [0.6, 0.4], DEPTH)[0]
-            rows["docs: linear 0.6 + bm25 documents"] = recall(mixed, g, None)
+                              (dd[sl][:, :FUSE_DEPTH], dd_scores[sl][:, :FUSE_DEPTH])], [W, 1 - W], DEPTH)[0]
+            rows[f"docs: linear {W} + bm25 documents"] = recall(mixed, g, None)
             report[name][part] = {"questions": len(g), **rows}
             print(f"\n{name}, {part} ({len(g)} questions): recall@{','.join(map(str, KS))}")
             for label, r in rows.items():

@@ -112,7 +112,8 @@ class DBConfig:
                                    "0: chunk_length / 4")
     num_neighbors_query: int = opt(20, "neighbours stored per chunk, before sample-level exclusion")
     block_size: int = opt(10_000, "chunks per embedding / neighbour block (the unit of resume)")
-    lexical_index: str = opt("none", "'bm25': `retro db build` also builds a BM25 index of the chunks (bm25s), for "
+    lexical_index: str = opt("none", "'bm25': `retro db build` also builds a BM25 index of the chunks, each with "
+                                      "its document's title (bm25s, stemmed), for "
                                       "db.query_mode 'bm25' or 'hybrid'; 'none': no lexical index",
                              choices=("none", "bm25"))
     query_mode: str = opt("dense", "how `retro db query`, `retro db eval` and generate.contexts = 'database' search "
@@ -122,8 +123,8 @@ class DBConfig:
     fusion: str = opt("linear", "how db.query_mode 'hybrid' fuses the two rankings: 'linear' (db.hybrid_weight x "
                                 "the dense scores + the rest x the BM25 scores, each min-max normalised per "
                                 "question) or 'rrf' (reciprocal rank fusion, k = 60)", choices=("linear", "rrf"))
-    hybrid_weight: float = opt(0.6, "with db.fusion 'linear': the dense ranking's weight in [0, 1] (BM25 has the "
-                                    "rest); 0.6 was chosen on held-out questions (docs/results.md)")
+    hybrid_weight: float = opt(0.5, "with db.fusion 'linear': the dense ranking's weight in [0, 1] (BM25 has the "
+                                    "rest); 0.5 was chosen on tuning questions (docs/results.md)")
 
 
 def min_chunk_tokens(d: DBConfig) -> int:

@@ -484,6 +484,27 @@ class EditedIndex:
         return D, I
 
 
+def distinct_passages(store: ChunkStore, ids: np.ndarray, scores: np.ndarray, k: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The first k hits of each row of (ids, scores) that are not the continuation of a hit before them."""
+    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    out_scores = np.zeros((len(ids), k), dtype=scores.dtype)
+    for q in range(len(ids)):
+        shown: set[int] = set()
+        slot = 0
+        for cid, score in zip(ids[q].tolist(), scores[q].tolist()):
+            if slot == k:
+                break
+            if cid < 0 or cid in shown:
+                continue
+            out_ids[q, slot], out_scores[q, slot] = cid, score
+            slot += 1
+            shown.add(cid)
+            if (nxt := store.continuation(cid)) is not None:
+                shown.add(nxt)
+    return out_ids, out_scores
+
+
 class Retriever:
     """The database's embedder and index, loaded once, for searching free texts (queries, SFT prompts,
     text being generated): `search(texts, k)` -> (ids, distances), each (n, k), -1 where fewer exist.
@@ -503,21 +524,28 @@ class Retriever:
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """The one search of free texts by db.query_mode (`db query`, `db eval`, generate's contexts): 'dense'
         -> (ids, distances); 'bm25' -> (ids, BM25 scores); 'hybrid' -> (ids, fused scores, higher better) of the
-        dense and BM25 top max(k, 50) each, fused as db.fusion says (db/bm25.py)."""
-        d = self.database.settings
-        if d.query_mode == "dense":
-            return self.dense_search(texts, k)
-        if d.query_mode == "bm25":
-            return self.bm25.search(texts, k)
-        from .bm25 import FUSION_DEPTH, fuse, mix
+        dense and BM25 top max(2k, 100) each, fused as db.fusion says (db/bm25.py).
 
-        depth = max(k, FUSION_DEPTH)
-        dense, distances = self.dense_search(texts, depth)
-        lexical, scores = self.bm25.search(texts, depth)
-        if d.fusion == "rrf":
-            return fuse([dense, lexical], k)
-        # (the index compares normalised vectors by inner product: distance = 1 - cosine, similarity = 1 - it)
-        return mix([(dense, 1.0 - distances), (lexical, scores)], [d.hybrid_weight, 1.0 - d.hybrid_weight], k)
+        A hit is shown with its continuation, so a chunk that is the continuation of a better hit is left out
+        (its text is shown already) and the next one taken: k passages, none repeating another."""
+        d = self.database.settings
+        wide = 2 * k  # each hit kept leaves out at most one (its continuation): 2k candidates give k hits
+        if d.query_mode == "dense":
+            ids, scores = self.dense_search(texts, wide)
+        elif d.query_mode == "bm25":
+            ids, scores = self.bm25.search(texts, wide)
+        else:
+            from .bm25 import FUSION_DEPTH, fuse, mix
+
+            depth = max(wide, FUSION_DEPTH)
+            dense, distances = self.dense_search(texts, depth)
+            lexical, found = self.bm25.search(texts, depth)
+            if d.fusion == "rrf":
+                ids, scores = fuse([dense, lexical], wide)
+            else:  # (the index compares normalised vectors by inner product: distance = 1 - cosine)
+                ids, scores = mix([(dense, 1.0 - distances), (lexical, found)],
+                                  [d.hybrid_weight, 1.0 - d.hybrid_weight], wide)
+        return distinct_passages(self.store, ids, scores, k)
 
     def dense_search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         vectors = self.embed(texts)

@@ -97,8 +97,7 @@ def write_index(folder: Path, store: ChunkStore, rows: np.ndarray, tok) -> int:
     if len(rows) == 0:
         raise UserError("no chunk to index for BM25: the database is empty")
     docs = np.asarray(store.chunks["doc"])[rows]
-    wanted = set(np.unique(docs).tolist())
-    titles = {row: info.get("title") or "" for row, info in store.iter_doc_info() if row in wanted}
+    titles = {row: info.get("title") or "" for row, info in store.doc_info(np.unique(docs)).items()}
     texts = [f"{titles[int(doc)]}\n{tok.decode(store.chunk_ids(int(r)).tolist())}" for r, doc in zip(rows, docs)]
     index = bm25s.BM25(method=METHOD, k1=K1, b=B)
     index.index(word_ids(tokenize(texts)), show_progress=False)
